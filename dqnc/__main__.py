@@ -1,0 +1,3 @@
+from dqnc.cli import main
+
+main()

@@ -1,0 +1,269 @@
+"""Artifacts: a directory holding a model plus ``manifest.json``, written atomically.
+
+Layout::
+
+    OUT/
+      model/            SavedModel (fp32 and pruned policies)
+      model.tflite      (quantized policies)
+      manifest.json     what made it, from what, with which settings, and every file's sha256
+
+Writes go to a hidden sibling directory that is renamed into place only when complete, so an
+interrupted stage never leaves a half artifact, and an existing output is replaced (with
+``--force``) only after its successor is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from dqnc import __version__
+from dqnc.envs import EnvSpec
+from dqnc.errors import ArtifactError, OutputExistsError, UsageError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+TFLITE = "model.tflite"
+
+_VERSIONED = ("numpy", "tensorflow", "tf-keras", "tensorflow-model-optimization", "gymnasium",
+              "ai-edge-litert", "tflite-runtime", "box2d")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except the manifest, keyed by POSIX relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p != root / MANIFEST:
+            out[p.relative_to(root).as_posix()] = sha256_file(p)
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "dqnc": __version__, "platform": platform.platform()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an output that would destroy something, before any work starts."""
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise OutputExistsError(f"output {str(out)!r} exists and is a file, not a directory: choose another output path")
+    if out.is_dir() and not _is_empty_dir(out):
+        if not (out / MANIFEST).is_file():
+            raise OutputExistsError(
+                f"output {str(out)!r} is a non-empty directory that is not a dqnc artifact: choose another "
+                "output path (--force only replaces dqnc artifacts)"
+            )
+        if not force:
+            raise OutputExistsError(f"output {str(out)!r} already exists: pass --force to replace it")
+    parent = out.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create output folder {str(parent)!r}: {e.strerror}; choose a writable path") from e
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output folder {str(parent)!r} is not writable: choose a writable path")
+
+
+@contextmanager
+def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``out`` in one rename."""
+    out = Path(out)
+    check_output(out, force)
+    parent = out.resolve().parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"cannot write in {str(parent)!r}: {e.strerror}; choose a writable path") from e
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    if out.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+        old.rmdir()
+        os.rename(out, old)
+        try:
+            os.rename(new, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, out)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(root: Path, *, stage: str, env: EnvSpec, network: dict[str, Any], config: dict[str, Any],
+                   metrics: dict[str, Any], parent: Artifact | None = None, command: list[str] | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``root/manifest.json`` covering every file already in ``root``."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dqnc_version": __version__,
+        "stage": stage,
+        "created_utc": utc_now(),
+        "parent": None if parent is None else {"path": str(parent.path), "sha256": parent.sha256, "stage": parent.stage},
+        "env": env.to_dict(),
+        "network": network,
+        "config": config,
+        "metrics": metrics,
+        **(extra or {}),
+        "versions": library_versions(),
+        "command": shlex.join(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "files": file_checksums(root),
+    }
+    write_json_atomic(root / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass
+class Artifact:
+    """A loaded, verified artifact (or a plain SavedModel adopted with an explicit env)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    env: EnvSpec
+    kind: str  # "savedmodel" | "tflite"
+    model_path: Path
+    sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> str:
+        return str(self.manifest.get("stage", "external"))
+
+    @property
+    def network(self) -> dict[str, Any]:
+        return dict(self.manifest.get("network") or {})
+
+
+def _is_savedmodel(path: Path) -> bool:
+    return path.is_dir() and ((path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file())
+
+
+def load(path: str | Path, env: EnvSpec | None = None, verify: bool = True) -> Artifact:
+    """Load an artifact directory, a bare SavedModel (needs ``env``), or a ``.tflite`` file (needs ``env``)."""
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactError(f"{str(p)!r} does not exist: check the path")
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return _load_artifact_dir(p, env, verify)
+    if _is_savedmodel(p):
+        if p.name == MODEL_DIR and (p.parent / MANIFEST).is_file():
+            return _load_artifact_dir(p.parent, env, verify)
+        if env is None:
+            raise UsageError(f"{str(p)!r} is a SavedModel without a dqnc manifest: pass --env ENV_ID to say which env it acts in")
+        return Artifact(p, {"stage": "external"}, env, "savedmodel", p, sha256=_dir_digest(p))
+    if p.is_file() and p.suffix == ".tflite":
+        if env is None:
+            raise UsageError(f"{str(p)!r} is a .tflite file without a dqnc manifest: pass --env ENV_ID")
+        return Artifact(p, {"stage": "external"}, env, "tflite", p, sha256=sha256_file(p))
+    if p.is_dir():
+        raise ArtifactError(
+            f"{str(p)!r} is neither a dqnc artifact (no manifest.json) nor a SavedModel (no saved_model.pb): "
+            "point at the directory a dqnc stage wrote, or at a Keras SavedModel"
+        )
+    raise ArtifactError(f"{str(p)!r} is not a model dqnc can read: expected an artifact directory, a SavedModel or a .tflite file")
+
+
+def _dir_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for rel, digest in file_checksums(root).items():
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _load_artifact_dir(root: Path, env: EnvSpec | None, verify: bool) -> Artifact:
+    raw = (root / MANIFEST).read_bytes()
+    try:
+        manifest = json.loads(raw)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{root / MANIFEST}: not valid JSON ({e}); the artifact is damaged: re-create it") from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root / MANIFEST}: format_version {version!r} is not supported by dqnc {__version__} "
+            f"(reads up to {FORMAT_VERSION}): upgrade dqnc"
+        )
+    for key in ("stage", "env", "files"):
+        if key not in manifest:
+            raise ArtifactError(f"{root / MANIFEST}: missing required key {key!r}; the artifact is damaged: re-create it")
+    if verify:
+        verify_checksums(root, manifest)
+    try:
+        spec = EnvSpec.from_dict(manifest["env"])
+    except TypeError as e:
+        raise ArtifactError(f"{root / MANIFEST}: malformed 'env' entry ({e}); re-create the artifact") from None
+    if env is not None and env.id != spec.id:
+        raise UsageError(f"--env {env.id!r} disagrees with the artifact's env {spec.id!r}: drop --env or fix it")
+    if (root / TFLITE).is_file():
+        kind, model_path = "tflite", root / TFLITE
+    elif _is_savedmodel(root / MODEL_DIR):
+        kind, model_path = "savedmodel", root / MODEL_DIR
+    else:
+        raise ArtifactError(f"{str(root)!r} holds a manifest but no model ({MODEL_DIR}/ or {TFLITE}): re-create the artifact")
+    return Artifact(root, manifest, spec, kind, model_path, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def verify_checksums(root: Path, manifest: dict[str, Any]) -> None:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{root / MANIFEST}: no file checksums recorded; re-create the artifact")
+    for rel, expected in files.items():
+        f = root / rel
+        if not f.is_file():
+            raise ArtifactError(f"{str(root)!r}: file {rel!r} listed in the manifest is missing; the artifact is incomplete: re-create it")
+        actual = sha256_file(f)
+        if actual != expected:
+            raise ArtifactError(
+                f"{str(root)!r}: checksum mismatch for {rel!r} (manifest {expected[:12]}..., file {actual[:12]}...): "
+                "the file was modified or corrupted; re-create the artifact"
+            )

@@ -1,0 +1,323 @@
+"""The ``dqnc`` command line: parse options, build a config, call one stage, render the result.
+
+Nothing at module level imports TensorFlow, so ``--help`` and config errors are instant. Every
+command goes through :func:`_guard`, the one place where outcomes become exit codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dqnc import __version__
+from dqnc.errors import EXIT_INTERRUPTED, DqncError, GateFailed
+
+app = typer.Typer(
+    name="dqnc",
+    help="Train a DQN policy and compress it into an edge-deployable TFLite file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+_debug = {"on": os.environ.get("DQNC_DEBUG", "") not in ("", "0")}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _guard(fn: F) -> F:
+    """Map DqncError / Ctrl-C / SIGTERM to one stderr line and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return fn(*args, **kwargs)
+        except GateFailed as e:
+            stderr.print(f"[bold red]gate failed:[/] {e}", markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except DqncError as e:
+            if _debug["on"]:
+                raise
+            stderr.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if _debug["on"]:
+                raise
+            stderr.print("[bold red]interrupted[/]: nothing was written", markup=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dqnc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (also DQNC_DEBUG=1).")] = False,
+) -> None:
+    """dqnc: train -> prune -> quantize -> export -> eval, one artifact per stage."""
+    if debug:
+        _debug["on"] = True
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _parse_hidden(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        widths = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a list of widths: use e.g. 64,64") from None
+    if not widths:
+        raise typer.BadParameter("give at least one width, e.g. 64,64")
+    return widths
+
+
+# --- train -------------------------------------------------------------------------------------
+
+@app.command()
+@_guard
+def train(
+    env: Annotated[Optional[str], typer.Option("--env", "-e", help="gymnasium env id, or 'module:Env-v0'.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact directory [default: runs/ENV-seedSEED].")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of training options (flags override it).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; a run is reproducible on CPU for a given seed. [default: 0]")] = None,
+    total_steps: Annotated[Optional[int], typer.Option(help="Env steps to train for (per-env default).")] = None,
+    num_envs: Annotated[Optional[int], typer.Option(help="Vectorized envs stepped together.")] = None,
+    hidden: Annotated[Optional[str], typer.Option(help="Hidden layer widths, e.g. 64,64.")] = None,
+    dueling: Annotated[Optional[bool], typer.Option("--dueling/--no-dueling", help="Dueling head (folded into a plain MLP on save).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size.")] = None,
+    buffer_size: Annotated[Optional[int], typer.Option(help="Replay buffer capacity.")] = None,
+    learning_starts: Annotated[Optional[int], typer.Option(help="Random-action steps before training starts.")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="Discount factor.")] = None,
+    train_freq: Annotated[Optional[int], typer.Option(help="Env steps between training calls.")] = None,
+    gradient_steps: Annotated[Optional[int], typer.Option(help="Gradient steps per training call.")] = None,
+    target_update_interval: Annotated[Optional[int], typer.Option(help="Gradient steps between target-network updates.")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="Target update: 1 = hard copy, <1 = Polyak.")] = None,
+    eps_end: Annotated[Optional[float], typer.Option(help="Final exploration epsilon.")] = None,
+    eps_fraction: Annotated[Optional[float], typer.Option(help="Share of the run over which epsilon decays.")] = None,
+    eval_freq: Annotated[Optional[int], typer.Option(help="Env steps between greedy evaluations.")] = None,
+    eval_episodes: Annotated[Optional[int], typer.Option(help="Episodes per greedy evaluation.")] = None,
+    early_stop: Annotated[Optional[bool], typer.Option("--early-stop/--no-early-stop", help="Stop when an evaluation reaches the env's reward threshold.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left at OUT.ckpt.")] = False,
+    logdir: Annotated[Optional[Path], typer.Option(help="Write TensorBoard scalars here.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+) -> None:
+    """Train a DQN policy on ENV and save it as an fp32 SavedModel artifact."""
+    from dqnc.config import build_train_config, load_yaml_mapping
+
+    file_values = load_yaml_mapping(config) if config is not None else {}
+    overrides = dict(
+        seed=seed, total_steps=total_steps, num_envs=num_envs, hidden=_parse_hidden(hidden), dueling=dueling, lr=lr,
+        batch_size=batch_size, buffer_size=buffer_size, learning_starts=learning_starts, gamma=gamma,
+        train_freq=train_freq, gradient_steps=gradient_steps, target_update_interval=target_update_interval,
+        tau=tau, eps_end=eps_end, eps_fraction=eps_fraction, eval_freq=eval_freq, eval_episodes=eval_episodes,
+        early_stop=early_stop, env=env,
+    )
+    cfg = build_train_config(env, file_values, overrides, source=str(config) if config else "options")
+    out = out if out is not None else Path("runs") / f"{cfg.env.replace(':', '_').replace('/', '_')}-seed{cfg.seed}"
+    from dqnc import train as train_stage
+
+    with _progress_bar(quiet, f"train {cfg.env}") as on_progress:
+        result = train_stage.run(cfg, out, force=force, checkpoint_dir=out.with_name(out.name + ".ckpt"),
+                                 resume=resume, logdir=logdir, progress=on_progress, command=_argv())
+    m = result.manifest["metrics"]
+    if as_json:
+        _emit_json({"path": str(result.path), "env": cfg.env, "seed": cfg.seed, "metrics": m})
+        return
+    stdout.print(
+        f"trained {cfg.env} (seed {cfg.seed}): {m['env_steps']:,} steps in {m['train_seconds']:.1f} s "
+        f"({m['steps_per_second']:,.0f} steps/s); best greedy eval {m['best_eval_mean_return']:.1f} "
+        f"over {m['eval_episodes']} episodes{' (stopped early: threshold reached)' if m['stopped_early'] else ''}"
+    )
+    stdout.print(f"saved {result.path}")
+
+
+def _argv() -> list[str]:
+    return ["dqnc", *sys.argv[1:]]
+
+
+class _progress_bar:
+    """A Rich progress bar on stderr; silent when stderr is not a terminal or with --quiet."""
+
+    def __init__(self, quiet: bool, label: str) -> None:
+        self.enabled = not quiet and stderr.is_terminal
+        self.label = label
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> Callable[[Any], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=stderr, transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.label, total=None, info="")
+        return self.update
+
+    def update(self, p: Any) -> None:
+        info = f"ep {p.episodes}"
+        if p.eval_mean is not None:
+            info += f" | eval {p.eval_mean:.1f} (best {p.best_mean:.1f})"
+        info += f" | eps {p.epsilon:.2f}"
+        self.bar.update(self.task, completed=p.step, total=p.total, info=info)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# --- eval --------------------------------------------------------------------------------------
+
+@app.command("eval")
+@_guard
+def eval_cmd(
+    path: Annotated[Path, typer.Argument(help="Artifact directory, SavedModel or .tflite file.")],
+    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
+    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Greedy episodes to run.")] = 100,
+    seed: Annotated[int, typer.Option(min=0, help="Episode i is reset with seed SEED+i.")] = 0,
+    min_return: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is below this.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+) -> None:
+    """Run greedy episodes of a policy and report its returns (exit 1 when a gate fails)."""
+    from dqnc import artifact as art
+    from dqnc.evaluate import EvalConfig
+    from dqnc.evaluate import run as run_eval
+
+    source = art.load(path, env=_env_arg(env, env_kwargs))
+    try:
+        result = run_eval(EvalConfig(episodes=episodes, seed=seed, min_return=min_return), source)
+    except GateFailed as e:
+        _render_eval(e.result, as_json)
+        raise
+    _render_eval(result, as_json)
+
+
+def _env_arg(env: str | None, env_kwargs: str | None) -> Any:
+    if env is None:
+        if env_kwargs is not None:
+            raise typer.BadParameter("--env-kwargs needs --env")
+        return None
+    from dqnc.envs import env_spec
+    from dqnc.errors import UsageError
+
+    kwargs = {}
+    if env_kwargs:
+        try:
+            kwargs = json.loads(env_kwargs)
+        except ValueError as e:
+            raise UsageError(f"--env-kwargs is not valid JSON ({e}): pass e.g. '{{\"continuous\": false}}'") from None
+        if not isinstance(kwargs, dict):
+            raise UsageError("--env-kwargs must be a JSON object, e.g. '{\"continuous\": false}'")
+    return env_spec(env, kwargs)
+
+
+def _render_eval(r: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _emit_json(r)
+        return
+    table = Table(title=f"{r['path']}  ({r['stage']}, {r['env']})", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("episodes", f"{r['episodes']} (seeds {r['seed']}..{r['seed'] + r['episodes'] - 1})")
+    table.add_row("mean return", f"{r['mean_return']:.2f} ± {r['std_return']:.2f}")
+    table.add_row("min / max", f"{r['min_return']:.2f} / {r['max_return']:.2f}")
+    table.add_row("mean length", f"{r['mean_length']:.1f}")
+    if r["solved_share"] is not None:
+        table.add_row(f"episodes >= {r['reward_threshold']:g}", f"{100 * r['solved_share']:.0f}%")
+    table.add_row("wall time", f"{r['eval_seconds']:.2f} s")
+    for g in r["gates"]:
+        table.add_row(f"gate {g['gate']} ({g['threshold']:g})", "[green]pass[/]" if g["passed"] else "[red]FAIL[/]")
+    stdout.print(table)
+
+
+# --- inspect -----------------------------------------------------------------------------------
+
+@app.command()
+@_guard
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Artifact directory, SavedModel or .tflite file.")],
+    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Summarize an artifact: stage, env, layers, parameters, sparsity, sizes."""
+    from dqnc import artifact as art
+    from dqnc.inspection import summarize
+
+    info = summarize(art.load(path, env=_env_arg(env, None)))
+    if as_json:
+        _emit_json(info)
+        return
+    stdout.print(f"[bold]{info['path']}[/]  stage [bold]{info['stage']}[/], env [bold]{info['env']['id']}[/] "
+                 f"(obs {tuple(info['env']['obs_shape'])}, {info['env']['n_actions']} actions)")
+    if info.get("parent"):
+        stdout.print(f"parent: {info['parent']['path']} ({info['parent']['stage']}, sha256 {info['parent']['sha256'][:12]})")
+    table = Table("layer", "shape", "params", "nonzero", "sparsity")
+    for layer in info["layers"]:
+        table.add_row(layer["name"], str(tuple(layer["shape"])), f"{layer['params']:,}", f"{layer['nonzero']:,}",
+                      f"{100 * layer['sparsity']:.1f}%")
+    table.add_row("[bold]total", "", f"{info['params']:,}", f"{info['nonzero']:,}", f"{100 * info['sparsity']:.1f}%")
+    stdout.print(table)
+    stdout.print(f"size: {info['size_bytes']:,} bytes on disk, {info['gzip_bytes']:,} gzipped (model files)")
+    m = info.get("metrics") or {}
+    if m.get("best_eval_mean_return") is not None:
+        stdout.print(f"training: best greedy eval {m['best_eval_mean_return']:.1f} at step {m['best_eval_step']:,}; "
+                     f"{m['env_steps']:,} steps in {m['train_seconds']:.1f} s")
+    if info.get("command"):
+        stdout.print(f"made by: {info['command']}")
+
+
+@app.command()
+def version() -> None:
+    """Print dqnc's version and the versions of the libraries it uses (for bug reports)."""
+    from dqnc.artifact import library_versions
+
+    for name, v in library_versions().items():
+        typer.echo(f"{name:32s}{v}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)

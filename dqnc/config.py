@@ -1,0 +1,156 @@
+"""Typed stage configs, per-env training defaults, and config files with precise errors.
+
+Nothing here imports TensorFlow: configs validate in milliseconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dqnc.errors import ConfigError
+
+
+class TrainConfig(BaseModel):
+    """Everything that determines a training run (with the seed, the run is reproducible)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str = Field(min_length=1, description="gymnasium id, or 'module:Env-v0'")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(0, ge=0)
+    total_steps: int = Field(50_000, ge=1, description="env steps over all vectorized envs")
+    num_envs: int = Field(1, ge=1, le=256)
+    hidden: list[int] = Field(default_factory=lambda: [64, 64], min_length=1, max_length=8)
+    activation: Literal["relu", "tanh", "elu"] = "relu"
+    dueling: bool = False
+    double_dqn: bool = True
+    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(64, ge=1, le=65536)
+    buffer_size: int = Field(100_000, ge=1)
+    learning_starts: int = Field(1000, ge=0)
+    gamma: float = Field(0.99, ge=0, le=1)
+    train_freq: int = Field(256, ge=1, description="env steps between training calls")
+    gradient_steps: int = Field(128, ge=1, description="gradient steps per training call")
+    target_update_interval: int = Field(128, ge=1, description="gradient steps between target updates")
+    tau: float = Field(1.0, gt=0, le=1, description="1 = hard copy, < 1 = Polyak averaging")
+    max_grad_norm: float = Field(10.0, gt=0)
+    eps_start: float = Field(1.0, ge=0, le=1)
+    eps_end: float = Field(0.04, ge=0, le=1)
+    eps_fraction: float = Field(0.16, gt=0, le=1)
+    eval_freq: int = Field(2500, ge=1, description="env steps between greedy evaluations")
+    eval_episodes: int = Field(20, ge=1)
+    early_stop: bool = Field(True, description="stop once a greedy evaluation reaches the env's reward threshold")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if any(h < 1 or h > 65536 for h in self.hidden):
+            raise ValueError("hidden layer widths must be between 1 and 65536")
+        return self
+
+
+# Tuned per env and measured (see BENCHMARKS.md). Anything not listed uses TrainConfig's defaults.
+ENV_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CartPole-v1": {},
+    "Acrobot-v1": dict(
+        total_steps=100_000, lr=6.3e-4, batch_size=128, buffer_size=50_000, learning_starts=1000,
+        train_freq=64, gradient_steps=64, target_update_interval=250, eps_fraction=0.12, eps_end=0.1,
+        eval_freq=5000, eval_episodes=20,
+    ),
+    "MountainCar-v0": dict(
+        total_steps=120_000, lr=4e-3, batch_size=128, buffer_size=10_000, learning_starts=1000,
+        gamma=0.98, train_freq=64, gradient_steps=32, target_update_interval=300, eps_fraction=0.2,
+        eps_end=0.07, hidden=[256, 256], eval_freq=5000, eval_episodes=20,
+    ),
+    "LunarLander-v3": dict(
+        total_steps=300_000, lr=6.3e-4, batch_size=128, buffer_size=100_000, learning_starts=1000,
+        train_freq=64, gradient_steps=16, target_update_interval=250, eps_fraction=0.12, eps_end=0.05,
+        hidden=[128, 128], eval_freq=10_000, eval_episodes=20,
+    ),
+}
+
+
+def train_defaults(env: str) -> dict[str, Any]:
+    return dict(ENV_DEFAULTS.get(env, {}))
+
+
+def build_train_config(env: str | None, file_values: dict[str, Any], overrides: dict[str, Any],
+                       source: str = "options") -> TrainConfig:
+    """Merge env defaults < config file < command-line overrides, then validate."""
+    merged = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    env = merged.get("env", env)
+    if not env:
+        raise ConfigError("no environment given: pass --env ENV_ID (e.g. CartPole-v1) or set 'env' in the config file")
+    values = {**train_defaults(str(env)), **merged, "env": env}
+    return validate(TrainConfig, values, source)
+
+
+def validate(model: type[BaseModel], values: dict[str, Any], source: str, lines: dict[tuple, int] | None = None) -> Any:
+    """Validate ``values`` against ``model``; raise one ConfigError naming the first problem."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, model, source, lines)) from None
+
+
+def format_validation_error(e: ValidationError, model: type[BaseModel], source: str,
+                            lines: dict[tuple, int] | None = None) -> str:
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    where = source
+    if lines:
+        line = lines.get(loc) or lines.get(loc[:-1]) if loc else None
+        if line:
+            where = f"{source}:{line}"
+    if err["type"] == "extra_forbidden":
+        fields = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(fields))}"
+        return f"{where}: unknown key {path!r}: {hint}"
+    msg = err["msg"]
+    if "input" in err and err["type"] != "missing":
+        msg += f" (got {err['input']!r})"
+    return f"{where}: {path}: {msg}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+        for arg in getattr(current, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+    return list(getattr(current, "model_fields", {}).keys())
+
+
+def load_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Load a YAML file that must hold a mapping, with safe loading and one-line errors."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the YAML") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; it must hold a mapping of options")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options at the top level, got {type(data).__name__}")
+    return data

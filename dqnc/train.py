@@ -1,0 +1,337 @@
+"""The train stage: gymnasium env -> fp32 SavedModel artifact (Double DQN).
+
+Hot paths never call Keras per env step: actions come from a numpy copy of the online network
+(refreshed after every training call), and each training call runs ``gradient_steps`` minibatch
+updates inside one XLA-compiled ``tf.function``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dqnc import artifact as art
+from dqnc.config import TrainConfig
+from dqnc.envs import EnvSpec, env_spec, make_env, rollout
+from dqnc.errors import Interrupted, UsageError
+from dqnc.nets import NetSpec, NumpyMLP, build_plain_mlp, build_q_network, dense_weights
+from dqnc.replay import ReplayBuffer
+from dqnc.schedules import linear
+
+EVAL_SEED_BASE = 1_000_000  # training evals use episodes disjoint from `dqnc eval`'s default seeds
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    episodes: int = 0
+    last_return: float | None = None
+    eval_mean: float | None = None
+    best_mean: float | None = None
+    epsilon: float = 1.0
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class _State:
+    """Counters that a checkpoint must carry besides the networks and the buffer."""
+
+    step: int = 0
+    grad_steps: int = 0
+    episodes: int = 0
+    best_mean: float | None = None
+    best_step: int | None = None
+    evals: list[list[float]] = field(default_factory=list)
+    recent_returns: list[float] = field(default_factory=list)
+    wall_time: float = 0.0
+    stopped_early: bool = False
+
+
+def _set_seeds(seed: int) -> None:
+    from dqnc.keras import keras, tf
+
+    keras().utils.set_random_seed(seed)
+    tf().config.experimental.enable_op_determinism()
+
+
+def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig) -> Callable[..., Any]:
+    """One compiled call = ``K`` Double-DQN minibatch updates plus the target updates they trigger."""
+    from dqnc.keras import tf
+
+    t = tf()
+    gamma = t.constant(cfg.gamma, t.float32)
+    tau = t.constant(cfg.tau, t.float32)
+    interval = t.constant(cfg.target_update_interval, t.int64)
+    counter = t.Variable(0, dtype=t.int64, trainable=False, name="grad_steps")
+    qv, tv = q.trainable_variables, target.trainable_variables
+
+    def huber(x: Any) -> Any:
+        ax = t.abs(x)
+        return t.where(ax < 1.0, 0.5 * t.square(x), ax - 0.5)
+
+    @t.function(jit_compile=True, reduce_retracing=True)
+    def update(obs: Any, actions: Any, rewards: Any, next_obs: Any, terminated: Any) -> Any:
+        total = t.constant(0.0)
+        k = t.shape(obs)[0]
+        for i in t.range(k):
+            q_next_target = target(next_obs[i], training=False)
+            if cfg.double_dqn:
+                a_next = t.argmax(q(next_obs[i], training=False), axis=1, output_type=t.int32)
+            else:
+                a_next = t.argmax(q_next_target, axis=1, output_type=t.int32)
+            bootstrap = t.gather(q_next_target, a_next, batch_dims=1)
+            y = t.stop_gradient(rewards[i] + gamma * (1.0 - terminated[i]) * bootstrap)
+            with t.GradientTape() as tape:
+                q_taken = t.gather(q(obs[i], training=True), actions[i], batch_dims=1)
+                loss = t.reduce_mean(huber(y - q_taken))
+            grads = tape.gradient(loss, qv)
+            grads, _ = t.clip_by_global_norm(grads, cfg.max_grad_norm)
+            optimizer.apply_gradients(zip(grads, qv))
+            counter.assign_add(1)
+            if counter % interval == 0:
+                for tw, w in zip(tv, qv):
+                    tw.assign(tau * w + (1.0 - tau) * tw)
+            total += loss
+        return total / t.cast(k, t.float32)
+
+    update.counter = counter  # type: ignore[attr-defined]
+    return update
+
+
+def run(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    force: bool = False,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    logdir: Path | None = None,
+    progress: ProgressFn | None = None,
+    command: list[str] | None = None,
+) -> art.Artifact:
+    """Train a Q-network on ``cfg.env`` and write it as a SavedModel artifact at ``out``."""
+    out = Path(out)
+    art.check_output(out, force)
+    if resume and (checkpoint_dir is None or not (checkpoint_dir / "state.json").is_file()):
+        raise UsageError(f"--resume: no checkpoint at {str(checkpoint_dir)!r}; run without --resume to start afresh")
+    spec = env_spec(cfg.env, cfg.env_kwargs)
+    if len(spec.obs_shape) != 1:
+        spec_note = f"observations of shape {spec.obs_shape} are flattened to {spec.obs_dim}"
+    else:
+        spec_note = ""
+
+    from dqnc.keras import keras, tf
+
+    k, t = keras(), tf()
+    _set_seeds(cfg.seed)
+    net = NetSpec(spec.obs_dim, spec.n_actions, tuple(cfg.hidden), cfg.activation, cfg.dueling)
+    q = build_q_network(net, "q_network")
+    target = build_q_network(net, "target_network")
+    target.set_weights(q.get_weights())
+    optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
+    update = _make_update_fn(q, target, optimizer, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    buffer = ReplayBuffer(cfg.buffer_size, spec.obs_dim)
+    state = _State()
+    best_weights: list[np.ndarray] | None = None
+
+    if resume:
+        assert checkpoint_dir is not None
+        state, buffer, best_weights = _load_checkpoint(checkpoint_dir, cfg, q, target, optimizer, update, rng)
+
+    writer = t.summary.create_file_writer(str(logdir)) if logdir is not None else None
+    policy = NumpyMLP(dense_weights(q), cfg.activation)
+
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode
+
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: make_env(cfg.env, cfg.env_kwargs) for _ in range(cfg.num_envs)],
+        autoreset_mode=AutoresetMode.SAME_STEP,
+    )
+    # A resumed run cannot restore simulator state; it starts new episodes from a derived seed.
+    obs, _ = envs.reset(seed=cfg.seed * 10_007 + state.step)
+    obs = obs.reshape(cfg.num_envs, -1).astype(np.float32)
+    ep_return = np.zeros(cfg.num_envs)
+    eval_seed = EVAL_SEED_BASE + cfg.seed * 1000
+    threshold = spec.reward_threshold
+    started = time.perf_counter() - state.wall_time
+    n = cfg.num_envs
+    env_index = np.arange(n)
+
+    def evaluate() -> None:
+        nonlocal best_weights
+        res = rollout(policy, spec, cfg.eval_episodes, eval_seed)
+        mean = float(res.returns.mean())
+        state.evals.append([state.step, mean, float(res.returns.std())])
+        if state.best_mean is None or mean >= state.best_mean:
+            state.best_mean, state.best_step = mean, state.step
+            best_weights = [w.copy() for w in dense_weights(q)]
+        if writer is not None:
+            with writer.as_default(step=state.step):
+                t.summary.scalar("eval/mean_return", mean)
+                t.summary.scalar("eval/best_mean_return", state.best_mean)
+        if cfg.early_stop and threshold is not None and mean >= threshold:
+            state.stopped_early = True
+
+    try:
+        while state.step < cfg.total_steps and not state.stopped_early:
+            eps = linear(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, cfg.total_steps, state.step)
+            if state.step < cfg.learning_starts:
+                actions = rng.integers(0, spec.n_actions, n)
+            else:
+                actions = policy(obs).argmax(axis=1)
+                explore = rng.random(n) < eps
+                if explore.any():
+                    actions = np.where(explore, rng.integers(0, spec.n_actions, n), actions)
+            next_obs, rewards, terminated, truncated, info = envs.step(actions)
+            next_obs = next_obs.reshape(n, -1).astype(np.float32)
+            done = terminated | truncated
+            real_next = next_obs
+            if done.any():
+                real_next = next_obs.copy()
+                final = info["final_obs"]
+                for i in env_index[done]:
+                    real_next[i] = np.asarray(final[i], np.float32).ravel()
+            buffer.add(obs, actions, rewards, real_next, terminated)
+            ep_return += rewards
+            if done.any():
+                for i in env_index[done]:
+                    state.episodes += 1
+                    state.recent_returns = (state.recent_returns + [float(ep_return[i])])[-100:]
+                    if writer is not None:
+                        with writer.as_default(step=state.step):
+                            t.summary.scalar("train/episode_return", ep_return[i])
+                ep_return[done] = 0.0
+            obs = next_obs
+            prev = state.step
+            state.step += n
+
+            if state.step >= cfg.learning_starts and state.step // cfg.train_freq > prev // cfg.train_freq:
+                batch = buffer.sample(rng, cfg.gradient_steps, cfg.batch_size)
+                loss = float(update(*batch))
+                state.grad_steps += cfg.gradient_steps
+                policy.set_weights(dense_weights(q))
+                if writer is not None:
+                    with writer.as_default(step=state.step):
+                        t.summary.scalar("train/loss", loss)
+                        t.summary.scalar("train/epsilon", eps)
+            if state.step // cfg.eval_freq > prev // cfg.eval_freq and state.step >= cfg.learning_starts:
+                evaluate()
+            if progress is not None and (state.step // 500 > prev // 500 or state.stopped_early):
+                progress(Progress(state.step, cfg.total_steps, state.episodes,
+                                  state.recent_returns[-1] if state.recent_returns else None,
+                                  state.evals[-1][1] if state.evals else None, state.best_mean, eps))
+        if not state.evals or state.evals[-1][0] != state.step:
+            evaluate()
+    except KeyboardInterrupt:
+        state.wall_time = time.perf_counter() - started
+        envs.close()
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir, cfg, state, q, target, optimizer, update, buffer, rng, best_weights)
+            raise Interrupted(
+                f"interrupted at step {state.step:,}/{cfg.total_steps:,}; checkpoint saved to {str(checkpoint_dir)!r}: "
+                "re-run the same command with --resume to continue"
+            ) from None
+        raise Interrupted(f"interrupted at step {state.step:,}/{cfg.total_steps:,}; nothing was written") from None
+    envs.close()
+    state.wall_time = time.perf_counter() - started
+    if writer is not None:
+        writer.flush()
+
+    weights = best_weights if best_weights is not None else dense_weights(q)
+    model = build_plain_mlp(net, weights)
+    metrics = {
+        "env_steps": state.step,
+        "gradient_steps": state.grad_steps,
+        "episodes": state.episodes,
+        "train_seconds": round(state.wall_time, 3),
+        "steps_per_second": round(state.step / max(state.wall_time, 1e-9), 1),
+        "stopped_early": state.stopped_early,
+        "best_eval_mean_return": state.best_mean,
+        "best_eval_step": state.best_step,
+        "eval_episodes": cfg.eval_episodes,
+        "evals": state.evals,
+        "mean_return_last_100_train_episodes": float(np.mean(state.recent_returns)) if state.recent_returns else None,
+    }
+    if spec_note:
+        metrics["note"] = spec_note
+    with art.atomic_output(out, force) as tmp:
+        model.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
+        art.write_manifest(tmp, stage="train", env=spec, network=net.to_dict() | {"saved_as": "sequential_mlp"},
+                           config=cfg.model_dump(mode="json"), metrics=metrics, command=command)
+    if checkpoint_dir is not None and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return art.load(out)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def _save_checkpoint(path: Path, cfg: TrainConfig, state: _State, q: Any, target: Any, optimizer: Any,
+                     update: Any, buffer: ReplayBuffer, rng: np.random.Generator,
+                     best_weights: list[np.ndarray] | None) -> None:
+    """Write a resumable checkpoint atomically (a second Ctrl-C while writing loses only the new one)."""
+    from dqnc.keras import tf
+
+    t = tf()
+    parent = path.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    ckpt = t.train.Checkpoint(q=q, target=target, optimizer=optimizer, counter=update.counter)
+    ckpt.write(str(tmp / "tf" / "ckpt"))
+    buffer.save(tmp / "buffer.npz")
+    if best_weights is not None:
+        np.savez(tmp / "best.npz", *best_weights)
+    meta = {
+        "version": CHECKPOINT_VERSION,
+        "config": cfg.model_dump(mode="json"),
+        "state": state.__dict__,
+        "rng": rng.bit_generator.state,
+    }
+    (tmp / "state.json").write_text(json.dumps(meta, default=int), encoding="utf-8")
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, q: Any, target: Any, optimizer: Any, update: Any,
+                     rng: np.random.Generator) -> tuple[_State, ReplayBuffer, list[np.ndarray] | None]:
+    from dqnc.keras import tf
+
+    t = tf()
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise UsageError(f"checkpoint {str(path)!r} was written by another dqnc version: start afresh without --resume")
+    saved = dict(meta["config"])
+    current = cfg.model_dump(mode="json")
+    changed = sorted(k for k in current if k != "total_steps" and saved.get(k) != current[k])
+    if changed:
+        raise UsageError(
+            f"--resume: the checkpoint at {str(path)!r} was made with different options ({', '.join(changed)}): "
+            "resume with the same options, or start afresh without --resume"
+        )
+    # The optimizer's slot variables must exist before a restore can fill them.
+    optimizer.build(q.trainable_variables)
+    ckpt = t.train.Checkpoint(q=q, target=target, optimizer=optimizer, counter=update.counter)
+    ckpt.read(str(path / "tf" / "ckpt")).assert_existing_objects_matched()
+    buffer = ReplayBuffer.load(path / "buffer.npz", cfg.buffer_size)
+    best = None
+    if (path / "best.npz").is_file():
+        with np.load(path / "best.npz") as d:
+            best = [d[f"arr_{i}"] for i in range(len(d.files))]
+    rng.bit_generator.state = meta["rng"]
+    state = _State(**meta["state"])
+    return state, buffer, best
