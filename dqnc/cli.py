@@ -131,7 +131,7 @@ def train(
     eps_fraction: Annotated[Optional[float], typer.Option(help="Share of the run over which epsilon decays.")] = None,
     eval_freq: Annotated[Optional[int], typer.Option(help="Env steps between greedy evaluations.")] = None,
     eval_episodes: Annotated[Optional[int], typer.Option(help="Episodes per greedy evaluation.")] = None,
-    early_stop: Annotated[Optional[bool], typer.Option("--early-stop/--no-early-stop", help="Stop when an evaluation reaches the env's reward threshold.")] = None,
+    early_stop: Annotated[Optional[bool], typer.Option("--early-stop/--no-early-stop", help="Stop once every episode of an evaluation reaches the env's reward threshold.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left at OUT.ckpt.")] = False,
     logdir: Annotated[Optional[Path], typer.Option(help="Write TensorBoard scalars here.")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
@@ -210,22 +210,31 @@ class _progress_bar:
 @app.command("eval")
 @_guard
 def eval_cmd(
-    path: Annotated[Path, typer.Argument(help="Artifact directory, SavedModel or .tflite file.")],
+    path: Annotated[Path, typer.Argument(help="Artifact directory, bundle, SavedModel or .tflite file.")],
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
     env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Greedy episodes to run.")] = 100,
     seed: Annotated[int, typer.Option(min=0, help="Episode i is reset with seed SEED+i.")] = 0,
+    reference: Annotated[Optional[Path], typer.Option("--reference", "-r", help="Parent policy: report action agreement, Q error and return drop against it.")] = None,
+    latency_samples: Annotated[int, typer.Option(min=0, help="Single-observation calls timed for the latency figures (0 = skip).")] = 2000,
     min_return: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is below this.")] = None,
+    max_return_drop: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is more than this fraction below the reference's (0.01 = 1%).")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Gate: exit 1 if greedy agreement with the reference on decisive states is below this (0.99 = 99%).")] = None,
+    max_size_kb: Annotated[Optional[float], typer.Option(min=0, help="Gate: exit 1 if the model file is larger than this many KiB.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
-    """Run greedy episodes of a policy and report its returns (exit 1 when a gate fails)."""
+    """Run greedy episodes of a policy and report returns, agreement, size and latency (exit 1 when a gate fails)."""
     from dqnc import artifact as art
     from dqnc.evaluate import EvalConfig
     from dqnc.evaluate import run as run_eval
 
-    source = art.load(path, env=_env_arg(env, env_kwargs))
+    env_spec_arg = _env_arg(env, env_kwargs)
+    source = art.load(path, env=env_spec_arg)
+    parent = art.load(reference, env=env_spec_arg or source.env) if reference is not None else None
+    cfg = EvalConfig(episodes=episodes, seed=seed, latency_samples=latency_samples, min_return=min_return,
+                     max_return_drop=max_return_drop, min_agreement=min_agreement, max_size_kb=max_size_kb)
     try:
-        result = run_eval(EvalConfig(episodes=episodes, seed=seed, min_return=min_return), source)
+        result = run_eval(cfg, source, parent)
     except GateFailed as e:
         _render_eval(e.result, as_json)
         raise
@@ -255,7 +264,7 @@ def _render_eval(r: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _emit_json(r)
         return
-    table = Table(title=f"{r['path']}  ({r['stage']}, {r['env']})", show_header=False, title_justify="left")
+    table = Table(title=f"{r['path']}  ({r['stage']}, {r['kind']}, {r['env']})", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("episodes", f"{r['episodes']} (seeds {r['seed']}..{r['seed'] + r['episodes'] - 1})")
@@ -264,6 +273,16 @@ def _render_eval(r: dict[str, Any], as_json: bool) -> None:
     table.add_row("mean length", f"{r['mean_length']:.1f}")
     if r["solved_share"] is not None:
         table.add_row(f"episodes >= {r['reward_threshold']:g}", f"{100 * r['solved_share']:.0f}%")
+    ref = r.get("reference")
+    if ref:
+        table.add_row("reference mean return", f"{ref['mean_return']:.2f} (drop {100 * ref['return_drop_frac']:.2f}%)")
+        table.add_row("greedy agreement", f"{100 * ref['agreement']:.2f}% of {ref['states']:,} states")
+        table.add_row("  on decisive states", f"{100 * ref['decisive_agreement']:.2f}% of {ref['decisive_states']:,}")
+        table.add_row("Q error (max / range)", f"{ref['q_max_abs_error']:.4g} / {ref['q_range']:.4g}")
+    table.add_row("size", f"{r['size_bytes'] / 1024:,.1f} KiB ({r['gzip_bytes'] / 1024:,.1f} KiB gzipped)")
+    lat = r.get("latency_us")
+    if lat:
+        table.add_row(f"latency per action ({r['runtime']})", f"p50 {lat['p50']:.1f} us, p99 {lat['p99']:.1f} us")
     table.add_row("wall time", f"{r['eval_seconds']:.2f} s")
     for g in r["gates"]:
         table.add_row(f"gate {g['gate']} ({g['threshold']:g})", "[green]pass[/]" if g["passed"] else "[red]FAIL[/]")

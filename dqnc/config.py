@@ -43,7 +43,7 @@ class TrainConfig(BaseModel):
     eps_fraction: float = Field(0.16, gt=0, le=1)
     eval_freq: int = Field(2500, ge=1, description="env steps between greedy evaluations")
     eval_episodes: int = Field(20, ge=1)
-    early_stop: bool = Field(True, description="stop once a greedy evaluation reaches the env's reward threshold")
+    early_stop: bool = Field(True, description="stop once every episode of a greedy evaluation reaches the env's reward threshold")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -203,3 +203,25 @@ def rollout(
     observations = np.concatenate([np.stack(o) for o in rec_obs]).astype(np.float32)
     q_values = np.concatenate([np.stack(q) for q in rec_q]).astype(np.float32)
     return Rollout(returns, lengths, observations, q_values)
+
+
+def collect_states(q_fn: QFunction, spec: EnvSpec, n_states: int, seed: int, epsilon: float = 0.0,
+                   episodes_per_round: int = 16) -> np.ndarray:
+    """``n_states`` observations visited by the epsilon-greedy policy, drawn evenly from whole episodes.
+
+    Episodes run in rounds until enough states are seen; then a seeded subsample keeps exactly
+    ``n_states``, so the data covers early and late parts of episodes alike.
+    """
+    if n_states < 1:
+        raise ValueError("n_states must be >= 1")
+    seen: list[np.ndarray] = []
+    total, round_ = 0, 0
+    while total < n_states:
+        res = rollout(q_fn, spec, episodes_per_round, seed + round_ * episodes_per_round, epsilon=epsilon, record=True)
+        assert res.observations is not None
+        seen.append(res.observations)
+        total += len(res.observations)
+        round_ += 1
+    states = np.concatenate(seen)
+    pick = np.random.default_rng(seed).choice(len(states), n_states, replace=False)
+    return states[np.sort(pick)]

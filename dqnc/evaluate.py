@@ -1,4 +1,7 @@
-"""The eval stage: greedy episodes of any policy artifact, return statistics and gates."""
+"""The eval stage: greedy episodes of any artifact, agreement with a reference, size, latency, gates.
+
+Nothing here imports TensorFlow for dqnc artifacts or .tflite files (see ``dqnc.policy``).
+"""
 
 from __future__ import annotations
 
@@ -9,32 +12,66 @@ from typing import Any
 import numpy as np
 
 from dqnc.artifact import Artifact
-from dqnc.envs import rollout
-from dqnc.errors import GateFailed
+from dqnc.compare import agreement
+from dqnc.envs import QFunction, rollout
+from dqnc.errors import GateFailed, UsageError
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     episodes: int = 100
     seed: int = 0
+    latency_samples: int = 2000
     min_return: float | None = None
+    max_return_drop: float | None = None  # fraction of the reference's mean return, e.g. 0.01
+    min_agreement: float | None = None  # on decisive states, e.g. 0.99
+    max_size_kb: float | None = None  # the model file (or SavedModel directory)
 
 
-def run(cfg: EvalConfig, source: Artifact) -> dict[str, Any]:
+def latency_us(q_fn: QFunction, states: np.ndarray, samples: int) -> dict[str, float]:
+    """Wall time of one action (one observation in, Q-values out, argmax), p50/p99 in microseconds."""
+    if samples <= 0 or len(states) == 0:
+        return {}
+    idx = np.random.default_rng(0).integers(0, len(states), samples)
+    rows = [states[i : i + 1] for i in idx]
+    for r in rows[:50]:  # warm-up
+        q_fn(r).argmax()
+    times = np.empty(samples)
+    clock = time.perf_counter_ns
+    for j, r in enumerate(rows):
+        t0 = clock()
+        q_fn(r).argmax()
+        times[j] = clock() - t0
+    times /= 1000.0
+    return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99)), "mean": float(times.mean())}
+
+
+def _random_q(n_actions: int, seed: int) -> QFunction:
+    rng = np.random.default_rng(seed)
+    return lambda obs: rng.random((len(obs), n_actions))
+
+
+def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) -> dict[str, Any]:
     """Evaluate ``source`` and return its metrics; raise GateFailed (carrying them) if a gate fails."""
+    from dqnc.inspection import disk_size, gzip_size
     from dqnc.policy import q_function
 
+    if reference is not None and reference.env.id != source.env.id:
+        raise UsageError(f"--reference acts in {reference.env.id!r} but the model in {source.env.id!r}: compare policies of one env")
+    if (cfg.max_return_drop is not None or cfg.min_agreement is not None) and reference is None:
+        raise UsageError("--max-return-drop and --min-agreement compare against a parent: pass --reference PARENT")
     started = time.perf_counter()
     q_fn = q_function(source)
     load_s = time.perf_counter() - started
     t0 = time.perf_counter()
-    res = rollout(q_fn, source.env, cfg.episodes, cfg.seed)
+    res = rollout(q_fn, source.env, cfg.episodes, cfg.seed, record=reference is not None or cfg.latency_samples > 0)
     wall = time.perf_counter() - t0
     threshold = source.env.reward_threshold
     r = res.returns
     result: dict[str, Any] = {
         "path": str(source.path),
         "stage": source.stage,
+        "kind": source.kind,
         "env": source.env.id,
         "episodes": cfg.episodes,
         "seed": cfg.seed,
@@ -45,20 +82,61 @@ def run(cfg: EvalConfig, source: Artifact) -> dict[str, Any]:
         "mean_length": float(res.lengths.mean()),
         "reward_threshold": threshold,
         "solved_share": None if threshold is None else float((r >= threshold).mean()),
+        "size_bytes": disk_size(source.model_path),
+        "gzip_bytes": gzip_size(source.model_path),
+        "runtime": getattr(q_fn, "runtime", "numpy" if source.kind == "savedmodel" else "keras"),
         "load_seconds": round(load_s, 3),
         "eval_seconds": round(wall, 3),
         "gates": [],
     }
-    failures = []
-    if cfg.min_return is not None:
-        ok = result["mean_return"] >= cfg.min_return
-        gate = {"gate": "min_return", "threshold": cfg.min_return, "value": result["mean_return"], "passed": ok}
-        result["gates"].append(gate)
-        if not ok:
-            failures.append(
-                f"gate min_return failed: mean return {result['mean_return']:.2f} is below {cfg.min_return:g} "
-                f"by {cfg.min_return - result['mean_return']:.2f}"
-            )
-    if failures:
-        raise GateFailed("; ".join(failures), result)
+    if res.observations is not None and cfg.latency_samples > 0:
+        result["latency_us"] = latency_us(q_fn, res.observations, cfg.latency_samples)
+    if reference is not None:
+        assert res.observations is not None and res.q_values is not None
+        ref_fn = q_function(reference)
+        ref = rollout(ref_fn, reference.env, cfg.episodes, cfg.seed)
+        rnd = rollout(_random_q(source.env.n_actions, cfg.seed), source.env, cfg.episodes, cfg.seed)
+        ref_mean, rnd_mean = float(ref.returns.mean()), float(rnd.returns.mean())
+        result["reference"] = {
+            "path": str(reference.path),
+            "stage": reference.stage,
+            "mean_return": ref_mean,
+            "random_policy_mean_return": rnd_mean,
+            "return_drop": ref_mean - result["mean_return"],
+            "return_drop_frac": (ref_mean - result["mean_return"]) / max(abs(ref_mean), 1e-9),
+            "return_drop_of_random_gap": (ref_mean - result["mean_return"]) / max(ref_mean - rnd_mean, 1e-9),
+            **agreement(ref_fn(res.observations), res.q_values),
+        }
+    _apply_gates(cfg, result)
     return result
+
+
+def _gate(result: dict[str, Any], name: str, threshold: float, value: float, ok: bool, failure: str) -> str | None:
+    result["gates"].append({"gate": name, "threshold": threshold, "value": value, "passed": bool(ok)})
+    return None if ok else f"gate {name} failed: {failure}"
+
+
+def _apply_gates(cfg: EvalConfig, result: dict[str, Any]) -> None:
+    fails: list[str | None] = []
+    mean = result["mean_return"]
+    if cfg.min_return is not None:
+        fails.append(_gate(result, "min_return", cfg.min_return, mean, mean >= cfg.min_return,
+                           f"mean return {mean:.2f} is below {cfg.min_return:g} by {cfg.min_return - mean:.2f}"))
+    ref = result.get("reference")
+    if cfg.max_return_drop is not None and ref is not None:
+        drop = ref["return_drop_frac"]
+        fails.append(_gate(result, "max_return_drop", cfg.max_return_drop, drop, drop <= cfg.max_return_drop,
+                           f"mean return {mean:.2f} is {100 * drop:.2f}% below the reference's {ref['mean_return']:.2f} "
+                           f"(allowed {100 * cfg.max_return_drop:.2f}%)"))
+    if cfg.min_agreement is not None and ref is not None:
+        agr = ref["decisive_agreement"]
+        fails.append(_gate(result, "min_agreement", cfg.min_agreement, agr, agr >= cfg.min_agreement,
+                           f"greedy agreement on decisive states {100 * agr:.2f}% is below {100 * cfg.min_agreement:.2f}% "
+                           f"by {100 * (cfg.min_agreement - agr):.2f} points"))
+    if cfg.max_size_kb is not None:
+        kb = result["size_bytes"] / 1024
+        fails.append(_gate(result, "max_size_kb", cfg.max_size_kb, kb, kb <= cfg.max_size_kb,
+                           f"model size {kb:.1f} KB exceeds {cfg.max_size_kb:g} KB by {kb - cfg.max_size_kb:.1f} KB"))
+    messages = [f for f in fails if f]
+    if messages:
+        raise GateFailed("; ".join(messages), result)

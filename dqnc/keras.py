@@ -20,6 +20,10 @@ def tf() -> ModuleType:
     """Return the ``tensorflow`` module, importing it with dqnc's settings on first use."""
     if "tensorflow" not in sys.modules:
         _import_quietly()
+        import tensorflow
+
+        # Python-side TF/Keras chatter (e.g. "compiled metrics have yet to be built") is not for users.
+        tensorflow.get_logger().setLevel("ERROR")
     import tensorflow
 
     return tensorflow

@@ -150,3 +150,22 @@ class NumpyMLP:
             if i < last:
                 x = _act(x, self.activations[i])
         return x
+
+
+MLP_FILE = "mlp.npz"
+
+
+def save_mlp(path: Any, weights: list[np.ndarray], activations: list[str]) -> None:
+    """Save a plain MLP's weights beside its SavedModel so TF-free tools can run it in numpy."""
+    arrays = {f"p{i}": np.asarray(w, np.float32) for i, w in enumerate(weights)}
+    np.savez(path, activations=np.array(activations), **arrays)
+
+
+def load_mlp(path: Any) -> NumpyMLP:
+    with np.load(path, allow_pickle=False) as d:
+        n = len([k for k in d.files if k.startswith("p")])
+        weights = [d[f"p{i}"] for i in range(n)]
+        activations = [str(a) for a in d["activations"]]
+    if n < 2 or n % 2 or len(activations) != n // 2 - 1:
+        raise ValueError(f"{path}: malformed MLP weights ({n} arrays, {len(activations)} activations)")
+    return NumpyMLP(weights, activations)

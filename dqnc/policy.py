@@ -1,7 +1,11 @@
-"""Turn a SavedModel artifact into a Q-function ``obs[N, d] -> q[N, n]`` for rollouts.
+"""Turn any artifact into a Q-function ``obs[N, d] -> q[N, n]`` for rollouts.
 
-Plain Dense MLPs (every model dqnc writes) run as a numpy forward pass; any other Keras model
-runs as one compiled call per batch. Shapes are checked against the env before any episode runs.
+- ``.tflite`` models run in LiteRT (or tflite-runtime): no TensorFlow import.
+- dqnc SavedModel artifacts carry ``mlp.npz`` (the same weights) and run as a numpy forward
+  pass: no TensorFlow import either.
+- Any other Keras SavedModel is loaded with tf_keras and called once per batch.
+
+Shapes are checked against the env before any episode runs.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 from dqnc.artifact import Artifact
 from dqnc.envs import EnvSpec, QFunction
 from dqnc.errors import ArtifactError
-from dqnc.nets import NumpyMLP
+from dqnc.nets import MLP_FILE, NumpyMLP, load_mlp
 
 
 def load_keras_model(path: Path) -> Any:
@@ -24,26 +28,31 @@ def load_keras_model(path: Path) -> Any:
     k = keras()
     try:
         return k.models.load_model(str(path), compile=False)
-    except (OSError, ValueError, IOError, tf().errors.OpError) as e:
+    except (OSError, ValueError, IOError, KeyError, tf().errors.OpError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"cannot load the SavedModel at {str(path)!r}: {first[:300]}; re-export it as a Keras SavedModel") from None
 
 
+def _check_dims(obs_dim: int, n_actions: int, env: EnvSpec, where: str, in_desc: Any, out_desc: Any) -> None:
+    if obs_dim != env.obs_dim:
+        raise ArtifactError(
+            f"{where}: model input shape {in_desc} does not fit env {env.id!r} observations {tuple(env.obs_shape)}: "
+            "use the env the model was trained on"
+        )
+    if n_actions != env.n_actions:
+        raise ArtifactError(
+            f"{where}: model output shape {out_desc} does not fit env {env.id!r} with {env.n_actions} actions: "
+            "use the env the model was trained on"
+        )
+
+
 def check_io(model: Any, env: EnvSpec, where: str) -> None:
-    in_shape = tuple(model.input_shape[1:]) if not isinstance(model.input_shape, list) else None
-    out_shape = tuple(model.output_shape[1:]) if not isinstance(model.output_shape, list) else None
-    if in_shape is None or out_shape is None:
+    if isinstance(model.input_shape, list) or isinstance(model.output_shape, list):
         raise ArtifactError(f"{where}: the model has several inputs or outputs; a Q-network has one of each")
-    if int(np.prod([d for d in in_shape if d is not None])) != env.obs_dim:
-        raise ArtifactError(
-            f"{where}: model input shape {in_shape} does not fit env {env.id!r} observations {tuple(env.obs_shape)}: "
-            "use the env the model was trained on"
-        )
-    if out_shape != (env.n_actions,):
-        raise ArtifactError(
-            f"{where}: model output shape {out_shape} does not fit env {env.id!r} with {env.n_actions} actions: "
-            "use the env the model was trained on"
-        )
+    in_shape, out_shape = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
+    obs_dim = int(np.prod([d if d is not None else -1 for d in in_shape]))
+    n_actions = out_shape[0] if len(out_shape) == 1 else -1
+    _check_dims(obs_dim, n_actions, env, where, in_shape, out_shape)
 
 
 def mlp_weights(model: Any) -> tuple[list[np.ndarray], list[str]] | None:
@@ -59,15 +68,42 @@ def mlp_weights(model: Any) -> tuple[list[np.ndarray], list[str]] | None:
     return [w for l in layers for w in l.get_weights()], acts[:-1]
 
 
+def tflite_policy(path: Path, manifest: dict[str, Any] | None = None, runtime: str | None = None) -> Any:
+    """A runtime.Policy for a .tflite file, with damaged files reported as ArtifactError."""
+    from dqnc.runtime import Policy
+
+    try:
+        return Policy.from_manifest(str(path), manifest, runtime=runtime)
+    except ImportError as e:
+        from dqnc.errors import UsageError
+
+        raise UsageError(str(e)) from None
+    except (ValueError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{str(path)!r} is not a valid TFLite model ({first[:200]}): re-create it with dqnc quantize or export") from None
+
+
 def q_function(artifact: Artifact, model: Any | None = None) -> QFunction:
-    """A batched Q-function for a SavedModel artifact."""
-    if artifact.kind != "savedmodel":
-        raise ArtifactError(f"{artifact.path}: expected a SavedModel artifact, got {artifact.kind}")
+    """A batched Q-function for any artifact, using the lightest runtime that can serve it."""
+    where = str(artifact.path)
+    if artifact.kind == "tflite":
+        pol = tflite_policy(artifact.model_path, artifact.manifest)
+        _check_dims(pol.obs_dim, pol.n_actions, artifact.env, where, (pol.obs_dim,), (pol.n_actions,))
+        return pol
+    mlp_file = artifact.path / MLP_FILE
+    if model is None and artifact.manifest.get("files", {}).get(MLP_FILE) and mlp_file.is_file():
+        try:
+            mlp = load_mlp(mlp_file)
+        except (ValueError, OSError, KeyError) as e:
+            raise ArtifactError(f"{where}: {e}; re-create the artifact") from None
+        w0, wl = mlp.layers[0][0], mlp.layers[-1][0]
+        _check_dims(w0.shape[0], wl.shape[1], artifact.env, where, (w0.shape[0],), (wl.shape[1],))
+        return mlp
     model = model if model is not None else load_keras_model(artifact.model_path)
-    check_io(model, artifact.env, str(artifact.path))
-    mlp = mlp_weights(model)
-    if mlp is not None:
-        weights, acts = mlp
+    check_io(model, artifact.env, where)
+    mlp_w = mlp_weights(model)
+    if mlp_w is not None:
+        weights, acts = mlp_w
         return NumpyMLP(weights, acts)
     from dqnc.keras import tf
 

@@ -21,7 +21,7 @@ from dqnc import artifact as art
 from dqnc.config import TrainConfig
 from dqnc.envs import EnvSpec, env_spec, make_env, rollout
 from dqnc.errors import Interrupted, UsageError
-from dqnc.nets import NetSpec, NumpyMLP, build_plain_mlp, build_q_network, dense_weights
+from dqnc.nets import MLP_FILE, NetSpec, NumpyMLP, build_plain_mlp, build_q_network, dense_weights, save_mlp
 from dqnc.replay import ReplayBuffer
 from dqnc.schedules import linear
 
@@ -174,7 +174,8 @@ def run(
         nonlocal best_weights
         res = rollout(policy, spec, cfg.eval_episodes, eval_seed)
         mean = float(res.returns.mean())
-        state.evals.append([state.step, mean, float(res.returns.std())])
+        worst = float(res.returns.min())
+        state.evals.append([state.step, mean, float(res.returns.std()), worst])
         if state.best_mean is None or mean >= state.best_mean:
             state.best_mean, state.best_step = mean, state.step
             best_weights = [w.copy() for w in dense_weights(q)]
@@ -182,7 +183,9 @@ def run(
             with writer.as_default(step=state.step):
                 t.summary.scalar("eval/mean_return", mean)
                 t.summary.scalar("eval/best_mean_return", state.best_mean)
-        if cfg.early_stop and threshold is not None and mean >= threshold:
+        # Stop only when every evaluation episode is solved: a mean over few episodes overstates
+        # how well a policy generalizes to new starting states.
+        if cfg.early_stop and threshold is not None and worst >= threshold:
             state.stopped_early = True
 
     try:
@@ -269,6 +272,7 @@ def run(
         metrics["note"] = spec_note
     with art.atomic_output(out, force) as tmp:
         model.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
+        save_mlp(tmp / MLP_FILE, weights, [cfg.activation] * len(cfg.hidden))
         art.write_manifest(tmp, stage="train", env=spec, network=net.to_dict() | {"saved_as": "sequential_mlp"},
                            config=cfg.model_dump(mode="json"), metrics=metrics, command=command)
     if checkpoint_dir is not None and checkpoint_dir.exists():

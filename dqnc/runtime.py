@@ -1,0 +1,168 @@
+"""TFLite inference with numpy and a TFLite runtime only: LiteRT, else tflite-runtime.
+
+This module imports nothing from dqnc or TensorFlow. ``dqnc export`` copies it verbatim into
+every bundle as ``run_policy.py``, so the code that dqnc evaluates is the code a device runs.
+
+    python run_policy.py --obs 0.01,-0.02,0.03,0.04      # prints the action index
+    echo '[0.01, -0.02, 0.03, 0.04]' | python run_policy.py   # one JSON observation per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+RUNTIMES = ("ai_edge_litert", "tflite_runtime")
+
+
+def interpreter_class(prefer: str | None = None) -> tuple[Any, str]:
+    """The Interpreter class of the first runtime that imports (LiteRT first), and its name."""
+    order = [prefer] if prefer else list(RUNTIMES)
+    errors = []
+    for name in order:
+        try:
+            if name == "ai_edge_litert":
+                from ai_edge_litert.interpreter import Interpreter
+            elif name == "tflite_runtime":
+                from tflite_runtime.interpreter import Interpreter
+            else:
+                raise ImportError(f"unknown runtime {name!r}")
+            return Interpreter, name
+        except ImportError as e:  # also numpy-ABI failures of old wheels
+            errors.append(f"{name}: {e}")
+    raise ImportError("no TFLite runtime could be imported (" + "; ".join(errors) + "): pip install ai-edge-litert")
+
+
+class Policy:
+    """A Q-network in a .tflite file: float observations in, float Q-values or an action out.
+
+    Integer (int8/int16) inputs and outputs are quantized/dequantized with the tensors' own
+    scale and zero point, so callers never see the model's precision.
+    """
+
+    def __init__(self, model_path: str | None = None, model_content: bytes | None = None,
+                 runtime: str | None = None, num_threads: int = 1,
+                 obs_mean: Any = None, obs_std: Any = None) -> None:
+        cls, self.runtime = interpreter_class(runtime)
+        if model_path is not None and model_content is None:
+            with open(model_path, "rb") as f:
+                model_content = f.read()
+        if not model_content:
+            raise ValueError("empty model: the .tflite file holds no bytes")
+        if len(model_content) < 8 or model_content[4:8] != b"TFL3":
+            raise ValueError("not a TFLite flatbuffer (missing the 'TFL3' identifier)")
+        self.interpreter = cls(model_content=model_content, num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")
+        self._in, self._out = inputs[0], outputs[0]
+        self.obs_dim = int(np.prod(self._in["shape"][1:]))
+        self.n_actions = int(np.prod(self._out["shape"][1:]))
+        self.input_dtype = np.dtype(self._in["dtype"])
+        self.output_dtype = np.dtype(self._out["dtype"])
+        self.input_scale, self.input_zero_point = _qparams(self._in)
+        self.output_scale, self.output_zero_point = _qparams(self._out)
+        self._in_shape = tuple(int(s) for s in self._in["shape"])
+        self._set = self.interpreter.set_tensor
+        self._get = self.interpreter.get_tensor
+        self._invoke = self.interpreter.invoke
+        # Observations are standardized per feature before the model's own (per-tensor) input
+        # quantization; both are folded into one affine map, x * a + c, applied in numpy.
+        mean = np.zeros(self.obs_dim) if obs_mean is None else np.asarray(obs_mean, np.float64).reshape(-1)
+        std = np.ones(self.obs_dim) if obs_std is None else np.asarray(obs_std, np.float64).reshape(-1)
+        if mean.shape != (self.obs_dim,) or std.shape != (self.obs_dim,) or (std <= 0).any():
+            raise ValueError(f"obs_mean/obs_std must hold {self.obs_dim} values (std > 0)")
+        if self.input_dtype.kind == "f":
+            self._a, self._c = 1.0 / std, -mean / std
+        else:
+            self._a = 1.0 / (std * self.input_scale)
+            self._c = -mean / (std * self.input_scale) + self.input_zero_point
+        self._identity = self.input_dtype.kind == "f" and obs_mean is None and obs_std is None
+
+    @classmethod
+    def from_manifest(cls, model_path: str, manifest: dict[str, Any] | None, **kwargs: Any) -> Policy:
+        """A Policy with the observation preprocessing recorded in a dqnc manifest (if any)."""
+        pre = (manifest or {}).get("preprocess") or {}
+        return cls(model_path, obs_mean=pre.get("obs_mean"), obs_std=pre.get("obs_std"), **kwargs)
+
+    def _quantize(self, obs: np.ndarray) -> np.ndarray:
+        if self._identity:
+            return obs.astype(self.input_dtype, copy=False)
+        x = obs * self._a + self._c
+        if self.input_dtype.kind == "f":
+            return x.astype(self.input_dtype)
+        info = np.iinfo(self.input_dtype)
+        return np.clip(np.round(x), info.min, info.max).astype(self.input_dtype)
+
+    def _dequantize(self, q: np.ndarray) -> np.ndarray:
+        if self.output_dtype.kind == "f":
+            return q.astype(np.float32)
+        return ((q.astype(np.float32) - self.output_zero_point) * self.output_scale).astype(np.float32)
+
+    def q_values(self, obs: Any) -> np.ndarray:
+        """Q-values for a batch ``[N, obs_dim]`` (or one observation), as float32 ``[N, n_actions]``."""
+        x = np.asarray(obs, np.float32).reshape(-1, self.obs_dim)
+        xq = self._quantize(x)
+        out = np.empty((len(x), self.n_actions), np.float32)
+        for i in range(len(x)):
+            self._set(self._in["index"], xq[i].reshape(self._in_shape))
+            self._invoke()
+            out[i] = self._dequantize(self._get(self._out["index"]).reshape(-1))
+        return out
+
+    __call__ = q_values
+
+    def act(self, obs: Any) -> int:
+        """The greedy action for one observation."""
+        return int(self.q_values(obs)[0].argmax())
+
+
+def _qparams(detail: dict[str, Any]) -> tuple[float, int]:
+    scale, zero = detail.get("quantization", (0.0, 0))
+    return float(scale), int(zero)
+
+
+def main(argv: list[str] | None = None) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description="Map observations to actions with a TFLite Q-network.")
+    p.add_argument("--model", default=os.path.join(here, "model.tflite"), help="path of the .tflite file")
+    p.add_argument("--obs", help="one observation as comma-separated floats; else JSON lines on stdin")
+    p.add_argument("--runtime", choices=RUNTIMES, help="force a runtime (default: first that imports)")
+    p.add_argument("--q", action="store_true", help="print Q-values too, as JSON")
+    args = p.parse_args(argv)
+    manifest = None
+    manifest_path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "manifest.json")
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    try:
+        policy = Policy.from_manifest(args.model, manifest, runtime=args.runtime)
+    except (ImportError, ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lines = [args.obs] if args.obs is not None else sys.stdin
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obs = json.loads(line) if line.startswith("[") else [float(v) for v in line.split(",")]
+            x = np.asarray(obs, np.float32).reshape(-1, policy.obs_dim)
+        except ValueError as e:
+            print(f"error: bad observation {line!r} ({e}); expected {policy.obs_dim} numbers", file=sys.stderr)
+            return 2
+        q = policy.q_values(x)
+        for row in q:
+            print(json.dumps({"action": int(row.argmax()), "q": [round(float(v), 6) for v in row]}) if args.q
+                  else int(row.argmax()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
