@@ -205,6 +205,163 @@ class _progress_bar:
             self.bar.__exit__(*exc)
 
 
+# --- prune / quantize / export ------------------------------------------------------------
+
+def _default_out(source: Path, suffix: str) -> Path:
+    base = source.name if source.name not in ("", ".", "model") else source.resolve().parent.name
+    return source.resolve().parent / f"{base}-{suffix}"
+
+
+def _parse_layer_sparsity(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r} is not NAME=SPARSITY, e.g. dense_1=0.9") from None
+    return out
+
+
+@app.command()
+@_guard
+def prune(
+    path: Annotated[Path, typer.Argument(help="SavedModel artifact (or Keras SavedModel with --env) to prune.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-prunedNN].")] = None,
+    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    sparsity: Annotated[float, typer.Option(min=0.0, max=0.999, help="Target sparsity of the pruned kernels.")] = 0.8,
+    schedule: Annotated[str, typer.Option(help="polynomial (masks tighten gradually) or constant.")] = "polynomial",
+    distribution: Annotated[str, typer.Option(help="uniform, or erk (small layers stay denser).")] = "uniform",
+    finetune: Annotated[str, typer.Option(help="distill (default), rl (DQN in the env) or none (one-shot).")] = "distill",
+    keep_dense: Annotated[Optional[list[str]], typer.Option(help="Layer to leave dense (repeatable) [default: q_values, the output layer].")] = None,
+    layer_sparsity: Annotated[Optional[list[str]], typer.Option(help="Per-layer target, NAME=SPARSITY (repeatable).")] = None,
+    states: Annotated[int, typer.Option(min=64, help="Rollout states to distill on.")] = 20_000,
+    epochs: Annotated[int, typer.Option(min=1, help="Distillation epochs.")] = 40,
+    rl_steps: Annotated[int, typer.Option(min=1000, help="Env steps of RL fine-tuning (--finetune rl).")] = 20_000,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+) -> None:
+    """Magnitude-prune a policy (TFMOT) while fine-tuning it to act like its parent."""
+    from dqnc import artifact as art
+    from dqnc.prune import PruneConfig
+    from dqnc.prune import run as run_prune
+
+    choices = {"schedule": (schedule, ("polynomial", "constant")), "distribution": (distribution, ("uniform", "erk")),
+               "finetune": (finetune, ("distill", "rl", "none"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise typer.BadParameter(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+    cfg = PruneConfig(sparsity=sparsity, schedule=schedule, distribution=distribution, finetune=finetune,  # type: ignore[arg-type]
+                      keep_dense=tuple(keep_dense) if keep_dense is not None else ("q_values",),
+                      layer_sparsity=_parse_layer_sparsity(layer_sparsity), states=states, epochs=epochs,
+                      rl_steps=rl_steps, seed=seed)
+    source = art.load(path, env=_env_arg(env, None))
+    out = out or _default_out(path, f"pruned{round(100 * sparsity)}")
+    with _spinner(f"pruning to {100 * sparsity:.0f}% ({finetune})", as_json):
+        result = run_prune(cfg, source, out, force=force, command=_argv())
+    m = result.manifest["metrics"]
+    if as_json:
+        _emit_json({"path": str(result.path), "metrics": m})
+        return
+    table = Table("layer", "shape", "target", "sparsity")
+    for layer in m["layers"]:
+        table.add_row(layer["name"], str(tuple(layer["shape"])), f"{100 * layer['target']:.1f}%", f"{100 * layer['sparsity']:.2f}%")
+    stdout.print(table)
+    c = m["check"]
+    stdout.print(f"overall sparsity {100 * m['sparsity']:.1f}% (pruned layers {100 * m['prunable_sparsity']:.1f}%); "
+                 f"greedy agreement with the parent on {c['states']:,} held-out states {100 * c['agreement']:.1f}% "
+                 f"(decisive states {100 * c['decisive_agreement']:.1f}%)")
+    stdout.print(f"saved {result.path}")
+
+
+@app.command()
+@_guard
+def quantize(
+    path: Annotated[Path, typer.Argument(help="SavedModel artifact to convert.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-MODE].")] = None,
+    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    mode: Annotated[str, typer.Option(help="int8 (full integer), int16x8, float16, dynamic or fp32.")] = "int8",
+    float_io: Annotated[bool, typer.Option("--float-io", help="Keep float32 input/output (int8/int16x8 inside).")] = False,
+    calibration_states: Annotated[int, typer.Option(min=16, help="Rollout states to calibrate on.")] = 2000,
+    check_states: Annotated[int, typer.Option(min=16, help="Held-out states the result is checked on.")] = 2000,
+    min_agreement: Annotated[float, typer.Option(min=0, max=1, help="Refuse (exit 1) below this greedy agreement on decisive states.")] = 0.98,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the calibration and check rollouts.")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+) -> None:
+    """Convert a policy to TFLite (int8 by default), calibrated on its own rollouts and checked against it."""
+    from dqnc import artifact as art
+    from dqnc.quantize import MODES, QuantizeConfig
+    from dqnc.quantize import run as run_quantize
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    cfg = QuantizeConfig(mode=mode, float_io=float_io, calibration_states=calibration_states,  # type: ignore[arg-type]
+                         check_states=check_states, seed=seed, min_decisive_agreement=min_agreement)
+    source = art.load(path, env=_env_arg(env, None))
+    out = out or _default_out(path, mode)
+    with _spinner(f"quantizing ({mode})", as_json):
+        result = run_quantize(cfg, source, out, force=force, command=_argv())
+    m, qz = result.manifest["metrics"], result.manifest["quantization"]
+    if as_json:
+        _emit_json({"path": str(result.path), "metrics": m, "quantization": qz})
+        return
+    c = m["check"]
+    stdout.print(f"{mode}: {m['size_bytes']:,} bytes; input {qz['input']['dtype']} (scale {qz['input']['scale']:.4g}, "
+                 f"zero point {qz['input']['zero_point']}), output {qz['output']['dtype']}; encoding {m['sparsity_encoding']}")
+    stdout.print(f"checked on {c['states']:,} held-out states: greedy agreement {100 * c['agreement']:.2f}% "
+                 f"(decisive {100 * c['decisive_agreement']:.2f}% of {c['decisive_states']:,}), "
+                 f"p99 Q error {100 * c['q_rel_error']:.2f}% of the Q range")
+    stdout.print(f"saved {result.path}")
+
+
+@app.command()
+@_guard
+def export(
+    path: Annotated[Path, typer.Argument(help="Artifact to bundle (.tflite artifact, or SavedModel -> fp32 TFLite).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory [default: PATH-bundle].")] = None,
+    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    c_name: Annotated[str, typer.Option(help="Name of the C array in model_data.cc.")] = "g_dqnc_model",
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+) -> None:
+    """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner."""
+    from dqnc import artifact as art
+    from dqnc.export import ExportConfig
+    from dqnc.export import run as run_export
+
+    cfg = ExportConfig(c_name=c_name)
+    source = art.load(path, env=_env_arg(env, None))
+    out = out or _default_out(path, "bundle")
+    result = run_export(cfg, source, out, force=force, command=_argv())
+    if as_json:
+        _emit_json({"path": str(result.path), "metrics": result.manifest["metrics"], "io": result.manifest["io"]})
+        return
+    files = sorted(p.name for p in result.path.iterdir())
+    stdout.print(f"bundle {result.path}: {', '.join(files)}")
+    stdout.print(f"model.tflite {result.manifest['metrics']['size_bytes']:,} bytes "
+                 f"({result.manifest['metrics']['gzip_bytes']:,} gzipped); try: "
+                 f"python {result.path / 'run_policy.py'} --obs {','.join(['0'] * source.env.obs_dim)}")
+
+
+class _spinner:
+    """A status spinner on stderr for steps without a step count (quiet when not a TTY or with --json)."""
+
+    def __init__(self, text: str, quiet: bool) -> None:
+        self.status = stderr.status(text) if stderr.is_terminal and not quiet else None
+
+    def __enter__(self) -> None:
+        if self.status is not None:
+            self.status.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
 # --- eval --------------------------------------------------------------------------------------
 
 @app.command("eval")
@@ -282,7 +439,10 @@ def _render_eval(r: dict[str, Any], as_json: bool) -> None:
     table.add_row("size", f"{r['size_bytes'] / 1024:,.1f} KiB ({r['gzip_bytes'] / 1024:,.1f} KiB gzipped)")
     lat = r.get("latency_us")
     if lat:
-        table.add_row(f"latency per action ({r['runtime']})", f"p50 {lat['p50']:.1f} us, p99 {lat['p99']:.1f} us")
+        a = lat["action"]
+        table.add_row(f"latency per action ({r['runtime']})", f"p50 {a['p50']:.1f} us, p99 {a['p99']:.1f} us")
+        if "invoke" in lat:
+            table.add_row("  interpreter invoke only", f"p50 {lat['invoke']['p50']:.1f} us, p99 {lat['invoke']['p99']:.1f} us")
     table.add_row("wall time", f"{r['eval_seconds']:.2f} s")
     for g in r["gates"]:
         table.add_row(f"gate {g['gate']} ({g['threshold']:g})", "[green]pass[/]" if g["passed"] else "[red]FAIL[/]")

@@ -41,6 +41,9 @@ def agreement(q_ref: np.ndarray, q_new: np.ndarray, decisive_frac: float = DECIS
         "decisive_agreement": float(same[decisive].mean()) if decisive.any() else 1.0,
         "q_mae": float(err.mean()) if err.size else 0.0,
         "q_max_abs_error": float(err.max()) if err.size else 0.0,
+        "q_p99_abs_error": float(np.percentile(err, 99)) if err.size else 0.0,
         "q_range": q_range,
-        "q_rel_error": float(err.max() / q_range) if q_range > 0 else 0.0,
+        # p99, not max: a state outside the calibration range saturates an int8 input and is
+        # reported by the max; one such state should not condemn a model.
+        "q_rel_error": float(np.percentile(err, 99) / q_range) if q_range > 0 and err.size else 0.0,
     }

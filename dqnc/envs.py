@@ -25,6 +25,15 @@ ACTION_MEANINGS: dict[str, list[str]] = {
     "LunarLander-v3": ["do nothing", "fire left engine", "fire main engine", "fire right engine"],
 }
 
+# Names of the observation features, where the env documents them.
+OBS_NAMES: dict[str, list[str]] = {
+    "CartPole-v1": ["cart position", "cart velocity", "pole angle", "pole angular velocity"],
+    "Acrobot-v1": ["cos(theta1)", "sin(theta1)", "cos(theta2)", "sin(theta2)", "theta1 velocity", "theta2 velocity"],
+    "MountainCar-v0": ["position", "velocity"],
+    "LunarLander-v3": ["x", "y", "x velocity", "y velocity", "angle", "angular velocity", "left leg contact",
+                       "right leg contact"],
+}
+
 
 @dataclass(frozen=True)
 class EnvSpec:
@@ -38,6 +47,7 @@ class EnvSpec:
     obs_high: list[float] = field(default_factory=list)
     n_actions: int = 0
     action_meanings: list[str] | None = None
+    obs_names: list[str] | None = None
     reward_threshold: float | None = None
     max_episode_steps: int | None = None
 
@@ -54,7 +64,8 @@ class EnvSpec:
     def from_dict(cls, d: dict[str, Any]) -> EnvSpec:
         d = dict(d)
         d["obs_shape"] = tuple(d.get("obs_shape", ()))
-        return cls(**d)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _finite(values: np.ndarray) -> list[float]:
@@ -117,6 +128,7 @@ def env_spec(env_id: str, kwargs: dict[str, Any] | None = None) -> EnvSpec:
             obs_high=_finite(obs_space.high),
             n_actions=int(act_space.n),
             action_meanings=ACTION_MEANINGS.get(base_id),
+            obs_names=OBS_NAMES.get(base_id),
             reward_threshold=None if spec is None or spec.reward_threshold is None else float(spec.reward_threshold),
             max_episode_steps=None if spec is None else spec.max_episode_steps,
         )

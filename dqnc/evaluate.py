@@ -28,19 +28,31 @@ class EvalConfig:
     max_size_kb: float | None = None  # the model file (or SavedModel directory)
 
 
-def latency_us(q_fn: QFunction, states: np.ndarray, samples: int) -> dict[str, float]:
-    """Wall time of one action (one observation in, Q-values out, argmax), p50/p99 in microseconds."""
+def latency_us(q_fn: QFunction, states: np.ndarray, samples: int) -> dict[str, Any]:
+    """Per-action wall time in microseconds (p50/p99/mean): ``action`` is float observation in,
+    greedy action out, including any input quantization; ``invoke`` (TFLite only) is the
+    interpreter's set-input/invoke/get-output on an already-quantized input."""
     if samples <= 0 or len(states) == 0:
         return {}
     idx = np.random.default_rng(0).integers(0, len(states), samples)
-    rows = [states[i : i + 1] for i in idx]
-    for r in rows[:50]:  # warm-up
-        q_fn(r).argmax()
-    times = np.empty(samples)
+    rows = [states[i] for i in idx]
+    act = getattr(q_fn, "act", None) or (lambda r: q_fn(r[None, :]).argmax())
+    result = {"action": _time_calls(act, rows)}
+    invoke = getattr(q_fn, "invoke_quantized", None)
+    if invoke is not None:  # the interpreter alone, as a C control loop on a device would call it
+        prepared = [q_fn._quantize(r).reshape(q_fn._in_shape) for r in rows]
+        result["invoke"] = _time_calls(invoke, prepared)
+    return result
+
+
+def _time_calls(fn: Any, args: list[Any]) -> dict[str, float]:
+    for a in args[:100]:  # warm-up
+        fn(a)
+    times = np.empty(len(args))
     clock = time.perf_counter_ns
-    for j, r in enumerate(rows):
+    for j, a in enumerate(args):
         t0 = clock()
-        q_fn(r).argmax()
+        fn(a)
         times[j] = clock() - t0
     times /= 1000.0
     return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99)), "mean": float(times.mean())}
@@ -105,7 +117,8 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
             "return_drop": ref_mean - result["mean_return"],
             "return_drop_frac": (ref_mean - result["mean_return"]) / max(abs(ref_mean), 1e-9),
             "return_drop_of_random_gap": (ref_mean - result["mean_return"]) / max(ref_mean - rnd_mean, 1e-9),
-            **agreement(ref_fn(res.observations), res.q_values),
+            **agreement(ref_fn(res.observations), res.q_values,
+                        centered=(source.manifest.get("preprocess") or {}).get("outputs") == "centered_q_values"),
         }
     _apply_gates(cfg, result)
     return result

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from types import ModuleType
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"  # TFMOT needs Keras 2; never let the env override it
@@ -32,27 +31,13 @@ def tf() -> ModuleType:
 def _import_quietly() -> None:
     """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probes) kept off the terminal.
 
-    Those lines are written by absl before TF_CPP_MIN_LOG_LEVEL applies. They are captured and
-    shown only if the import fails, or always with DQNC_TF_LOGS=1.
+    Those lines are written by absl before TF_CPP_MIN_LOG_LEVEL applies; they are shown only if
+    the import fails, or always with DQNC_TF_LOGS=1.
     """
-    if os.environ.get("DQNC_TF_LOGS"):
-        import tensorflow  # noqa: F401
+    from dqnc.runtime import quiet_stderr
 
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            capture.seek(0)
-            sys.stderr.write(capture.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    with quiet_stderr():
+        import tensorflow  # noqa: F401
 
 
 def keras() -> ModuleType:

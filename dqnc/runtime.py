@@ -20,19 +20,49 @@ import numpy as np
 RUNTIMES = ("ai_edge_litert", "tflite_runtime")
 
 
+class quiet_stderr:
+    """Keep C++ chatter written straight to fd 2 (e.g. "Created TensorFlow Lite XNNPACK delegate")
+    off the terminal; what was captured is replayed if the block raises. DQNC_TF_LOGS=1 shows all."""
+
+    def __enter__(self) -> quiet_stderr:
+        self.saved = None
+        if os.environ.get("DQNC_TF_LOGS"):
+            return self
+        try:
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+        except (OSError, ValueError):
+            return self
+        import tempfile
+
+        self.capture = tempfile.TemporaryFile()
+        os.dup2(self.capture.fileno(), 2)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.saved is None:
+            return
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        if exc_type is not None:
+            self.capture.seek(0)
+            sys.stderr.write(self.capture.read().decode(errors="replace"))
+        self.capture.close()
+
+
 def interpreter_class(prefer: str | None = None) -> tuple[Any, str]:
-    """The Interpreter class of the first runtime that imports (LiteRT first), and its name."""
+    """The interpreter module of the first runtime that imports (LiteRT first), and its name."""
     order = [prefer] if prefer else list(RUNTIMES)
     errors = []
     for name in order:
         try:
             if name == "ai_edge_litert":
-                from ai_edge_litert.interpreter import Interpreter
+                from ai_edge_litert import interpreter as module
             elif name == "tflite_runtime":
-                from tflite_runtime.interpreter import Interpreter
+                from tflite_runtime import interpreter as module
             else:
                 raise ImportError(f"unknown runtime {name!r}")
-            return Interpreter, name
+            return module, name
         except ImportError as e:  # also numpy-ABI failures of old wheels
             errors.append(f"{name}: {e}")
     raise ImportError("no TFLite runtime could be imported (" + "; ".join(errors) + "): pip install ai-edge-litert")
@@ -48,7 +78,7 @@ class Policy:
     def __init__(self, model_path: str | None = None, model_content: bytes | None = None,
                  runtime: str | None = None, num_threads: int = 1,
                  obs_mean: Any = None, obs_std: Any = None) -> None:
-        cls, self.runtime = interpreter_class(runtime)
+        module, self.runtime = interpreter_class(runtime)
         if model_path is not None and model_content is None:
             with open(model_path, "rb") as f:
                 model_content = f.read()
@@ -56,8 +86,7 @@ class Policy:
             raise ValueError("empty model: the .tflite file holds no bytes")
         if len(model_content) < 8 or model_content[4:8] != b"TFL3":
             raise ValueError("not a TFLite flatbuffer (missing the 'TFL3' identifier)")
-        self.interpreter = cls(model_content=model_content, num_threads=num_threads)
-        self.interpreter.allocate_tensors()
+        self.interpreter, self.delegate = _allocate(module, model_content, num_threads)
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(f"expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")
@@ -69,6 +98,7 @@ class Policy:
         self.input_scale, self.input_zero_point = _qparams(self._in)
         self.output_scale, self.output_zero_point = _qparams(self._out)
         self._in_shape = tuple(int(s) for s in self._in["shape"])
+        self._in_index, self._out_index = self._in["index"], self._out["index"]
         self._set = self.interpreter.set_tensor
         self._get = self.interpreter.get_tensor
         self._invoke = self.interpreter.invoke
@@ -83,6 +113,10 @@ class Policy:
         else:
             self._a = 1.0 / (std * self.input_scale)
             self._c = -mean / (std * self.input_scale) + self.input_zero_point
+        self._a, self._c = np.asarray(self._a, np.float32), np.asarray(self._c, np.float32)
+        if self.input_dtype.kind != "f":
+            info = np.iinfo(self.input_dtype)
+            self._lo, self._hi = np.float32(info.min), np.float32(info.max)
         self._identity = self.input_dtype.kind == "f" and obs_mean is None and obs_std is None
 
     @classmethod
@@ -94,11 +128,13 @@ class Policy:
     def _quantize(self, obs: np.ndarray) -> np.ndarray:
         if self._identity:
             return obs.astype(self.input_dtype, copy=False)
-        x = obs * self._a + self._c
+        x = obs * self._a
+        x += self._c
         if self.input_dtype.kind == "f":
             return x.astype(self.input_dtype)
-        info = np.iinfo(self.input_dtype)
-        return np.clip(np.round(x), info.min, info.max).astype(self.input_dtype)
+        np.rint(x, out=x)
+        np.clip(x, self._lo, self._hi, out=x)
+        return x.astype(self.input_dtype)
 
     def _dequantize(self, q: np.ndarray) -> np.ndarray:
         if self.output_dtype.kind == "f":
@@ -111,16 +147,46 @@ class Policy:
         xq = self._quantize(x)
         out = np.empty((len(x), self.n_actions), np.float32)
         for i in range(len(x)):
-            self._set(self._in["index"], xq[i].reshape(self._in_shape))
+            self._set(self._in_index, xq[i].reshape(self._in_shape))
             self._invoke()
-            out[i] = self._dequantize(self._get(self._out["index"]).reshape(-1))
+            out[i] = self._dequantize(self._get(self._out_index).reshape(-1))
         return out
 
     __call__ = q_values
 
     def act(self, obs: Any) -> int:
-        """The greedy action for one observation."""
-        return int(self.q_values(obs)[0].argmax())
+        """The greedy action for one observation (the per-step path of a control loop).
+
+        Dequantizing is monotonic (scale > 0), so the argmax is taken on the raw output.
+        """
+        self._set(self._in_index, self._quantize(np.asarray(obs, np.float32)).reshape(self._in_shape))
+        self._invoke()
+        return int(self._get(self._out_index).argmax())
+
+    def invoke_quantized(self, xq: np.ndarray) -> np.ndarray:
+        """Set an already-quantized input, invoke, return the raw output: the interpreter's own cost."""
+        self._set(self._in_index, xq)
+        self._invoke()
+        return self._get(self._out_index)
+
+
+def _allocate(module: Any, content: bytes, num_threads: int) -> tuple[Any, str]:
+    """An allocated interpreter: the runtime's default delegates (XNNPACK) first, plain builtin
+    kernels where a delegate refuses the graph (XNNPACK rejects some sparse int8 layers)."""
+    resolver = getattr(module, "OpResolverType", None)
+    try:
+        with quiet_stderr():
+            it = module.Interpreter(model_content=content, num_threads=num_threads)
+            it.allocate_tensors()
+        return it, "default"
+    except RuntimeError:
+        if resolver is None:
+            raise
+    with quiet_stderr():
+        it = module.Interpreter(model_content=content, num_threads=num_threads,
+                                experimental_op_resolver_type=resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        it.allocate_tensors()
+    return it, "builtin"
 
 
 def _qparams(detail: dict[str, Any]) -> tuple[float, int]:

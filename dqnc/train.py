@@ -65,8 +65,11 @@ def _set_seeds(seed: int) -> None:
     tf().config.experimental.enable_op_determinism()
 
 
-def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig) -> Callable[..., Any]:
-    """One compiled call = ``K`` Double-DQN minibatch updates plus the target updates they trigger."""
+def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig, jit: bool = True) -> Callable[..., Any]:
+    """One compiled call = ``K`` Double-DQN minibatch updates plus the target updates they trigger.
+
+    ``jit=False`` for models holding ops XLA cannot compile (e.g. TFMOT's pruning wrappers).
+    """
     from dqnc.keras import tf
 
     t = tf()
@@ -80,7 +83,7 @@ def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig) -> Ca
         ax = t.abs(x)
         return t.where(ax < 1.0, 0.5 * t.square(x), ax - 0.5)
 
-    @t.function(jit_compile=True, reduce_retracing=True)
+    @t.function(jit_compile=jit, reduce_retracing=True)
     def update(obs: Any, actions: Any, rewards: Any, next_obs: Any, terminated: Any) -> Any:
         total = t.constant(0.0)
         k = t.shape(obs)[0]
@@ -109,76 +112,57 @@ def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig) -> Ca
     return update
 
 
-def run(
-    cfg: TrainConfig,
-    out: Path,
-    *,
-    force: bool = False,
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    logdir: Path | None = None,
-    progress: ProgressFn | None = None,
-    command: list[str] | None = None,
-) -> art.Artifact:
-    """Train a Q-network on ``cfg.env`` and write it as a SavedModel artifact at ``out``."""
-    out = Path(out)
-    art.check_output(out, force)
-    if resume and (checkpoint_dir is None or not (checkpoint_dir / "state.json").is_file()):
-        raise UsageError(f"--resume: no checkpoint at {str(checkpoint_dir)!r}; run without --resume to start afresh")
-    spec = env_spec(cfg.env, cfg.env_kwargs)
-    if len(spec.obs_shape) != 1:
-        spec_note = f"observations of shape {spec.obs_shape} are flattened to {spec.obs_dim}"
-    else:
-        spec_note = ""
+@dataclass
+class _Loop:
+    """The env-step loop shared by training and RL fine-tuning (see :func:`_run_loop`)."""
 
-    from dqnc.keras import keras, tf
-
-    k, t = keras(), tf()
-    _set_seeds(cfg.seed)
-    net = NetSpec(spec.obs_dim, spec.n_actions, tuple(cfg.hidden), cfg.activation, cfg.dueling)
-    q = build_q_network(net, "q_network")
-    target = build_q_network(net, "target_network")
-    target.set_weights(q.get_weights())
-    optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
-    update = _make_update_fn(q, target, optimizer, cfg)
-    rng = np.random.default_rng(cfg.seed)
-    buffer = ReplayBuffer(cfg.buffer_size, spec.obs_dim)
-    state = _State()
+    cfg: TrainConfig
+    spec: EnvSpec
+    update: Callable[..., Any]
+    weights: Callable[[], list[np.ndarray]]
+    activations: list[str]
+    rng: np.random.Generator
+    buffer: ReplayBuffer
+    state: _State
     best_weights: list[np.ndarray] | None = None
+    writer: Any = None
+    progress: ProgressFn | None = None
+    random_warmup: bool = True
 
-    if resume:
-        assert checkpoint_dir is not None
-        state, buffer, best_weights = _load_checkpoint(checkpoint_dir, cfg, q, target, optimizer, update, rng)
 
-    writer = t.summary.create_file_writer(str(logdir)) if logdir is not None else None
-    policy = NumpyMLP(dense_weights(q), cfg.activation)
-
+def _run_loop(loop: _Loop) -> None:
+    """Step the envs, store transitions, train every ``train_freq`` steps, evaluate every
+    ``eval_freq`` steps keeping the best weights. KeyboardInterrupt propagates with ``loop.state``
+    consistent, so the caller can checkpoint."""
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode
 
+    from dqnc.keras import tf
+
+    cfg, spec, state, rng, buffer, writer = loop.cfg, loop.spec, loop.state, loop.rng, loop.buffer, loop.writer
+    t = tf() if writer is not None else None
+    policy = NumpyMLP(loop.weights(), loop.activations)
+    n = cfg.num_envs
     envs = gym.vector.SyncVectorEnv(
-        [lambda: make_env(cfg.env, cfg.env_kwargs) for _ in range(cfg.num_envs)],
+        [lambda: make_env(cfg.env, cfg.env_kwargs) for _ in range(n)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )
     # A resumed run cannot restore simulator state; it starts new episodes from a derived seed.
     obs, _ = envs.reset(seed=cfg.seed * 10_007 + state.step)
-    obs = obs.reshape(cfg.num_envs, -1).astype(np.float32)
-    ep_return = np.zeros(cfg.num_envs)
+    obs = obs.reshape(n, -1).astype(np.float32)
+    ep_return = np.zeros(n)
     eval_seed = EVAL_SEED_BASE + cfg.seed * 1000
     threshold = spec.reward_threshold
-    started = time.perf_counter() - state.wall_time
-    n = cfg.num_envs
     env_index = np.arange(n)
+    started = time.perf_counter() - state.wall_time
 
     def evaluate() -> None:
-        nonlocal best_weights
         res = rollout(policy, spec, cfg.eval_episodes, eval_seed)
-        mean = float(res.returns.mean())
-        worst = float(res.returns.min())
+        mean, worst = float(res.returns.mean()), float(res.returns.min())
         state.evals.append([state.step, mean, float(res.returns.std()), worst])
         if state.best_mean is None or mean >= state.best_mean:
             state.best_mean, state.best_step = mean, state.step
-            best_weights = [w.copy() for w in dense_weights(q)]
+            loop.best_weights = [w.copy() for w in loop.weights()]
         if writer is not None:
             with writer.as_default(step=state.step):
                 t.summary.scalar("eval/mean_return", mean)
@@ -191,7 +175,7 @@ def run(
     try:
         while state.step < cfg.total_steps and not state.stopped_early:
             eps = linear(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, cfg.total_steps, state.step)
-            if state.step < cfg.learning_starts:
+            if loop.random_warmup and state.step < cfg.learning_starts:
                 actions = rng.integers(0, spec.n_actions, n)
             else:
                 actions = policy(obs).argmax(axis=1)
@@ -223,37 +207,79 @@ def run(
 
             if state.step >= cfg.learning_starts and state.step // cfg.train_freq > prev // cfg.train_freq:
                 batch = buffer.sample(rng, cfg.gradient_steps, cfg.batch_size)
-                loss = float(update(*batch))
+                loss = float(loop.update(*batch))
                 state.grad_steps += cfg.gradient_steps
-                policy.set_weights(dense_weights(q))
+                policy.set_weights(loop.weights())
                 if writer is not None:
                     with writer.as_default(step=state.step):
                         t.summary.scalar("train/loss", loss)
                         t.summary.scalar("train/epsilon", eps)
             if state.step // cfg.eval_freq > prev // cfg.eval_freq and state.step >= cfg.learning_starts:
                 evaluate()
-            if progress is not None and (state.step // 500 > prev // 500 or state.stopped_early):
-                progress(Progress(state.step, cfg.total_steps, state.episodes,
-                                  state.recent_returns[-1] if state.recent_returns else None,
-                                  state.evals[-1][1] if state.evals else None, state.best_mean, eps))
+            if loop.progress is not None and (state.step // 500 > prev // 500 or state.stopped_early):
+                loop.progress(Progress(state.step, cfg.total_steps, state.episodes,
+                                       state.recent_returns[-1] if state.recent_returns else None,
+                                       state.evals[-1][1] if state.evals else None, state.best_mean, eps))
         if not state.evals or state.evals[-1][0] != state.step:
             evaluate()
-    except KeyboardInterrupt:
+    finally:
         state.wall_time = time.perf_counter() - started
         envs.close()
+        if writer is not None:
+            writer.flush()
+
+
+def run(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    force: bool = False,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    logdir: Path | None = None,
+    progress: ProgressFn | None = None,
+    command: list[str] | None = None,
+) -> art.Artifact:
+    """Train a Q-network on ``cfg.env`` and write it as a SavedModel artifact at ``out``."""
+    out = Path(out)
+    art.check_output(out, force)
+    if resume and (checkpoint_dir is None or not (checkpoint_dir / "state.json").is_file()):
+        raise UsageError(f"--resume: no checkpoint at {str(checkpoint_dir)!r}; run without --resume to start afresh")
+    spec = env_spec(cfg.env, cfg.env_kwargs)
+
+    from dqnc.keras import keras, tf
+
+    k, t = keras(), tf()
+    _set_seeds(cfg.seed)
+    net = NetSpec(spec.obs_dim, spec.n_actions, tuple(cfg.hidden), cfg.activation, cfg.dueling)
+    q = build_q_network(net, "q_network")
+    target = build_q_network(net, "target_network")
+    target.set_weights(q.get_weights())
+    optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
+    update = _make_update_fn(q, target, optimizer, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    buffer = ReplayBuffer(cfg.buffer_size, spec.obs_dim)
+    state = _State()
+    best_weights: list[np.ndarray] | None = None
+    if resume:
+        assert checkpoint_dir is not None
+        state, buffer, best_weights = _load_checkpoint(checkpoint_dir, cfg, q, target, optimizer, update, rng)
+
+    loop = _Loop(cfg, spec, update, lambda: dense_weights(q), [cfg.activation] * len(cfg.hidden), rng, buffer,
+                 state, best_weights, t.summary.create_file_writer(str(logdir)) if logdir is not None else None,
+                 progress)
+    try:
+        _run_loop(loop)
+    except KeyboardInterrupt:
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, cfg, state, q, target, optimizer, update, buffer, rng, best_weights)
+            _save_checkpoint(checkpoint_dir, cfg, state, q, target, optimizer, update, buffer, rng, loop.best_weights)
             raise Interrupted(
                 f"interrupted at step {state.step:,}/{cfg.total_steps:,}; checkpoint saved to {str(checkpoint_dir)!r}: "
                 "re-run the same command with --resume to continue"
             ) from None
         raise Interrupted(f"interrupted at step {state.step:,}/{cfg.total_steps:,}; nothing was written") from None
-    envs.close()
-    state.wall_time = time.perf_counter() - started
-    if writer is not None:
-        writer.flush()
 
-    weights = best_weights if best_weights is not None else dense_weights(q)
+    weights = loop.best_weights if loop.best_weights is not None else dense_weights(q)
     model = build_plain_mlp(net, weights)
     metrics = {
         "env_steps": state.step,
@@ -268,8 +294,6 @@ def run(
         "evals": state.evals,
         "mean_return_last_100_train_episodes": float(np.mean(state.recent_returns)) if state.recent_returns else None,
     }
-    if spec_note:
-        metrics["note"] = spec_note
     with art.atomic_output(out, force) as tmp:
         model.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
         save_mlp(tmp / MLP_FILE, weights, [cfg.activation] * len(cfg.hidden))
@@ -278,6 +302,24 @@ def run(
     if checkpoint_dir is not None and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return art.load(out)
+
+
+def rl_finetune(student: Any, cfg: TrainConfig, weights: Callable[[], list[np.ndarray]],
+                activations: list[str]) -> list[float]:
+    """Continue Double-DQN training of an existing (e.g. pruning-wrapped) model for
+    ``cfg.total_steps`` env steps, acting with it from the first step. Returns eval means."""
+    from dqnc.keras import keras
+
+    k = keras()
+    spec = env_spec(cfg.env, cfg.env_kwargs)
+    target = k.models.clone_model(student)
+    target.set_weights(student.get_weights())
+    optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
+    update = _make_update_fn(student, target, optimizer, cfg, jit=False)
+    loop = _Loop(cfg, spec, update, weights, activations, np.random.default_rng(cfg.seed),
+                 ReplayBuffer(cfg.buffer_size, spec.obs_dim), _State(), random_warmup=False)
+    _run_loop(loop)
+    return [e[1] for e in loop.state.evals]
 
 
 # --- checkpoints -----------------------------------------------------------------------------

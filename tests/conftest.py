@@ -22,3 +22,36 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "cartpole"
     train.run(tiny_config(seed=3), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pruned(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dqnc import artifact as art
+    from dqnc import prune
+
+    out = tmp_path_factory.mktemp("pruned") / "p"
+    cfg = prune.PruneConfig(sparsity=0.5, states=1000, epochs=4, dagger_rounds=1, check_states=300)
+    prune.run(cfg, art.load(trained), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8(pruned: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dqnc import artifact as art
+    from dqnc import quantize
+
+    out = tmp_path_factory.mktemp("int8") / "q"
+    # A barely trained policy is all near-ties: the agreement gate is not what these tests check.
+    cfg = quantize.QuantizeConfig(calibration_states=300, check_states=300, min_decisive_agreement=0.0, max_q_rel_error=1.0)
+    quantize.run(cfg, art.load(pruned), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle(int8: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dqnc import artifact as art
+    from dqnc import export
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export.run(export.ExportConfig(), art.load(int8), out)
+    return out

@@ -11,7 +11,7 @@ from dqnc import __version__
 from dqnc.cli import app
 
 runner = CliRunner()
-COMMANDS = ["train", "eval", "inspect", "version"]
+COMMANDS = ["train", "prune", "quantize", "export", "eval", "inspect", "version"]
 
 
 def _run(*args: str):

@@ -1,0 +1,389 @@
+"""The prune stage: SavedModel artifact -> sparse SavedModel artifact (TFMOT magnitude pruning).
+
+Layers are wrapped one by one with ``prune_low_magnitude`` (TFMOT refuses whole models holding
+layers it does not know), masks tighten on a PolynomialDecay or ConstantSparsity schedule while
+the student is fine-tuned, then the wrappers are stripped. Fine-tuning:
+
+- ``distill`` (default): regress the student's Q-values on the unpruned teacher's over states from
+  epsilon-noisy rollouts of the teacher, so the data covers states near the policy's path. The loss
+  weighs the advantages (Q minus its mean over actions) heavily: they alone decide actions, and they
+  are small next to the Q offset every action shares.
+- ``rl``: continue Double-DQN training in the env (the train stage's compiled update).
+- ``none``: one-shot magnitude pruning.
+
+Small layers lose most when pruned uniformly, so the output layer stays dense by default and
+``distribution='erk'`` gives each layer a sparsity that falls with its size (Erdős–Rényi-Kernel,
+as in Graesser et al. 2022), scaled to the requested overall sparsity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dqnc import artifact as art
+from dqnc.compare import agreement
+from dqnc.envs import collect_states
+from dqnc.errors import UsageError
+from dqnc.nets import MLP_FILE, NumpyMLP, save_mlp
+
+HELDOUT_SEED_OFFSET = 700_000
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    sparsity: float = 0.8
+    schedule: Literal["polynomial", "constant"] = "polynomial"
+    distribution: Literal["uniform", "erk"] = "uniform"
+    finetune: Literal["distill", "rl", "none"] = "distill"
+    keep_dense: tuple[str, ...] = ("q_values",)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    states: int = 20_000
+    epsilon: float = 0.1
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    # The distillation loss, in units of the teacher's advantage spread: a hinge that makes the
+    # teacher's greedy action lead by ``margin`` (the policy), a light regression on advantages
+    # (the ranking of the other actions), and optionally the raw Q error (``value_weight`` > 0
+    # keeps the outputs Q-values; 0 frees the hidden layers from the state value, which int8
+    # cannot resolve next to the small advantages).
+    margin: float = 0.5
+    margin_weight: float = 1.0
+    advantage_weight: float = 0.1
+    value_weight: float = 0.0
+    dagger_rounds: int = 2  # extra rounds on states the student itself visits, labelled by the teacher
+    rl_steps: int = 20_000
+    seed: int = 0
+    check_states: int = 2000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"sparsity must be in [0, 1), got {self.sparsity}: e.g. --sparsity 0.8")
+        for name, s in self.layer_sparsity.items():
+            if not 0.0 <= s < 1.0:
+                raise UsageError(f"sparsity of layer {name!r} must be in [0, 1), got {s}")
+
+
+def _dense_layers(model: Any) -> list[Any]:
+    return [l for l in model.layers if type(l).__name__ == "Dense"]
+
+
+def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
+    """The sparsity each Dense layer's kernel must reach (0 for layers kept dense)."""
+    dense = _dense_layers(model)
+    names = [l.name for l in dense]
+    unknown = sorted(set(cfg.layer_sparsity) - set(names))
+    if unknown:
+        raise UsageError(f"no Dense layer named {unknown[0]!r} in the model: layers are {', '.join(names)}")
+    kept = [n for n in cfg.keep_dense if n in names]
+    targets = {n: 0.0 for n in kept}
+    free = [l for l in dense if l.name not in kept and l.name not in cfg.layer_sparsity]
+    targets.update(cfg.layer_sparsity)
+    if cfg.distribution == "uniform" or not free:
+        targets.update({l.name: cfg.sparsity for l in free})
+        return {n: targets[n] for n in names}
+    # ERK: density_l proportional to (n_in + n_out) / (n_in * n_out), scaled so that the free
+    # layers together hold the requested share of zeros; layers that would exceed density 1 stay dense.
+    sizes = {l.name: int(np.prod(l.kernel.shape)) for l in free}
+    raw = {l.name: sum(l.kernel.shape) / np.prod(l.kernel.shape) for l in free}
+    dense_set: set[str] = set()
+    while True:
+        budget = (1 - cfg.sparsity) * sum(sizes.values()) - sum(sizes[n] for n in dense_set)
+        scale = budget / sum(raw[n] * sizes[n] for n in sizes if n not in dense_set)
+        over = [n for n in sizes if n not in dense_set and raw[n] * scale > 1]
+        if not over:
+            break
+        dense_set.update(over)
+    for n in sizes:
+        targets[n] = 0.0 if n in dense_set else float(1 - raw[n] * scale)
+    return {n: targets[n] for n in names}
+
+
+def _wrap(model: Any, targets: dict[str, float], cfg: PruneConfig, steps: int) -> Any:
+    from dqnc.keras import keras, tfmot
+
+    k, sparsity_api = keras(), tfmot().sparsity.keras
+    clone = k.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    # Masks tighten over the first 60% of the steps, in up to 40 updates; the last update must land
+    # exactly on end_step (a multiple of the frequency) for the final sparsity to be the target.
+    ramp = max(1, int(steps * 0.6))
+    freq = max(1, ramp // 40)
+    end = freq * max(1, ramp // freq)
+
+    def schedule(target: float) -> Any:
+        if cfg.schedule == "constant" or cfg.finetune == "none":
+            return sparsity_api.ConstantSparsity(target, begin_step=0, frequency=1)
+        return sparsity_api.PolynomialDecay(0.0, target, begin_step=0, end_step=end, frequency=freq)
+
+    def wrap(layer: Any) -> Any:
+        new = layer.__class__.from_config(layer.get_config())
+        target = targets.get(layer.name, 0.0)
+        if type(layer).__name__ == "Dense" and target > 0:
+            return sparsity_api.prune_low_magnitude(new, pruning_schedule=schedule(target))
+        return new
+
+    try:
+        wrapped = k.models.clone_model(clone, clone_function=wrap)
+    except ValueError as e:
+        raise UsageError(f"TFMOT cannot wrap this model for pruning: {str(e).splitlines()[0][:200]}") from None
+    wrapped.set_weights(_weights_for(wrapped, clone))
+    return wrapped
+
+
+def _weights_for(wrapped: Any, plain: Any) -> list[np.ndarray]:
+    """Map a plain model's weights onto its wrapped clone (wrappers add mask/threshold/step)."""
+    out = []
+    by_layer = {l.name: l.get_weights() for l in plain.layers}
+    for layer in wrapped.layers:
+        inner = getattr(layer, "layer", None)
+        if inner is None:
+            out += by_layer.get(layer.name, [])
+            continue
+        kernel, bias = by_layer[inner.name]
+        for w in layer.weights:
+            n = w.name
+            if "mask" in n:
+                out.append(np.ones(w.shape, np.float32))
+            elif "threshold" in n:
+                out.append(np.zeros(w.shape, np.float32))
+            elif "pruning_step" in n:
+                out.append(np.array(-1, np.int64))
+            elif "kernel" in n:
+                out.append(kernel)
+            elif "bias" in n:
+                out.append(bias)
+            else:
+                out.append(w.numpy())
+    return out
+
+
+@dataclass
+class _Normalizer:
+    """Distill in standardized coordinates, then fold the scaling back into the weights.
+
+    Raw observations differ in scale by 10-30x and Q-values sit far from zero, which makes the
+    regression badly conditioned; standardizing inputs (per feature) and targets (one scalar
+    scale, so advantages keep their relative size) is an exact reparametrization of the first and
+    last layers. Zeros stay zeros, and magnitude pruning then ranks first-layer weights by
+    weight x input scale, their real contribution.
+    """
+
+    x_mean: np.ndarray
+    x_std: np.ndarray
+    q_mean: float
+    q_std: float
+
+    @classmethod
+    def fit(cls, states: np.ndarray, q: np.ndarray, advantages: bool = False) -> _Normalizer:
+        x_std = states.std(axis=0)
+        spread = (q - q.mean(axis=1, keepdims=True)).std() if advantages else q.std()
+        return cls(states.mean(axis=0), np.where(x_std > 1e-6, x_std, 1.0), float(q.mean()), float(max(spread, 1e-6)))
+
+    def x(self, states: np.ndarray) -> np.ndarray:
+        return ((states - self.x_mean) / self.x_std).astype(np.float32)
+
+    def q(self, q: np.ndarray) -> np.ndarray:
+        return ((q - self.q_mean) / self.q_std).astype(np.float32)
+
+    def to_normalized(self, w: list[np.ndarray]) -> list[np.ndarray]:
+        w = [np.asarray(a, np.float64) for a in w]
+        w[1] = w[1] + self.x_mean @ w[0]
+        w[0] = w[0] * self.x_std[:, None]
+        w[-2], w[-1] = w[-2] / self.q_std, (w[-1] - self.q_mean) / self.q_std
+        return [a.astype(np.float32) for a in w]
+
+    def to_raw(self, w: list[np.ndarray]) -> list[np.ndarray]:
+        w = [np.asarray(a, np.float64) for a in w]
+        w[0] = w[0] / self.x_std[:, None]
+        w[1] = w[1] - self.x_mean @ w[0]
+        w[-2], w[-1] = w[-2] * self.q_std, w[-1] * self.q_std + self.q_mean
+        return [a.astype(np.float32) for a in w]
+
+
+def _clone_with_weights(model: Any, weights: list[np.ndarray]) -> Any:
+    from dqnc.keras import keras
+
+    clone = keras().models.clone_model(model)
+    clone.set_weights(weights)
+    return clone
+
+
+def _distill(student: Any, states: np.ndarray, targets: np.ndarray, cfg: PruneConfig, epochs: int,
+             lr_scale: float = 1.0) -> list[float]:
+    from dqnc.keras import keras, tf, tfmot
+
+    k, t = keras(), tf()
+    aw, vw = t.constant(cfg.advantage_weight, t.float32), t.constant(cfg.value_weight, t.float32)
+    margin, mw = t.constant(cfg.margin, t.float32), t.constant(cfg.margin_weight, t.float32)
+    n_actions = int(targets.shape[1])
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        err = y_pred - y_true
+        centered = err - t.reduce_mean(err, axis=1, keepdims=True)
+        total = vw * t.reduce_mean(t.square(err), axis=1) + aw * t.reduce_mean(t.square(centered), axis=1)
+        if cfg.margin <= 0:
+            return total
+        # Most states of a DQN are near-ties, where a tiny perturbation (pruning, then int8) flips
+        # the argmax. A hinge that makes the teacher's action lead by a margin keeps it the
+        # student's choice, robustly.
+        best = t.argmax(y_true, axis=1, output_type=t.int32)
+        lead = t.gather(y_pred, best, batch_dims=1)[:, None] - y_pred
+        others = 1.0 - t.one_hot(best, n_actions)
+        hinge = t.reduce_sum(t.nn.relu(margin - lead) * others, axis=1) / max(1, n_actions - 1)
+        return total + mw * hinge
+
+    steps = epochs * int(np.ceil(len(states) / cfg.batch_size))
+    # Decay the step size so the last epochs, with the masks fixed, settle into a fine fit.
+    lr = k.optimizers.schedules.CosineDecay(cfg.lr * lr_scale, decay_steps=steps, alpha=0.01)
+    student.compile(optimizer=k.optimizers.Adam(lr), loss=loss)
+    hist = student.fit(states, targets, batch_size=cfg.batch_size, epochs=epochs, shuffle=True, verbose=0,
+                       callbacks=[tfmot().sparsity.keras.UpdatePruningStep()])
+    return [float(v) for v in hist.history["loss"]]
+
+
+def _dagger(student: Any, teacher_q: Any, norm: _Normalizer, states: np.ndarray, q_t: np.ndarray,
+            source: art.Artifact, acts: list[str], cfg: PruneConfig) -> list[float]:
+    """Distill, then add the states the student itself visits (labelled by the teacher) and
+    distill again: a student that drifts off the teacher's path is taught there (DAgger)."""
+    history = _distill(student, norm.x(states), norm.q(q_t), cfg, cfg.epochs)
+    extra = max(64, cfg.states // 2)
+    for r in range(cfg.dagger_rounds):
+        student_q = NumpyMLP(norm.to_raw(_wrapped_weights(student)), acts)
+        visited = collect_states(student_q, source.env, extra, cfg.seed + 1000 * (r + 1), cfg.epsilon / 2)
+        states = np.concatenate([states, visited])
+        q_t = np.concatenate([q_t, teacher_q(visited)])
+        history += _distill(student, norm.x(states), norm.q(q_t), cfg, max(1, cfg.epochs // 2), lr_scale=0.3)
+    return history
+
+
+def _wrapped_weights(wrapped: Any) -> list[np.ndarray]:
+    """Effective (masked) weights of a model whose Dense layers may be pruning-wrapped."""
+    out: list[np.ndarray] = []
+    for layer in wrapped.layers:
+        inner = getattr(layer, "layer", layer)
+        if type(inner).__name__ != "Dense":
+            continue
+        kernel = inner.kernel.numpy()
+        if hasattr(layer, "pruning_vars"):
+            for _, mask, _ in layer.pruning_vars:
+                kernel = kernel * mask.numpy()
+        out += [kernel, inner.bias.numpy()]
+    return out
+
+
+def _rl_config(source: art.Artifact, cfg: PruneConfig) -> Any:
+    """The DQN settings for RL fine-tuning: the parent's own training config where known."""
+    from dqnc.config import build_train_config
+
+    base = dict(source.manifest.get("config") or {}) if source.stage == "train" else {}
+    base = {k: v for k, v in base.items() if k not in ("env", "env_kwargs")}
+    # The policy is already good: act with little exploration and run the whole schedule.
+    over = {"total_steps": cfg.rl_steps, "seed": cfg.seed, "env_kwargs": source.env.kwargs, "early_stop": False,
+            "learning_starts": min(1000, cfg.rl_steps // 4)}
+    train_cfg = build_train_config(source.env.id, base, over)
+    return train_cfg.model_copy(update={"eps_start": train_cfg.eps_end})
+
+
+def _rl_gradient_steps(train_cfg: Any) -> int:
+    return max(1, (train_cfg.total_steps - train_cfg.learning_starts) // train_cfg.train_freq * train_cfg.gradient_steps)
+
+
+def _rl(student: Any, train_cfg: Any, acts: list[str]) -> list[float]:
+    """Continue DQN training of the wrapped student in its env (masks tighten as it learns)."""
+    from dqnc.train import rl_finetune
+
+    for layer in student.layers:
+        if hasattr(layer, "pruning_step"):
+            layer.pruning_step.assign(0)
+    return rl_finetune(student, train_cfg, lambda: _wrapped_weights(student), acts)
+
+
+def _strip_and_mask(wrapped: Any) -> Any:
+    from dqnc.keras import tfmot
+
+    for layer in wrapped.layers:
+        if hasattr(layer, "pruning_obj"):
+            layer.pruning_obj.weight_mask_op()
+    return tfmot().sparsity.keras.strip_pruning(wrapped)
+
+
+def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = False,
+        command: list[str] | None = None, log: Any = None) -> art.Artifact:
+    """Prune ``source`` (a SavedModel artifact) and write the sparse SavedModel artifact at ``out``."""
+    from dqnc.keras import keras
+    from dqnc.policy import load_keras_model, mlp_weights, q_function
+
+    out = Path(out)
+    art.check_output(out, force)
+    if source.kind != "savedmodel":
+        raise UsageError(f"{str(source.path)!r} is a .tflite model: prune its SavedModel parent, then quantize")
+    keras().utils.set_random_seed(cfg.seed)
+    teacher = load_keras_model(source.model_path)
+    teacher_q = q_function(source, model=teacher)
+    targets = layer_targets(teacher, cfg)
+    if not any(v > 0 for v in targets.values()):
+        raise UsageError("nothing to prune: every Dense layer is kept dense (check --keep-dense / --layer-sparsity)")
+    history: list[float] = []
+    if cfg.finetune == "distill":
+        states = collect_states(teacher_q, source.env, cfg.states, cfg.seed, cfg.epsilon)
+        q_t = teacher_q(states)
+        steps = cfg.epochs * int(np.ceil(len(states) / cfg.batch_size))
+        norm = _Normalizer.fit(states, q_t, advantages=cfg.value_weight == 0)
+        teacher_w, teacher_acts = mlp_weights(teacher)  # type: ignore[misc]
+        student = _wrap(_clone_with_weights(teacher, norm.to_normalized(teacher_w)), targets, cfg, steps)
+        history = _dagger(student, teacher_q, norm, states, q_t, source, teacher_acts, cfg)
+    elif cfg.finetune == "rl":
+        train_cfg = _rl_config(source, cfg)
+        student = _wrap(teacher, targets, cfg, _rl_gradient_steps(train_cfg))
+        acts = (mlp_weights(teacher) or ([], ["relu"] * (len(_dense_layers(teacher)) - 1)))[1]
+        history = _rl(student, train_cfg, acts)
+    else:
+        student = _wrap(teacher, targets, cfg, 1)
+        from dqnc.keras import tfmot
+
+        student.compile(optimizer="sgd", loss="mse")
+        # One zero-learning-rate step runs the mask update at step 1 (ConstantSparsity).
+        student.optimizer.learning_rate.assign(0.0)
+        x = np.zeros((1, source.env.obs_dim), np.float32)
+        student.fit(x, teacher.predict(x, verbose=0), epochs=1, verbose=0,
+                    callbacks=[tfmot().sparsity.keras.UpdatePruningStep()])
+    plain = _strip_and_mask(student)
+
+    mlp = mlp_weights(plain)
+    if mlp is None:
+        raise UsageError("the pruned model is not a plain Dense MLP; dqnc prunes Dense Q-networks")
+    weights, acts = mlp
+    if cfg.finetune == "distill":
+        weights = norm.to_raw(weights)
+        plain.set_weights(weights)
+    layers = []
+    for layer in _dense_layers(plain):
+        kern = layer.get_weights()[0]
+        zeros = int(kern.size - np.count_nonzero(kern))
+        layers.append({"name": layer.name, "shape": list(kern.shape), "target": targets[layer.name],
+                       "sparsity": zeros / kern.size, "zeros": zeros, "params": int(kern.size)})
+    prunable = [l for l in layers if l["target"] > 0]
+    total_zero = sum(l["zeros"] for l in layers)
+    total = sum(l["params"] for l in layers)
+    check = collect_states(teacher_q, source.env, cfg.check_states, cfg.seed + HELDOUT_SEED_OFFSET, cfg.epsilon)
+    student_q = NumpyMLP(weights, acts)
+    stats = agreement(teacher_q(check), student_q(check))
+    metrics = {
+        "sparsity": total_zero / total,
+        "prunable_sparsity": sum(l["zeros"] for l in prunable) / max(1, sum(l["params"] for l in prunable)),
+        "layers": layers,
+        "check": stats,
+        "loss_history": history[-5:] if history else [],
+    }
+    with art.atomic_output(out, force) as tmp:
+        plain.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
+        save_mlp(tmp / MLP_FILE, weights, acts)
+        art.write_manifest(tmp, stage="prune", env=source.env, network=source.network,
+                           config=asdict(cfg) | {"keep_dense": list(cfg.keep_dense)}, metrics=metrics,
+                           parent=source, command=command)
+    return art.load(out)
