@@ -231,7 +231,7 @@ def prune(
     path: Annotated[Path, typer.Argument(help="SavedModel artifact (or Keras SavedModel with --env) to prune.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-prunedNN].")] = None,
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
-    sparsity: Annotated[float, typer.Option(min=0.0, max=0.999, help="Target sparsity of the pruned kernels.")] = 0.8,
+    sparsity: Annotated[float, typer.Option(help="Target sparsity of the pruned kernels, in [0, 1).")] = 0.8,
     schedule: Annotated[str, typer.Option(help="polynomial (masks tighten gradually) or constant.")] = "polynomial",
     distribution: Annotated[str, typer.Option(help="uniform, or erk (small layers stay denser).")] = "uniform",
     finetune: Annotated[str, typer.Option(help="distill (default), rl (DQN in the env) or none (one-shot).")] = "distill",
@@ -246,18 +246,15 @@ def prune(
 ) -> None:
     """Magnitude-prune a policy (TFMOT) while fine-tuning it to act like its parent."""
     from dqnc import artifact as art
-    from dqnc.prune import PruneConfig
+    from dqnc.config import PruneConfig, validate
     from dqnc.prune import run as run_prune
 
-    choices = {"schedule": (schedule, ("polynomial", "constant")), "distribution": (distribution, ("uniform", "erk")),
-               "finetune": (finetune, ("distill", "rl", "none"))}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise typer.BadParameter(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
-    cfg = PruneConfig(sparsity=sparsity, schedule=schedule, distribution=distribution, finetune=finetune,  # type: ignore[arg-type]
-                      keep_dense=tuple(keep_dense) if keep_dense is not None else ("q_values",),
-                      layer_sparsity=_parse_layer_sparsity(layer_sparsity), states=states, epochs=epochs,
-                      rl_steps=rl_steps, seed=seed)
+    values: dict[str, Any] = dict(sparsity=sparsity, schedule=schedule, distribution=distribution, finetune=finetune,
+                                  layer_sparsity=_parse_layer_sparsity(layer_sparsity), states=states, epochs=epochs,
+                                  rl_steps=rl_steps, seed=seed)
+    if keep_dense is not None:
+        values["keep_dense"] = tuple(keep_dense)
+    cfg = validate(PruneConfig, values, "options")
     source = art.load(path, env=_env_arg(env, None))
     out = out or _default_out(path, f"pruned{round(100 * sparsity)}")
     with _spinner(f"pruning to {100 * sparsity:.0f}% ({finetune})", as_json):
@@ -294,13 +291,12 @@ def quantize(
 ) -> None:
     """Convert a policy to TFLite (int8 by default), calibrated on its own rollouts and checked against it."""
     from dqnc import artifact as art
-    from dqnc.quantize import MODES, QuantizeConfig
+    from dqnc.config import QuantizeConfig, validate
     from dqnc.quantize import run as run_quantize
 
-    if mode not in MODES:
-        raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    cfg = QuantizeConfig(mode=mode, float_io=float_io, calibration_states=calibration_states,  # type: ignore[arg-type]
-                         check_states=check_states, seed=seed, min_decisive_agreement=min_agreement)
+    cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, calibration_states=calibration_states,
+                                        check_states=check_states, seed=seed, min_decisive_agreement=min_agreement),
+                   "options")
     source = art.load(path, env=_env_arg(env, None))
     out = out or _default_out(path, mode)
     with _spinner(f"quantizing ({mode})", as_json):
@@ -330,10 +326,10 @@ def export(
 ) -> None:
     """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner."""
     from dqnc import artifact as art
-    from dqnc.export import ExportConfig
+    from dqnc.config import ExportConfig, validate
     from dqnc.export import run as run_export
 
-    cfg = ExportConfig(c_name=c_name)
+    cfg = validate(ExportConfig, {"c_name": c_name}, "options")
     source = art.load(path, env=_env_arg(env, None))
     out = out or _default_out(path, "bundle")
     result = run_export(cfg, source, out, force=force, command=_argv())
@@ -378,18 +374,20 @@ def eval_cmd(
     max_return_drop: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is more than this fraction below the reference's (0.01 = 1%).")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Gate: exit 1 if greedy agreement with the reference on decisive states is below this (0.99 = 99%).")] = None,
     max_size_kb: Annotated[Optional[float], typer.Option(min=0, help="Gate: exit 1 if the model file is larger than this many KiB.")] = None,
+    max_latency_us: Annotated[Optional[float], typer.Option(min=0, help="Gate: exit 1 if the p50 latency per action exceeds this many microseconds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
     """Run greedy episodes of a policy and report returns, agreement, size and latency (exit 1 when a gate fails)."""
     from dqnc import artifact as art
-    from dqnc.evaluate import EvalConfig
+    from dqnc.config import EvalConfig, validate
     from dqnc.evaluate import run as run_eval
 
     env_spec_arg = _env_arg(env, env_kwargs)
     source = art.load(path, env=env_spec_arg)
     parent = art.load(reference, env=env_spec_arg or source.env) if reference is not None else None
-    cfg = EvalConfig(episodes=episodes, seed=seed, latency_samples=latency_samples, min_return=min_return,
-                     max_return_drop=max_return_drop, min_agreement=min_agreement, max_size_kb=max_size_kb)
+    gates = dict(min_return=min_return, max_return_drop=max_return_drop, min_agreement=min_agreement,
+                 max_size_kb=max_size_kb, max_latency_us=max_latency_us)
+    cfg = validate(EvalConfig, dict(episodes=episodes, seed=seed, latency_samples=latency_samples, gates=gates), "options")
     try:
         result = run_eval(cfg, source, parent)
     except GateFailed as e:

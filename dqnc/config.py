@@ -115,6 +115,9 @@ def format_validation_error(e: ValidationError, model: type[BaseModel], source: 
     msg = err["msg"]
     if "input" in err and err["type"] != "missing":
         msg += f" (got {err['input']!r})"
+    if source == "options" and loc and isinstance(loc[0], str):
+        # Command-line options: name the flag the user typed.
+        return f"--{loc[0].replace('_', '-')}: {msg}"
     return f"{where}: {path}: {msg}"
 
 
@@ -155,3 +158,81 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options at the top level, got {type(data).__name__}")
     return data
+
+
+class _StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PruneConfig(_StageConfig):
+    """Magnitude pruning with fine-tuning (see dqnc.prune)."""
+
+    sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="target sparsity of the pruned kernels")
+    schedule: Literal["polynomial", "constant"] = "polynomial"
+    distribution: Literal["uniform", "erk"] = "uniform"
+    finetune: Literal["distill", "rl", "none"] = "distill"
+    keep_dense: tuple[str, ...] = Field(("q_values",), description="layers left dense (default: the output layer)")
+    layer_sparsity: dict[str, float] = Field(default_factory=dict, description="per-layer targets, e.g. {dense_1: 0.9}")
+    states: int = Field(20_000, ge=64, description="rollout states to distill on")
+    epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration of the teacher rollouts")
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    # The distillation loss, in units of the teacher's advantage spread: a hinge that makes the
+    # teacher's greedy action lead by ``margin`` (the policy), a light regression on advantages
+    # (the ranking of the other actions), and optionally the raw Q error (``value_weight`` > 0
+    # keeps the outputs Q-values; 0 frees the hidden layers from the state value, which int8
+    # cannot resolve next to the small advantages).
+    margin: float = Field(0.5, ge=0.0)
+    margin_weight: float = Field(1.0, ge=0.0)
+    advantage_weight: float = Field(0.1, ge=0.0)
+    value_weight: float = Field(0.0, ge=0.0)
+    dagger_rounds: int = Field(2, ge=0, le=10, description="extra rounds on states the student visits, labelled by the teacher")
+    rl_steps: int = Field(20_000, ge=100, description="env steps of RL fine-tuning (finetune: rl)")
+    seed: int = Field(0, ge=0)
+    check_states: int = Field(2000, ge=16)
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> PruneConfig:
+        for name, s in self.layer_sparsity.items():
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity of layer {name!r} must be in [0, 1), got {s}")
+        return self
+
+
+class QuantizeConfig(_StageConfig):
+    """TFLite conversion, calibrated on rollouts and checked against the parent (see dqnc.quantize)."""
+
+    mode: Literal["int8", "int16x8", "float16", "dynamic", "fp32"] = "int8"
+    float_io: bool = False
+    calibration_states: int = Field(2000, ge=16)
+    calibration_epsilon: float = Field(0.1, ge=0.0, le=1.0)
+    check_states: int = Field(2000, ge=16)
+    seed: int = Field(0, ge=0)
+    min_decisive_agreement: float = Field(0.98, ge=0.0, le=1.0)
+    max_q_rel_error: float = Field(0.05, ge=0.0, description="p99 |dQ| as a fraction of the parent's Q range")
+
+
+class ExportConfig(_StageConfig):
+    """The edge bundle (see dqnc.export)."""
+
+    c_name: str = Field("g_dqnc_model", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of the C array")
+
+
+class Gates(_StageConfig):
+    """Quality gates: each failing one makes the command exit 1."""
+
+    min_return: float | None = None
+    max_return_drop: float | None = Field(None, description="fraction of the reference's mean return, e.g. 0.01")
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on decisive states")
+    max_size_kb: float | None = Field(None, gt=0.0)
+    max_latency_us: float | None = Field(None, gt=0.0, description="p50 per action")
+
+
+class EvalConfig(_StageConfig):
+    """Greedy evaluation (see dqnc.evaluate)."""
+
+    episodes: int = Field(100, ge=1, le=100_000)
+    seed: int = Field(0, ge=0)
+    latency_samples: int = Field(2000, ge=0)
+    gates: Gates = Field(default_factory=Gates)

@@ -6,26 +6,15 @@ Nothing here imports TensorFlow for dqnc artifacts or .tflite files (see ``dqnc.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dqnc.artifact import Artifact
 from dqnc.compare import agreement
+from dqnc.config import EvalConfig
 from dqnc.envs import QFunction, rollout
 from dqnc.errors import GateFailed, UsageError
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    episodes: int = 100
-    seed: int = 0
-    latency_samples: int = 2000
-    min_return: float | None = None
-    max_return_drop: float | None = None  # fraction of the reference's mean return, e.g. 0.01
-    min_agreement: float | None = None  # on decisive states, e.g. 0.99
-    max_size_kb: float | None = None  # the model file (or SavedModel directory)
 
 
 def latency_us(q_fn: QFunction, states: np.ndarray, samples: int) -> dict[str, Any]:
@@ -70,7 +59,8 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
 
     if reference is not None and reference.env.id != source.env.id:
         raise UsageError(f"--reference acts in {reference.env.id!r} but the model in {source.env.id!r}: compare policies of one env")
-    if (cfg.max_return_drop is not None or cfg.min_agreement is not None) and reference is None:
+    g = cfg.gates
+    if (g.max_return_drop is not None or g.min_agreement is not None) and reference is None:
         raise UsageError("--max-return-drop and --min-agreement compare against a parent: pass --reference PARENT")
     started = time.perf_counter()
     q_fn = q_function(source)
@@ -130,26 +120,34 @@ def _gate(result: dict[str, Any], name: str, threshold: float, value: float, ok:
 
 
 def _apply_gates(cfg: EvalConfig, result: dict[str, Any]) -> None:
+    g = cfg.gates
     fails: list[str | None] = []
     mean = result["mean_return"]
-    if cfg.min_return is not None:
-        fails.append(_gate(result, "min_return", cfg.min_return, mean, mean >= cfg.min_return,
-                           f"mean return {mean:.2f} is below {cfg.min_return:g} by {cfg.min_return - mean:.2f}"))
+    if g.min_return is not None:
+        fails.append(_gate(result, "min_return", g.min_return, mean, mean >= g.min_return,
+                           f"mean return {mean:.2f} is below {g.min_return:g} by {g.min_return - mean:.2f}"))
     ref = result.get("reference")
-    if cfg.max_return_drop is not None and ref is not None:
+    if g.max_return_drop is not None and ref is not None:
         drop = ref["return_drop_frac"]
-        fails.append(_gate(result, "max_return_drop", cfg.max_return_drop, drop, drop <= cfg.max_return_drop,
+        fails.append(_gate(result, "max_return_drop", g.max_return_drop, drop, drop <= g.max_return_drop,
                            f"mean return {mean:.2f} is {100 * drop:.2f}% below the reference's {ref['mean_return']:.2f} "
-                           f"(allowed {100 * cfg.max_return_drop:.2f}%)"))
-    if cfg.min_agreement is not None and ref is not None:
+                           f"(allowed {100 * g.max_return_drop:.2f}%)"))
+    if g.min_agreement is not None and ref is not None:
         agr = ref["decisive_agreement"]
-        fails.append(_gate(result, "min_agreement", cfg.min_agreement, agr, agr >= cfg.min_agreement,
-                           f"greedy agreement on decisive states {100 * agr:.2f}% is below {100 * cfg.min_agreement:.2f}% "
-                           f"by {100 * (cfg.min_agreement - agr):.2f} points"))
-    if cfg.max_size_kb is not None:
+        fails.append(_gate(result, "min_agreement", g.min_agreement, agr, agr >= g.min_agreement,
+                           f"greedy agreement on decisive states {100 * agr:.2f}% is below {100 * g.min_agreement:.2f}% "
+                           f"by {100 * (g.min_agreement - agr):.2f} points"))
+    if g.max_size_kb is not None:
         kb = result["size_bytes"] / 1024
-        fails.append(_gate(result, "max_size_kb", cfg.max_size_kb, kb, kb <= cfg.max_size_kb,
-                           f"model size {kb:.1f} KB exceeds {cfg.max_size_kb:g} KB by {kb - cfg.max_size_kb:.1f} KB"))
+        fails.append(_gate(result, "max_size_kb", g.max_size_kb, kb, kb <= g.max_size_kb,
+                           f"model size {kb:.1f} KB exceeds {g.max_size_kb:g} KB by {kb - g.max_size_kb:.1f} KB"))
+    lat = (result.get("latency_us") or {}).get("action")
+    if g.max_latency_us is not None:
+        if lat is None:
+            raise UsageError("the max_latency_us gate needs latency figures: set latency_samples above 0")
+        fails.append(_gate(result, "max_latency_us", g.max_latency_us, lat["p50"], lat["p50"] <= g.max_latency_us,
+                           f"p50 latency per action {lat['p50']:.1f} us exceeds {g.max_latency_us:g} us by "
+                           f"{lat['p50'] - g.max_latency_us:.1f} us"))
     messages = [f for f in fails if f]
     if messages:
         raise GateFailed("; ".join(messages), result)

@@ -12,23 +12,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dqnc import artifact as art
-from dqnc.errors import UsageError
+from dqnc.config import ExportConfig
 
 RUNNER = "run_policy.py"
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    c_name: str = "g_dqnc_model"
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.c_name):
-            raise UsageError(f"--c-name {self.c_name!r} is not a C identifier: use letters, digits and _")
 
 
 def c_array(content: bytes, name: str, header: str) -> tuple[str, str]:
@@ -100,7 +90,7 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         (tmp / "model_data.cc").write_text(cc, encoding="utf-8")
         (tmp / RUNNER).write_text(Path(runtime.__file__).read_text(encoding="utf-8"), encoding="utf-8")
         art.write_manifest(
-            tmp, stage="export", env=env, network=source.network, config=asdict(cfg), metrics=metrics,
+            tmp, stage="export", env=env, network=source.network, config=cfg.model_dump(mode="json"), metrics=metrics,
             parent=source, command=command,
             extra={"quantization": quantization, "io": io, "preprocess": preprocess, "observation": observation,
                    "actions": {"count": env.n_actions, "meanings": env.action_meanings},

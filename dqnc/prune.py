@@ -18,54 +18,20 @@ as in Graesser et al. 2022), scaled to the requested overall sparsity.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from dqnc import artifact as art
 from dqnc.compare import agreement
+from dqnc.config import PruneConfig
 from dqnc.envs import collect_states
 from dqnc.errors import UsageError
 from dqnc.nets import MLP_FILE, NumpyMLP, save_mlp
 
 HELDOUT_SEED_OFFSET = 700_000
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    sparsity: float = 0.8
-    schedule: Literal["polynomial", "constant"] = "polynomial"
-    distribution: Literal["uniform", "erk"] = "uniform"
-    finetune: Literal["distill", "rl", "none"] = "distill"
-    keep_dense: tuple[str, ...] = ("q_values",)
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
-    states: int = 20_000
-    epsilon: float = 0.1
-    epochs: int = 40
-    batch_size: int = 256
-    lr: float = 1e-3
-    # The distillation loss, in units of the teacher's advantage spread: a hinge that makes the
-    # teacher's greedy action lead by ``margin`` (the policy), a light regression on advantages
-    # (the ranking of the other actions), and optionally the raw Q error (``value_weight`` > 0
-    # keeps the outputs Q-values; 0 frees the hidden layers from the state value, which int8
-    # cannot resolve next to the small advantages).
-    margin: float = 0.5
-    margin_weight: float = 1.0
-    advantage_weight: float = 0.1
-    value_weight: float = 0.0
-    dagger_rounds: int = 2  # extra rounds on states the student itself visits, labelled by the teacher
-    rl_steps: int = 20_000
-    seed: int = 0
-    check_states: int = 2000
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise UsageError(f"sparsity must be in [0, 1), got {self.sparsity}: e.g. --sparsity 0.8")
-        for name, s in self.layer_sparsity.items():
-            if not 0.0 <= s < 1.0:
-                raise UsageError(f"sparsity of layer {name!r} must be in [0, 1), got {s}")
 
 
 def _dense_layers(model: Any) -> list[Any]:
@@ -384,6 +350,6 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
         plain.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
         save_mlp(tmp / MLP_FILE, weights, acts)
         art.write_manifest(tmp, stage="prune", env=source.env, network=source.network,
-                           config=asdict(cfg) | {"keep_dense": list(cfg.keep_dense)}, metrics=metrics,
+                           config=cfg.model_dump(mode="json"), metrics=metrics,
                            parent=source, command=command)
     return art.load(out)

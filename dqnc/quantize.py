@@ -15,32 +15,19 @@ tolerance raises GateFailed with the numbers (exit 1) and writes nothing.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from dqnc import artifact as art
 from dqnc.compare import agreement
+from dqnc.config import QuantizeConfig
 from dqnc.envs import collect_states
 from dqnc.errors import GateFailed, UsageError
 
-Mode = Literal["int8", "int16x8", "float16", "dynamic", "fp32"]
 MODES = ("int8", "int16x8", "float16", "dynamic", "fp32")
 HELDOUT_SEED_OFFSET = 500_000  # check states come from episodes calibration never saw
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    mode: Mode = "int8"
-    float_io: bool = False
-    calibration_states: int = 2000
-    calibration_epsilon: float = 0.1
-    check_states: int = 2000
-    seed: int = 0
-    min_decisive_agreement: float = 0.98
-    max_q_rel_error: float = 0.05  # p99 |dQ| as a fraction of the parent's Q range on the check states
 
 
 def _sparsity(model: Any) -> float:
@@ -221,7 +208,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     }
     with art.atomic_output(out, force) as tmp:
         (tmp / art.TFLITE).write_bytes(content)
-        art.write_manifest(tmp, stage="quantize", env=spec, network=source.network, config=asdict(cfg),
+        art.write_manifest(tmp, stage="quantize", env=spec, network=source.network, config=cfg.model_dump(mode="json"),
                            metrics=metrics, parent=source, command=command,
                            extra={"quantization": {"mode": cfg.mode, "float_io": cfg.float_io, **io},
                                   "preprocess": preprocess or None})
