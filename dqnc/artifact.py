@@ -108,6 +108,9 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     parent = out.resolve().parent
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an artifact gets the usual permissions
     except OSError as e:
         raise UsageError(f"cannot write in {str(parent)!r}: {e.strerror}; choose a writable path") from e
     try:

@@ -358,6 +358,94 @@ class _spinner:
             self.status.__exit__(*exc)
 
 
+# --- recipes -----------------------------------------------------------------------------------
+
+recipe_app = typer.Typer(help="Validate recipes and print their JSON Schema.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("validate")
+@_guard
+def recipe_validate(
+    path: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an option: STAGE.KEY=VALUE (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Check a recipe completely (schema, stage order, env ids, paths) without running anything."""
+    from dqnc import recipe
+
+    loaded = recipe.load(path, set_ or [])
+    stages = [f"{s.name} ({s.stage})" for s in loaded.recipe.stages]
+    if as_json:
+        _emit_json({"valid": True, "path": str(path), "out_dir": str(loaded.out_dir), "stages": stages})
+        return
+    stdout.print(f"{path}: valid; {len(stages)} stages: {' -> '.join(stages)}; outputs in {loaded.out_dir}")
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe JSON Schema (for editor completion and validation)."""
+    from dqnc.recipe import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command("run")
+@_guard
+def run_cmd(
+    path: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an option: STAGE.KEY=VALUE (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Re-run every stage, cached or not.")] = False,
+    force_stage: Annotated[Optional[list[str]], typer.Option("--force-stage", help="Re-run this stage even if cached (repeatable).")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Start at this stage (earlier outputs must exist).")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
+) -> None:
+    """Run a recipe: each stage cached by content hash, a report at the end, exit 1 if a gate fails."""
+    from dqnc import recipe
+
+    loaded = recipe.load(path, set_ or [])
+
+    def log(msg: str) -> None:
+        if not quiet:
+            stderr.print(msg, highlight=False)
+
+    forced: bool | set[str] = True if force else set(force_stage or [])
+    try:
+        report = recipe.run(loaded, force=forced, from_stage=from_stage, until=until, log=log)
+    except GateFailed as e:
+        _render_report(e.result, loaded, as_json)
+        raise
+    _render_report(report.to_dict(), loaded, as_json)
+
+
+def _render_report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
+    from dqnc import recipe
+
+    if as_json:
+        _emit_json(d)
+        return
+    rows = [recipe.StageRow(**r) for r in d["stages"]]
+    report = recipe.RunReport(d["recipe"], d["out_dir"], rows, d["failures"], d["wall_seconds"])
+    from rich import box
+
+    narrow = stdout.width < 110  # drop the stage-type column on an 80-column terminal
+    heads = ["name"] + [c[0] for c in recipe.COLUMNS] + ["status"]
+    table = Table(*(heads[:1] + heads[2:] if narrow else heads), box=box.SIMPLE_HEAD, pad_edge=False,
+                  title=f"dqnc run {d['recipe']} ({d['wall_seconds']:.1f} s)", title_justify="left")
+    for cells in recipe.table_rows(report):
+        table.add_row(*(cells[:1] + cells[2:] if narrow else cells))
+    stdout.print(table)
+    for passed, line in recipe.gate_lines(report):
+        stdout.print(("[green]" if passed else "[red]") + line + "[/]")
+    for failure in d["failures"]:
+        if "gate " not in failure:
+            stdout.print(f"[red]{failure}[/]")
+    verdict = "[green]PASSED[/]" if d["passed"] else "[red]FAILED[/]"
+    stdout.print(f"{verdict}; report: {loaded.out_dir / 'report.md'} and report.json")
+
+
 # --- eval --------------------------------------------------------------------------------------
 
 @app.command("eval")
