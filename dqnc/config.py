@@ -99,7 +99,7 @@ def validate(model: type[BaseModel], values: dict[str, Any], source: str, lines:
 
 def format_validation_error(e: ValidationError, model: type[BaseModel], source: str,
                             lines: dict[tuple, int] | None = None) -> str:
-    err = e.errors()[0]
+    err = min(e.errors(), key=lambda x: {"extra_forbidden": 0, "missing": 2}.get(x["type"], 1))
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc) or "(top level)"
     where = source
@@ -171,11 +171,11 @@ class PruneConfig(_StageConfig):
     schedule: Literal["polynomial", "constant"] = "polynomial"
     distribution: Literal["uniform", "erk"] = "uniform"
     finetune: Literal["distill", "rl", "none"] = "distill"
-    keep_dense: tuple[str, ...] = Field(("q_values",), description="layers left dense (default: the output layer)")
+    keep_dense: tuple[str, ...] = Field(("first", "last"), description="layers left dense, by name or 'first'/'last'")
     layer_sparsity: dict[str, float] = Field(default_factory=dict, description="per-layer targets, e.g. {dense_1: 0.9}")
     states: int = Field(20_000, ge=64, description="rollout states to distill on")
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration of the teacher rollouts")
-    epochs: int = Field(40, ge=1)
+    epochs: int = Field(60, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     # The distillation loss, in units of the teacher's advantage spread: a hinge that makes the

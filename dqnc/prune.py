@@ -45,7 +45,11 @@ def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
     unknown = sorted(set(cfg.layer_sparsity) - set(names))
     if unknown:
         raise UsageError(f"no Dense layer named {unknown[0]!r} in the model: layers are {', '.join(names)}")
-    kept = [n for n in cfg.keep_dense if n in names]
+    # 'first' and 'last' name the input and output layers of any model. Both stay dense by
+    # default: they are small, the output layer decides the action, and TFLite's sparse int8
+    # kernels mis-compute a sparse layer with few (e.g. 4) inputs (measured; see quantize).
+    aliases = {"first": names[0], "last": names[-1]}
+    kept = [aliases.get(n, n) for n in cfg.keep_dense if aliases.get(n, n) in names]
     targets = {n: 0.0 for n in kept}
     free = [l for l in dense if l.name not in kept and l.name not in cfg.layer_sparsity]
     targets.update(cfg.layer_sparsity)

@@ -162,6 +162,10 @@ def _to_python(node: Any, path: Path, lines: dict[tuple, int]) -> Any:
         if budget[0] < 0:
             raise ConfigError(f"{path}:{n.start_mark.line + 1}: the recipe expands to more than {MAX_YAML_NODES:,} "
                               "YAML nodes (an alias bomb?): write it out without nested aliases")
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)) and n.tag not in (
+                "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap"):
+            raise ConfigError(f"{path}:{n.start_mark.line + 1}: unsupported YAML tag {n.tag!r}: recipes hold plain "
+                              "mappings, lists and scalars")
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for k, v in n.value:
@@ -262,13 +266,20 @@ def load(path: str | Path, sets: list[str] | None = None) -> LoadedRecipe:
     except ValidationError as e:
         raise ConfigError(_recipe_error(e, path, lines, data, set_paths)) from None
     loaded = LoadedRecipe(path, recipe, data, Path(), "savedmodel", set_paths)
-    loaded.out_dir = loaded.resolve(recipe.out_dir) if recipe.out_dir else path.parent / "runs" / path.stem
+    out = loaded.resolve(recipe.out_dir) if recipe.out_dir else path.parent / "runs" / path.stem
+    loaded.out_dir = Path(os.path.normpath(out))
     _check_semantics(loaded, lines)
     return loaded
 
 
+def _first_error(e: ValidationError) -> Any:
+    """The error to show: a misspelt key explains a 'missing' one, so unknown keys come first."""
+    errors = e.errors()
+    return min(errors, key=lambda x: {"extra_forbidden": 0, "missing": 2}.get(x["type"], 1))
+
+
 def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data: dict[str, Any], sets: list[str]) -> str:
-    err = e.errors()[0]
+    err = _first_error(e)
     loc = list(err["loc"])
     # Discriminated unions put the stage type into the location: stages.0.prune.sparsity
     if len(loc) >= 3 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] in STAGE_MODELS:

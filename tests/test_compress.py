@@ -31,13 +31,14 @@ def test_pruning_reaches_the_target_sparsity_exactly_per_layer(pruned):
             assert abs(measured - layer["target"]) <= 1 / kernel.size + 1e-9, layer
         else:
             assert measured < 0.05  # kept dense
-    assert [l["name"] for l in m["layers"] if l["target"] == 0] == ["q_values"]
+    assert [l["name"] for l in m["layers"] if l["target"] == 0] == ["dense_0", "q_values"]
     assert a.manifest["parent"]["sha256"] and a.manifest["stage"] == "prune"
 
 
 def test_erk_gives_small_layers_lower_sparsity_and_hits_the_overall_target(trained):
     teacher = load_keras_model(art.load(trained).model_path)
     targets = prune.layer_targets(teacher, prune.PruneConfig(sparsity=0.8, distribution="erk", keep_dense=()))
+    assert prune.layer_targets(teacher, prune.PruneConfig(keep_dense=("last",)))["dense_0"] == 0.8
     sizes = {l.name: int(np.prod(l.kernel.shape)) for l in teacher.layers}
     overall = sum(targets[n] * sizes[n] for n in targets) / sum(sizes.values())
     assert overall == pytest.approx(0.8, abs=1e-6)
