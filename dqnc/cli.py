@@ -282,6 +282,7 @@ def quantize(
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
     mode: Annotated[str, typer.Option(help="int8 (full integer), int16x8, float16, dynamic or fp32.")] = "int8",
     float_io: Annotated[bool, typer.Option("--float-io", help="Keep float32 input/output (int8/int16x8 inside).")] = False,
+    sparse_encoding: Annotated[str, typer.Option(help="auto, on or off: store sparse kernels sparsely (smaller; not for TFLite Micro).")] = "auto",
     calibration_states: Annotated[int, typer.Option(min=16, help="Rollout states to calibrate on.")] = 2000,
     check_states: Annotated[int, typer.Option(min=16, help="Held-out states the result is checked on.")] = 2000,
     min_agreement: Annotated[float, typer.Option(min=0, max=1, help="Refuse (exit 1) below this greedy agreement on decisive states.")] = 0.98,
@@ -294,7 +295,8 @@ def quantize(
     from dqnc.config import QuantizeConfig, validate
     from dqnc.quantize import run as run_quantize
 
-    cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, calibration_states=calibration_states,
+    cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, sparse_encoding=sparse_encoding,
+                                        calibration_states=calibration_states,
                                         check_states=check_states, seed=seed, min_decisive_agreement=min_agreement),
                    "options")
     source = art.load(path, env=_env_arg(env, None))
@@ -338,6 +340,9 @@ def export(
         return
     files = sorted(p.name for p in result.path.iterdir())
     stdout.print(f"bundle {result.path}: {', '.join(files)}")
+    if not result.manifest["metrics"]["tflm_compatible"]:
+        stderr.print("note: the model stores sparse tensors; TensorFlow Lite Micro cannot run model_data.cc "
+                      "(no DENSIFY op): for a microcontroller, quantize with --sparse-encoding off")
     stdout.print(f"model.tflite {result.manifest['metrics']['size_bytes']:,} bytes "
                  f"({result.manifest['metrics']['gzip_bytes']:,} gzipped); try: "
                  f"python {result.path / 'run_policy.py'} --obs {','.join(['0'] * source.env.obs_dim)}")
@@ -409,7 +414,7 @@ def run_cmd(
 
     def log(msg: str) -> None:
         if not quiet:
-            stderr.print(msg, highlight=False)
+            stderr.print(msg, highlight=False, markup=False)
 
     forced: bool | set[str] = True if force else set(force_stage or [])
     try:

@@ -205,6 +205,9 @@ class QuantizeConfig(_StageConfig):
 
     mode: Literal["int8", "int16x8", "float16", "dynamic", "fp32"] = "int8"
     float_io: bool = False
+    sparse_encoding: Literal["auto", "on", "off"] = Field(
+        "auto", description="store sparse kernels sparsely: smaller files, but TFLite Micro cannot run them "
+        "and XNNPACK does not accelerate them; auto = when at least 30% of the weights are zero")
     calibration_states: int = Field(2000, ge=16)
     calibration_epsilon: float = Field(0.1, ge=0.0, le=1.0)
     check_states: int = Field(2000, ge=16)

@@ -41,7 +41,10 @@ def _io(content: bytes, manifest: dict[str, Any]) -> dict[str, Any]:
 
     pol = Policy(model_content=content)
     pre = manifest.get("preprocess") or {}
+    sparse = any(d.get("sparsity_parameters") for d in pol.interpreter.get_tensor_details())
     return {
+        # TFLite Micro has no DENSIFY op and no sparse kernels (tflite-micro#491).
+        "tflm_compatible": not sparse,
         "input": {"dtype": pol.input_dtype.name, "shape": [int(s) for s in pol._in["shape"]],
                   "scale": pol.input_scale, "zero_point": pol.input_zero_point},
         "output": {"dtype": pol.output_dtype.name, "shape": [int(s) for s in pol._out["shape"]],
@@ -82,7 +85,7 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     }
     from dqnc.inspection import gzip_size
 
-    metrics = {"size_bytes": len(content), "c_array_bytes": len(content)}
+    metrics = {"size_bytes": len(content), "c_array_bytes": len(content), "tflm_compatible": io.pop("tflm_compatible")}
     with art.atomic_output(out, force) as tmp:
         (tmp / art.TFLITE).write_bytes(content)
         metrics["gzip_bytes"] = gzip_size(tmp / art.TFLITE)

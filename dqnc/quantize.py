@@ -156,7 +156,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     if cfg.mode in ("int8", "int16x8"):
         calibration = collect_states(parent_q, spec, cfg.calibration_states, cfg.seed, cfg.calibration_epsilon)
     sparsity = _sparsity(model)
-    sparse = sparsity >= 0.3
+    sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and sparsity >= 0.3)
     preprocess: dict[str, Any] = {}
     if calibration is not None:
         model, preprocess = prepare_for_integer(model, calibration)
@@ -185,7 +185,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     content = convert(model, cfg.mode, calibration, cfg.float_io, sparse)
     stats, problems = verify(content)
     encoding_note = "sparse" if sparse else "dense"
-    if problems and sparse:
+    if problems and sparse and cfg.sparse_encoding == "auto":
         # TFLite's sparse int8 kernels mis-compute some layers (measured: a pruned first layer with
         # 4 inputs); the dense encoding of the same weights is the safe fallback.
         dense_content = convert(model, cfg.mode, calibration, cfg.float_io, False)

@@ -108,6 +108,7 @@ def test_bundle_contents_and_checksums(bundle):
     assert m["io"]["input"]["dtype"] == "int8" and "scale" in m["io"]["input"]
     assert m["actions"]["meanings"] == ["push cart left", "push cart right"]
     assert m["observation"]["names"][2] == "pole angle"
+    assert isinstance(m["metrics"]["tflm_compatible"], bool)
     cc = (bundle / "model_data.cc").read_text()
     assert "alignas(16) const unsigned char g_dqnc_model[]" in cc
     assert f"g_dqnc_model_len = {(bundle / 'model.tflite').stat().st_size};" in cc
