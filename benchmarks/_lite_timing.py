@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             "action": time_calls(pol.act, rows, args.warmup),
             "invoke": time_calls(pol.invoke_quantized, prepared, args.warmup),
             "runtime": pol.runtime,
-            "delegate": pol.delegate,
+            "delegate": getattr(pol, "delegate", None),
             "input_dtype": pol.input_dtype.name,
         }
     out["versions"] = _versions(runtime_name)

@@ -6,6 +6,7 @@ command goes through :func:`_guard`, the one place where outcomes become exit co
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -36,6 +37,7 @@ stderr = Console(stderr=True, highlight=False)
 _debug = {"on": os.environ.get("DQNC_DEBUG", "") not in ("", "0")}
 
 F = TypeVar("F", bound=Callable[..., Any])
+_ENV_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -63,8 +65,16 @@ def _guard(fn: F) -> F:
         except KeyboardInterrupt:
             if _debug["on"]:
                 raise
-            stderr.print("[bold red]interrupted[/]: nothing was written", markup=True)
+            stderr.print("[bold red]interrupted[/]: nothing partial was left at the output path", markup=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as e:
+            # The environment, not dqnc: a full disk, a read-only or forbidden path.
+            if _debug["on"] or e.errno not in _ENV_ERRNOS:
+                raise
+            where = f" {e.filename!r}" if e.filename else ""
+            stderr.print(f"[bold red]error:[/] cannot write{where}: {e.strerror}; free space or choose a writable "
+                         "output path (nothing partial was left behind)", markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)

@@ -294,6 +294,13 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
         raise UsageError(f"{str(source.path)!r} is a .tflite model: prune its SavedModel parent, then quantize")
     keras().utils.set_random_seed(cfg.seed)
     teacher = load_keras_model(source.model_path)
+    if mlp_weights(teacher) is None:
+        kinds = sorted({type(l).__name__ for l in teacher.layers if type(l).__name__ not in ("Dense", "InputLayer")})
+        raise UsageError(
+            f"{str(source.path)!r}: dqnc prunes Q-networks made of Dense layers (relu/tanh/elu), but this model also has "
+            f"{', '.join(kinds) or 'Dense layers it cannot map'}: fold them into the Dense layers (e.g. normalization into "
+            "the first kernel and bias) or train the policy with `dqnc train`"
+        )
     teacher_q = q_function(source, model=teacher)
     targets = layer_targets(teacher, cfg)
     if not any(v > 0 for v in targets.values()):

@@ -509,7 +509,13 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
             return force is True or (isinstance(force, set) and name in force)
 
         # the source
-        source, row = _resolve_source(loaded, state, forced("train"), active or from_stage == "train", log)
+        try:
+            source, row = _resolve_source(loaded, state, forced("train"), active or from_stage == "train", log)
+        except (DqncError, KeyboardInterrupt) as e:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            rows.append(StageRow("train" if r.source.train is not None else "source", "train", status="failed", error=why))
+            _write_reports(loaded, RunReport(str(loaded.path), str(out_dir), rows, [why], time.perf_counter() - started))
+            raise
         if row is not None:
             rows.append(row)
         outputs: dict[str, art.Artifact] = {"source": source}
