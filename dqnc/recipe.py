@@ -113,21 +113,6 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation of every stage for the report")
     gates: Gates = Field(default_factory=Gates, description="checked on the last stage's evaluation")
 
-    @model_validator(mode="after")
-    def _chain(self) -> Recipe:
-        seen: list[str] = ["source"]
-        if self.source.train is not None:
-            seen.append("train")
-        for st in self.stages:
-            if st.name in seen:
-                raise ValueError(f"stage name {st.name!r} is used twice (or is reserved): give each stage its own name")
-            if st.input is not None and st.input not in seen:
-                later = [s.name for s in self.stages]
-                why = "comes later" if st.input in later else "is not a stage name"
-                raise ValueError(f"stage {st.name!r} reads input {st.input!r}, which {why}: use one of {', '.join(seen)}")
-            seen.append(st.name)
-        return self
-
 
 def json_schema() -> dict[str, Any]:
     schema = Recipe.model_json_schema()
@@ -305,6 +290,9 @@ def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data:
     if err["type"] == "union_tag_invalid" or (err["type"] == "union_tag_not_found"):
         return (f"{where}: {key_path}: 'stage' must be one of {', '.join(STAGE_MODELS)}"
                 + (f" (got {err.get('input', {}).get('stage')!r})" if isinstance(err.get("input"), dict) else ""))
+    if err["type"] == "missing" and loc_t == ("source",):
+        return (f"{where}: missing key 'source': add one of source: {{artifact: PATH}}, "
+                "{savedmodel: PATH, env: ID} or {train: {env: ID}}")
     msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and err["type"] not in ("missing", "value_error") and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
@@ -356,7 +344,15 @@ def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
     if src.train is not None:
         kinds["train"] = "savedmodel"
     prev = "train" if src.train is not None else "source"
+    later = [s.name for s in r.stages]
     for i, st in enumerate(r.stages):
+        if st.name in kinds:
+            raise ConfigError(f"{at('stages', i, 'name')}: stage name {st.name!r} is used twice (or is reserved): "
+                              "give each stage its own name")
+        if st.input is not None and st.input not in kinds:
+            why = "comes later" if st.input in later else "is not a stage name"
+            raise ConfigError(f"{at('stages', i, 'input')}: stage {st.name!r} reads input {st.input!r}, which {why}: "
+                              f"use one of {', '.join(kinds)}")
         inp = st.input or prev
         kind = kinds[inp]
         if st.stage in NEEDS_SAVEDMODEL and kind != "savedmodel":

@@ -79,7 +79,7 @@ BAD = {
                               r"r.yaml:\d+: stages.0.sparsity: .*less than 1"),
     "negative_steps": ({"source": {"train": {"env": "CartPole-v1", "total_steps": -5}}, "stages": [{"name": "q", "stage": "quantize"}]},
                        r"r.yaml:\d+: source.train.total_steps: .*greater than or equal to 1"),
-    "missing_source": ({"stages": [{"name": "q", "stage": "quantize"}]}, r"source: Field required"),
+    "missing_source": ({"stages": [{"name": "q", "stage": "quantize"}]}, r"missing key .source.: add one of"),
     "empty_source": ({"source": {}, "stages": [{"name": "q", "stage": "quantize"}]}, r"give exactly one of artifact, savedmodel or train"),
     "unknown_env": ({"source": {"train": {"env": "CartPole-v7"}}, "stages": [{"name": "q", "stage": "quantize"}]},
                     r"r.yaml:\d+: unknown env id 'CartPole-v7' \(did you mean 'CartPole-v1'\?\)"),
