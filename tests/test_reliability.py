@@ -232,3 +232,17 @@ def test_interrupted_run_exits_130_and_a_rerun_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())["metrics"]
     assert m["env_steps"] == step + 1000
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, trained, monkeypatch):
+    # CI runs as root, which ignores file modes; the permission check itself is what is exercised.
+    import dqnc.artifact as artifact
+
+    real_access = os.access
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(artifact.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    r = runner.invoke(app, ["prune", str(trained), "-o", str(locked / "out")])
+    _one_line_exit_2(r)
+    assert "not writable" in r.output
+    assert list(locked.iterdir()) == []
