@@ -90,14 +90,17 @@ def check_output(out: Path, force: bool) -> None:
             )
         if not force:
             raise OutputExistsError(f"output {str(out)!r} already exists: pass --force to replace it")
-    parent = out.resolve().parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create output folder {str(parent)!r}: {e.strerror}; choose a writable path") from e
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output folder {str(parent)!r} is not writable: choose a writable path")
+    ensure_writable_dir(out.resolve().parent, "output folder")
+
+
+def ensure_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed and make sure dqnc may write in it, before any work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {what} {str(path)!r}: {e.strerror}; choose a writable path") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{what} {str(path)!r} is not writable: choose a writable path")
 
 
 @contextmanager

@@ -99,7 +99,7 @@ def validate(model: type[BaseModel], values: dict[str, Any], source: str, lines:
 
 def format_validation_error(e: ValidationError, model: type[BaseModel], source: str,
                             lines: dict[tuple, int] | None = None) -> str:
-    err = min(e.errors(), key=lambda x: {"extra_forbidden": 0, "missing": 2}.get(x["type"], 1))
+    err = first_error(e)
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc) or "(top level)"
     where = source
@@ -108,10 +108,7 @@ def format_validation_error(e: ValidationError, model: type[BaseModel], source: 
         if line:
             where = f"{source}:{line}"
     if err["type"] == "extra_forbidden":
-        fields = _fields_at(model, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(fields))}"
-        return f"{where}: unknown key {path!r}: {hint}"
+        return unknown_key_message(where, path, str(loc[-1]), fields_at(model, loc[:-1]))
     msg = err["msg"]
     if "input" in err and err["type"] != "missing":
         msg += f" (got {err['input']!r})"
@@ -121,7 +118,19 @@ def format_validation_error(e: ValidationError, model: type[BaseModel], source: 
     return f"{where}: {path}: {msg}"
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+def first_error(e: ValidationError) -> Any:
+    """The error to show: a misspelt key explains a 'missing' one, so unknown keys come first."""
+    return min(e.errors(), key=lambda x: {"extra_forbidden": 0, "missing": 2}.get(x["type"], 1))
+
+
+def unknown_key_message(where: str, path: str, key: str, fields: list[str]) -> str:
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(fields))}"
+    return f"{where}: unknown key {path!r}: {hint}"
+
+
+def fields_at(model: Any, loc: tuple) -> list[str]:
+    """The keys valid at ``loc`` inside ``model`` (list indices skipped, Optional/Union unwrapped)."""
     current: Any = model
     for part in loc:
         if isinstance(part, int):

@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dqnc import __version__
-from dqnc.config import (EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig, TrainConfig,
-                         format_validation_error)
+from dqnc.config import (EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig, TrainConfig, fields_at,
+                         first_error, unknown_key_message)
 from dqnc.errors import ConfigError, DqncError, GateFailed, UsageError
 
 MAX_YAML_NODES = 20_000  # a recipe is small; this stops alias bombs ("billion laughs") early
@@ -257,14 +257,8 @@ def load(path: str | Path, sets: list[str] | None = None) -> LoadedRecipe:
     return loaded
 
 
-def _first_error(e: ValidationError) -> Any:
-    """The error to show: a misspelt key explains a 'missing' one, so unknown keys come first."""
-    errors = e.errors()
-    return min(errors, key=lambda x: {"extra_forbidden": 0, "missing": 2}.get(x["type"], 1))
-
-
 def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data: dict[str, Any], sets: list[str]) -> str:
-    err = _first_error(e)
+    err = first_error(e)
     loc = list(err["loc"])
     # Discriminated unions put the stage type into the location: stages.0.prune.sparsity
     if len(loc) >= 3 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] in STAGE_MODELS:
@@ -283,10 +277,8 @@ def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data:
     if any(key_path.endswith(s.split(".")[-1]) for s in sets) and sets:
         where += " (after --set)"
     if err["type"] == "extra_forbidden":
-        fields = _fields_for(loc_t[:-1], model)
-        close = difflib.get_close_matches(str(loc_t[-1]), fields, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(fields))}"
-        return f"{where}: unknown key {key_path!r}: {hint}"
+        fields = list(model.model_fields) if model is not None and len(loc_t) == 3 else fields_at(Recipe, loc_t[:-1])
+        return unknown_key_message(where, key_path, str(loc_t[-1]), fields)
     if err["type"] == "union_tag_invalid" or (err["type"] == "union_tag_not_found"):
         return (f"{where}: {key_path}: 'stage' must be one of {', '.join(STAGE_MODELS)}"
                 + (f" (got {err.get('input', {}).get('stage')!r})" if isinstance(err.get("input"), dict) else ""))
@@ -297,21 +289,6 @@ def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data:
     if "input" in err and err["type"] not in ("missing", "value_error") and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
     return f"{where}: {key_path}: {msg}"
-
-
-def _fields_for(loc: tuple, stage_model: Any) -> list[str]:
-    if stage_model is not None and len(loc) == 2:
-        return list(stage_model.model_fields)
-    current: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        f = getattr(current, "model_fields", {}).get(part)
-        if f is None:
-            return []
-        ann = f.annotation
-        current = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
-    return list(getattr(current, "model_fields", {}))
 
 
 def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
@@ -486,12 +463,7 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
         if unknown:
             raise UsageError(f"--force {unknown[0]!r} is not a stage of this recipe: use one of {', '.join(names)}")
     out_dir = loaded.out_dir
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create out_dir {str(out_dir)!r}: {e.strerror}; choose a writable path") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"out_dir {str(out_dir)!r} is not writable: choose a writable path")
+    art.ensure_writable_dir(out_dir, "out_dir")
 
     rows: list[StageRow] = []
     failures: list[str] = []
