@@ -192,7 +192,7 @@ class PruneConfig(_StageConfig):
     # (the ranking of the other actions), and optionally the raw Q error (``value_weight`` > 0
     # keeps the outputs Q-values; 0 frees the hidden layers from the state value, which int8
     # cannot resolve next to the small advantages).
-    margin: float = Field(0.5, ge=0.0)
+    margin: float = Field(1.5, ge=0.0)
     margin_weight: float = Field(1.0, ge=0.0)
     advantage_weight: float = Field(0.1, ge=0.0)
     value_weight: float = Field(0.0, ge=0.0)
