@@ -14,10 +14,8 @@ per-tool summary, and writes every row plus machine info to benchmarks/results/t
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from _common import machine_info, machine_line  # benchmarks/ is this script's sys.path[0]
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SB3_PYTHON = HERE / ".venv-sb3" / "bin" / "python"
@@ -116,48 +116,6 @@ def failed_row(tool: str, env: str, seed: int, err: Exception) -> Row:
     return {"tool": tool, "env": env, "seed": seed, "error": str(err)}
 
 
-def sb3_versions(sb3_python: Path) -> dict[str, Any]:
-    """Versions inside the SB3 venv, read from package metadata (importing torch would cost seconds)."""
-    code = ("import importlib.metadata as m, json, platform; print(json.dumps({'python': platform.python_version(), "
-            "**{p: m.version(p) for p in ('stable-baselines3', 'torch', 'gymnasium', 'numpy')}}))")
-    proc = subprocess.run([str(sb3_python), "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)
-
-
-def machine_info(sb3_python: Path) -> dict[str, Any]:
-    """What a reader needs to judge the timings: CPU, load, and every library version involved."""
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions: dict[str, str | None] = {}
-    for pkg in ("dqnc", "tensorflow", "tf-keras", "gymnasium", "numpy"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        # Cores this process may use (what `nproc` prints), not the host's total.
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "sb3_venv": sb3_versions(sb3_python),
-        "git_commit": commit,
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
 def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -234,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     episodes = QUICK_EPISODES if args.quick else args.episodes
 
     info = machine_info(args.sb3_python)
-    if info["loadavg_start"][0] > 0.5 * (info["nproc"] or 1):
+    if info["loadavg"][0] > 0.5 * (info["nproc"] or 1):
         # Measured here: torch's 2 threads on 2 contended cores ran ~60x slower, TF far less so,
         # so a busy machine skews the ratio, not just the absolute times.
-        print(f"WARNING: machine busy (1-min load {info['loadavg_start'][0]:.2f} on {info['nproc']} cores); "
+        print(f"WARNING: machine busy (1-min load {info['loadavg'][0]:.2f} on {info['nproc']} cores); "
               "timings, SB3's above all, will be inflated. Run on a quiet machine.", file=sys.stderr, flush=True)
     doc: dict[str, Any] = {
         "benchmark": "train_vs_sb3",
@@ -285,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_rows(rows))
     print()
     print(table)
-    print(f"\nmachine: {info['nproc']} cores, {info['cpu_model']}; python {info['python']}; "
-          f"dqnc {info['versions']['dqnc']}, tensorflow {info['versions']['tensorflow']}; "
-          f"SB3 {info['sb3_venv']['stable-baselines3']}, torch {info['sb3_venv']['torch']}")
+    print(f"\nmachine: {machine_line(info)}")
     print(f"rows written to {args.out}")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -145,16 +145,23 @@ def fields_at(model: Any, loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}).keys())
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of a config or recipe file, or one ConfigError saying what is wrong."""
+    if not path.exists():
+        raise ConfigError(f"{what} {str(path)!r} does not exist: check the path")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {str(path)!r}: {e}") from None
+
+
 def load_yaml_mapping(path: Path) -> dict[str, Any]:
     """Load a YAML file that must hold a mapping, with safe loading and one-line errors."""
     import yaml
 
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist: check the path")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from e
+    text = read_text(path, "config file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dqnc import __version__
 from dqnc.config import (EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig, TrainConfig, fields_at,
-                         first_error, unknown_key_message)
+                         first_error, read_text, unknown_key_message)
 from dqnc.errors import ConfigError, DqncError, GateFailed, UsageError
 
 MAX_YAML_NODES = 20_000  # a recipe is small; this stops alias bombs ("billion laughs") early
@@ -230,14 +230,7 @@ class LoadedRecipe:
 def load(path: str | Path, sets: list[str] | None = None) -> LoadedRecipe:
     """Parse and validate a recipe completely (schema, chain, env ids, paths); never imports TF."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"recipe {str(path)!r} does not exist: check the path")
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} is not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read recipe {str(path)!r}: {e}") from None
+    text = read_text(path, "recipe")
     node = _compose(text, path)
     if node is None:
         raise ConfigError(f"{path}: the recipe is empty: it needs at least 'source' and 'stages' (see `dqnc recipe schema`)")
