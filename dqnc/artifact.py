@@ -25,7 +25,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,6 @@ class Artifact:
     kind: str  # "savedmodel" | "tflite"
     model_path: Path
     sha256: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stage(self) -> str:

@@ -154,7 +154,6 @@ def rollout(
     epsilon: float = 0.0,
     record: bool = False,
     max_parallel: int = 64,
-    max_steps: int | None = None,
 ) -> Rollout:
     """Run ``episodes`` epsilon-greedy episodes, several at a time, with one policy call per step.
 
@@ -201,7 +200,7 @@ def rollout(
                 returns[ep] += float(r)
                 lengths[ep] += 1
                 obs[slot] = np.asarray(o, np.float32).ravel()
-                if term or trunc or (max_steps is not None and lengths[ep] >= max_steps):
+                if term or trunc:
                     if next_ep < episodes:
                         start(slot)
                     else:

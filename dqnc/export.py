@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from dqnc import artifact as art
 from dqnc.config import ExportConfig
@@ -36,23 +35,6 @@ def c_array(content: bytes, name: str, header: str) -> tuple[str, str]:
     return h, cc
 
 
-def _io(content: bytes, manifest: dict[str, Any]) -> dict[str, Any]:
-    from dqnc.runtime import Policy
-
-    pol = Policy(model_content=content)
-    pre = manifest.get("preprocess") or {}
-    sparse = any(d.get("sparsity_parameters") for d in pol.interpreter.get_tensor_details())
-    return {
-        # TFLite Micro has no DENSIFY op and no sparse kernels (tflite-micro#491).
-        "tflm_compatible": not sparse,
-        "input": {"dtype": pol.input_dtype.name, "shape": [int(s) for s in pol._in["shape"]],
-                  "scale": pol.input_scale, "zero_point": pol.input_zero_point},
-        "output": {"dtype": pol.output_dtype.name, "shape": [int(s) for s in pol._out["shape"]],
-                   "scale": pol.output_scale, "zero_point": pol.output_zero_point,
-                   "meaning": pre.get("outputs", "q_values")},
-    }
-
-
 def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = False,
         command: list[str] | None = None) -> art.Artifact:
     """Write the edge bundle for ``source`` at ``out``."""
@@ -61,19 +43,21 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     out = Path(out)
     art.check_output(out, force)
     if source.kind == "tflite":
-        content = source.model_path.read_bytes()
         from dqnc.policy import tflite_policy
 
-        tflite_policy(source.model_path, source.manifest)  # refuse a damaged file before bundling it
+        content = source.model_path.read_bytes()
+        policy = tflite_policy(source.model_path, source.manifest)  # refuses a damaged file with a clear error
         quantization = source.manifest.get("quantization") or {"mode": "unknown"}
     else:
         from dqnc.policy import load_keras_model
         from dqnc.quantize import convert
 
         content = convert(load_keras_model(source.model_path), "fp32")
+        policy = runtime.Policy(model_content=content)
         quantization = {"mode": "fp32", "float_io": True}
     preprocess = source.manifest.get("preprocess")
-    io = _io(content, source.manifest)
+    io = policy.io()
+    io["output"]["meaning"] = (preprocess or {}).get("outputs", "q_values")
     header = "model_data.h"
     h, cc = c_array(content, cfg.c_name, header)
     env = source.env
@@ -85,7 +69,8 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     }
     from dqnc.inspection import gzip_size
 
-    metrics = {"size_bytes": len(content), "c_array_bytes": len(content), "tflm_compatible": io.pop("tflm_compatible")}
+    # TFLite Micro has no DENSIFY op and no sparse kernels (tflite-micro#491).
+    metrics = {"size_bytes": len(content), "c_array_bytes": len(content), "tflm_compatible": not policy.has_sparse_tensors}
     with art.atomic_output(out, force) as tmp:
         (tmp / art.TFLITE).write_bytes(content)
         metrics["gzip_bytes"] = gzip_size(tmp / art.TFLITE)

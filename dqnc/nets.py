@@ -13,9 +13,6 @@ from typing import Any
 
 import numpy as np
 
-ACTIVATIONS = ("relu", "tanh", "elu")
-
-
 @dataclass(frozen=True)
 class NetSpec:
     obs_dim: int

@@ -26,7 +26,6 @@ from dqnc.config import QuantizeConfig
 from dqnc.envs import collect_states
 from dqnc.errors import GateFailed, UsageError
 
-MODES = ("int8", "int16x8", "float16", "dynamic", "fp32")
 HELDOUT_SEED_OFFSET = 500_000  # check states come from episodes calibration never saw
 
 
@@ -86,22 +85,15 @@ def convert(model: Any, mode: str, calibration: np.ndarray | None = None, float_
 
 
 def tensor_types(content: bytes) -> dict[str, Any]:
-    """Input/output dtypes and quantization, and the dtypes of the weight tensors, read with LiteRT."""
+    """Input/output dtypes and quantization, and how many tensors of each dtype the model holds."""
     from dqnc.runtime import Policy
 
     pol = Policy(model_content=content)
-    interp = pol.interpreter
-    weight_dtypes: dict[str, int] = {}
-    for d in interp.get_tensor_details():
+    counts: dict[str, int] = {}
+    for d in pol.interpreter.get_tensor_details():
         name = np.dtype(d["dtype"]).name
-        weight_dtypes[name] = weight_dtypes.get(name, 0) + 1
-    return {
-        "input": {"dtype": pol.input_dtype.name, "shape": [int(s) for s in pol._in["shape"]],
-                  "scale": pol.input_scale, "zero_point": pol.input_zero_point},
-        "output": {"dtype": pol.output_dtype.name, "shape": [int(s) for s in pol._out["shape"]],
-                   "scale": pol.output_scale, "zero_point": pol.output_zero_point},
-        "tensor_dtypes": weight_dtypes,
-    }
+        counts[name] = counts.get(name, 0) + 1
+    return {**pol.io(), "tensor_dtypes": counts}
 
 
 def prepare_for_integer(model: Any, states: np.ndarray) -> tuple[Any, dict[str, Any]]:

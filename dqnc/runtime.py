@@ -158,6 +158,18 @@ class Policy:
 
     __call__ = q_values
 
+    def io(self) -> dict[str, Any]:
+        """Input/output dtype, shape, scale and zero point, as manifests record them."""
+        def one(detail: dict[str, Any], dtype: np.dtype, scale: float, zero: int) -> dict[str, Any]:
+            return {"dtype": dtype.name, "shape": [int(s) for s in detail["shape"]], "scale": scale, "zero_point": zero}
+
+        return {"input": one(self._in, self.input_dtype, self.input_scale, self.input_zero_point),
+                "output": one(self._out, self.output_dtype, self.output_scale, self.output_zero_point)}
+
+    @property
+    def has_sparse_tensors(self) -> bool:
+        return any(d.get("sparsity_parameters") for d in self.interpreter.get_tensor_details())
+
     def act(self, obs: Any) -> int:
         """The greedy action for one observation (the per-step path of a control loop).
 
