@@ -187,3 +187,15 @@ def fmt(value: Any, spec: str = ".1f") -> str:
 
 def kib(n: int | float | None) -> str:
     return "-" if n is None else f"{n / 1024:.1f} KiB"
+
+
+def finish(doc: dict[str, Any], out: Path, markdown: Any, sb3_python: Path | None = None,
+           edge_python: Path | None = None) -> int:
+    """Record the machine, write the JSON, print the Markdown tables: the end of every benchmark part."""
+    doc["machine"] = machine_info(sb3_python, edge_python)
+    doc["finished_utc"] = utc_now()
+    write_json(out, doc)
+    print(markdown(doc))
+    print(f"\nmachine: {machine_line(doc['machine'])}")
+    print(f"results written to {out}")
+    return 0

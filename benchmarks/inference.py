@@ -34,8 +34,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import (  # noqa: E402
-    ENV_ID, RESULTS, SAMPLE_MODEL, SB3_PYTHON, ensure_edge_venv, fmt, log, machine_info, machine_line,
-    make_random_artifact, md_table, run_json, utc_now, write_json,
+    finish,
+    ENV_ID, RESULTS, SAMPLE_MODEL, SB3_PYTHON, ensure_edge_venv, fmt, log, make_random_artifact, md_table, run_json, utc_now,
 )
 from _timing import time_calls  # noqa: E402
 
@@ -221,13 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         r = doc["results"][n]
         if "keras_call" in r and "litert_int8_act" in r:
             doc["nets"][n]["ratio_keras_over_litert_int8_p50"] = r["keras_call"]["p50"] / r["litert_int8_act"]["p50"]
-    doc["machine"] = machine_info(args.sb3_python if not args.no_sb3 else None, edge_python)
-    doc["finished_utc"] = utc_now()
-    write_json(args.out, doc)
-    print(markdown(doc))
-    print(f"\nmachine: {machine_line(doc['machine'])}")
-    print(f"results written to {args.out}")
-    return 0
+    return finish(doc, args.out, markdown, args.sb3_python if not args.no_sb3 else None, edge_python)
 
 
 def markdown(doc: dict[str, Any]) -> str:

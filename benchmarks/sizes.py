@@ -28,8 +28,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import (  # noqa: E402
-    ENV_ID, RESULTS, SAMPLE_MODEL, kib, log, machine_info, machine_line, make_random_artifact, md_table,
-    utc_now, write_json,
+    finish,
+    ENV_ID, RESULTS, SAMPLE_MODEL, kib, log, make_random_artifact, md_table,
+    utc_now,
 )
 
 DEFAULT_OUT = RESULTS / "sizes.json"
@@ -133,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                      ("128x128", art.load(SAMPLE_MODEL), "sample_models/cartpole (trained)")):
             log(f"{name}: converting ...")
             doc["nets"][name] = {"source": source, **measure(name, parent, sparsities, tmp)}
-    doc["machine"] = machine_info(None)
-    doc["finished_utc"] = utc_now()
-    write_json(args.out, doc)
-    print(markdown(doc))
-    print(f"\nmachine: {machine_line(doc['machine'])}")
-    print(f"results written to {args.out}")
-    return 0
+    return finish(doc, args.out, markdown, None)
 
 
 def markdown(doc: dict[str, Any]) -> str:

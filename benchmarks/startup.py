@@ -29,7 +29,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import (  # noqa: E402
-    RESULTS, ROOT, dqnc_command, log, machine_info, machine_line, md_table, utc_now, write_json,
+    finish,
+    RESULTS, ROOT, dqnc_command, log, md_table, utc_now,
 )
 
 DEFAULT_OUT = RESULTS / "startup.json"
@@ -92,13 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_wall_seconds": max(walls), "median_max_rss_kib": statistics.median(rss),
                 "median_user_seconds": statistics.median(r["user_seconds"] for r in runs),
             })
-    doc["machine"] = machine_info(None)
-    doc["finished_utc"] = utc_now()
-    write_json(args.out, doc)
-    print(markdown(doc))
-    print(f"\nmachine: {machine_line(doc['machine'])}")
-    print(f"results written to {args.out}")
-    return 0
+    return finish(doc, args.out, markdown, None)
 
 
 def markdown(doc: dict[str, Any]) -> str:
