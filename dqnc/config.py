@@ -191,19 +191,21 @@ class PruneConfig(_StageConfig):
     layer_sparsity: dict[str, float] = Field(default_factory=dict, description="per-layer targets, e.g. {dense_1: 0.9}")
     states: int = Field(20_000, ge=64, description="rollout states to distill on")
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration of the teacher rollouts")
-    epochs: int = Field(60, ge=1)
+    epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
-    # The distillation loss, in units of the teacher's advantage spread: a hinge that makes the
-    # teacher's greedy action lead by ``margin`` (the policy), a light regression on advantages
-    # (the ranking of the other actions), and optionally the raw Q error (``value_weight`` > 0
-    # keeps the outputs Q-values; 0 frees the hidden layers from the state value, which int8
-    # cannot resolve next to the small advantages).
-    margin: float = Field(1.5, ge=0.0)
-    margin_weight: float = Field(1.0, ge=0.0)
+    # The distillation loss, in units of the teacher's advantage spread: policy distillation
+    # (cross-entropy between the teacher's action softmax at ``temperature`` and the student's at
+    # ``temperature * score_gain``), a light regression on advantages (the ranking of the other
+    # actions), and optionally the raw Q error (``value_weight`` > 0 keeps the outputs Q-values;
+    # 0 frees the hidden layers from the state value, which int8 cannot resolve next to the small
+    # advantages). A gain > 1 makes the student's scores near a tie that much steeper than the
+    # teacher's, so int8 rounding flips fewer near-tied actions.
+    temperature: float = Field(0.01, gt=0.0, description="teacher softmax temperature, in advantage-spread units")
+    score_gain: float = Field(10.0, ge=1.0, description="how much steeper the student's scores are than the teacher's near ties")
     advantage_weight: float = Field(0.1, ge=0.0)
     value_weight: float = Field(0.0, ge=0.0)
-    dagger_rounds: int = Field(2, ge=0, le=10, description="extra rounds on states the student visits, labelled by the teacher")
+    dagger_rounds: int = Field(4, ge=0, le=10, description="extra rounds on states the student visits, labelled by the teacher")
     rl_steps: int = Field(20_000, ge=100, description="env steps of RL fine-tuning (finetune: rl)")
     seed: int = Field(0, ge=0)
     check_states: int = Field(2000, ge=16)
@@ -224,6 +226,9 @@ class QuantizeConfig(_StageConfig):
     sparse_encoding: Literal["auto", "on", "off"] = Field(
         "auto", description="store sparse kernels sparsely: smaller files, but TFLite Micro cannot run them "
         "and XNNPACK does not accelerate them; auto = when at least 30% of the weights are zero")
+    output_range: Literal["ranking", "full"] = Field(
+        "ranking", description="int8 output scale: 'ranking' narrows it (on calibration states) so near-tied actions "
+        "stay apart and large scores saturate; 'full' keeps the converter's range over every calibrated Q-value")
     calibration_states: int = Field(2000, ge=16)
     calibration_epsilon: float = Field(0.1, ge=0.0, le=1.0)
     check_states: int = Field(2000, ge=16)

@@ -4,10 +4,12 @@ Layers are wrapped one by one with ``prune_low_magnitude`` (TFMOT refuses whole 
 layers it does not know), masks tighten on a PolynomialDecay or ConstantSparsity schedule while
 the student is fine-tuned, then the wrappers are stripped. Fine-tuning:
 
-- ``distill`` (default): regress the student's Q-values on the unpruned teacher's over states from
-  epsilon-noisy rollouts of the teacher, so the data covers states near the policy's path. The loss
-  weighs the advantages (Q minus its mean over actions) heavily: they alone decide actions, and they
-  are small next to the Q offset every action shares.
+- ``distill`` (default): teach the student the unpruned teacher's actions over states from
+  epsilon-noisy rollouts of the teacher (so the data covers states near the policy's path), then
+  over the states the student itself visits (DAgger). The loss is policy distillation (softmax
+  cross-entropy at a low temperature) plus a light regression on advantages (Q minus its mean over
+  actions): advantages alone decide actions, and they are small next to the Q offset every action
+  shares.
 - ``rl``: continue Double-DQN training in the env (the train stage's compiled update).
 - ``none``: one-shot magnitude pruning.
 
@@ -189,23 +191,19 @@ def _distill(student: Any, states: np.ndarray, targets: np.ndarray, cfg: PruneCo
 
     k, t = keras(), tf()
     aw, vw = t.constant(cfg.advantage_weight, t.float32), t.constant(cfg.value_weight, t.float32)
-    margin, mw = t.constant(cfg.margin, t.float32), t.constant(cfg.margin_weight, t.float32)
-    n_actions = int(targets.shape[1])
+    tau_teacher = t.constant(cfg.temperature, t.float32)
+    tau_student = t.constant(cfg.temperature * cfg.score_gain, t.float32)
 
     def loss(y_true: Any, y_pred: Any) -> Any:
         err = y_pred - y_true
         centered = err - t.reduce_mean(err, axis=1, keepdims=True)
         total = vw * t.reduce_mean(t.square(err), axis=1) + aw * t.reduce_mean(t.square(centered), axis=1)
-        if cfg.margin <= 0:
-            return total
-        # Most states of a DQN are near-ties, where a tiny perturbation (pruning, then int8) flips
-        # the argmax. A hinge that makes the teacher's action lead by a margin keeps it the
-        # student's choice, robustly.
-        best = t.argmax(y_true, axis=1, output_type=t.int32)
-        lead = t.gather(y_pred, best, batch_dims=1)[:, None] - y_pred
-        others = 1.0 - t.one_hot(best, n_actions)
-        hinge = t.reduce_sum(t.nn.relu(margin - lead) * others, axis=1) / max(1, n_actions - 1)
-        return total + mw * hinge
+        # Policy distillation (Rusu et al. 2016): most states of a DQN are near-ties whose action a
+        # Q-value regression gets wrong about as often as right; matching the teacher's action
+        # distribution at a low temperature puts the student's decision boundary where the
+        # teacher's is. The student's softer temperature scales its scores up by score_gain.
+        target = t.nn.softmax(y_true / tau_teacher, axis=1)
+        return total - t.reduce_sum(target * t.nn.log_softmax(y_pred / tau_student, axis=1), axis=1)
 
     steps = epochs * int(np.ceil(len(states) / cfg.batch_size))
     # Decay the step size so the last epochs, with the masks fixed, settle into a fine fit.

@@ -27,6 +27,7 @@ from dqnc.envs import collect_states
 from dqnc.errors import GateFailed, UsageError
 
 HELDOUT_SEED_OFFSET = 500_000  # check states come from episodes calibration never saw
+SELECTION_SEED_OFFSET = 600_000  # states that choose among int8 candidates (see run)
 
 
 def _sparsity(model: Any) -> float:
@@ -96,13 +97,16 @@ def tensor_types(content: bytes) -> dict[str, Any]:
     return {**pol.io(), "tensor_dtypes": counts}
 
 
-def prepare_for_integer(model: Any, states: np.ndarray) -> tuple[Any, dict[str, Any]]:
-    """Fold per-feature observation standardization into the first layer and remove the
-    per-state Q offset in the last, so one per-tensor int8 scale fits both ends.
+def prepare_for_integer(model: Any, states: np.ndarray, sweeps: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Rewrite a plain MLP, without changing a single greedy action, so int8 fits it well.
 
-    Raw observations differ in scale by 10x or more (CartPole: pole angle std ~0.02, cart position
-    ~0.3), and Q-values share a large offset (~1/(1-gamma)) above small differences between
-    actions. Standardizing inputs and outputting ``Q - mean_a(Q)`` changes no greedy action.
+    - Fold per-feature observation standardization into the first layer: raw observations differ
+      in scale by 10x or more (CartPole: pole angle std ~0.02, cart position ~0.3) and one
+      per-tensor int8 input scale serves them all.
+    - Output ``Q - mean_a(Q)``: Q-values share a large offset (~1/(1-gamma)) above small
+      differences between actions, and the int8 output scale would spend its range on the offset.
+    - Equalize ReLU layers with ``sweeps`` sweeps (:func:`equalize`; 0 = off).
+
     Returns the rewritten model and the preprocessing the runtime must apply.
     """
     from dqnc.nets import NetSpec, build_plain_mlp
@@ -122,10 +126,91 @@ def prepare_for_integer(model: Any, states: np.ndarray) -> tuple[Any, dict[str, 
     weights[0], weights[1] = w0 * std[:, None], b0 + mean @ w0
     wl, bl = weights[-2], weights[-1]
     weights[-2], weights[-1] = wl - wl.mean(axis=1, keepdims=True), bl - bl.mean()
-    spec = NetSpec(int(w0.shape[0]), int(wl.shape[1]), tuple(int(w.shape[1]) for w in weights[0:-2:2]),
-                   acts[0] if acts else "relu")
+    act = acts[0] if acts else "relu"
+    if sweeps and act == "relu" and len(weights) > 2:
+        weights = equalize(weights, (states - mean) / std, sweeps)
+    spec = NetSpec(int(w0.shape[0]), int(wl.shape[1]), tuple(int(w.shape[1]) for w in weights[0:-2:2]), act)
     rewritten = build_plain_mlp(spec, [w.astype(np.float32) for w in weights])
     return rewritten, {"obs_mean": mean.tolist(), "obs_std": std.tolist(), "outputs": "centered_q_values"}
+
+
+def equalize(weights: list[np.ndarray], x: np.ndarray, sweeps: int = 1) -> list[np.ndarray]:
+    """Cross-layer equalization for ReLU MLPs (after Nagel et al. 2019, "Data-Free Quantization").
+
+    relu(s * z) = s * relu(z) for s > 0, so scaling hidden unit i by s_i and its outgoing weights by
+    1 / s_i computes the same function. int8 gives every hidden layer one activation scale, set by
+    its largest unit, and every output channel of the next layer one weight scale, set by its
+    largest weight; a unit with a small range but large outgoing weights (or the reverse) is then
+    rounded coarsely where it matters. s_i = sqrt(outgoing weight range / activation range) makes
+    the two ranges of each unit equal. Ranges come from the calibration states ``x`` (already in
+    the model's input coordinates); dead units are left alone. Scaling a layer's units changes the
+    outgoing ranges of the layer before: a second sweep rebalances them.
+    """
+    w = [np.asarray(a, np.float64).copy() for a in weights]
+    for _ in range(sweeps):
+        h = np.asarray(x, np.float64)
+        for i in range(0, len(w) - 2, 2):
+            h = np.maximum(h @ w[i] + w[i + 1], 0.0)
+            act_range = h.max(axis=0)
+            out_range = np.abs(w[i + 2]).max(axis=1)
+            live = (act_range > 1e-12) & (out_range > 1e-12)
+            scale = np.ones_like(act_range)
+            scale[live] = np.sqrt(out_range[live] / act_range[live])
+            if live.any():
+                scale[live] /= np.exp(np.log(scale[live]).mean())  # keep the layer's overall size
+            w[i], w[i + 1], w[i + 2] = w[i] * scale, w[i + 1] * scale, w[i + 2] / scale[:, None]
+            h = h * scale
+    return w
+
+
+# Cross-layer equalization sweeps tried for int8 (0 = none); see :func:`equalize`.
+EQUALIZE_SWEEPS = (0, 1, 2)
+# How much the int8 output range may shrink, as fractions of the calibrated range (see below).
+OUTPUT_RANGE_FACTORS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64)
+
+
+def _output_tensor(model: Any, schema: Any) -> Any:
+    """The tensor holding the model's action scores (before a DEQUANTIZE with float I/O)."""
+    sg = model.subgraphs[0]
+    out = sg.outputs[0]
+    for op in sg.operators:
+        if out in list(op.outputs):
+            code = model.operatorCodes[op.opcodeIndex]
+            if max(int(code.builtinCode), int(code.deprecatedBuiltinCode)) == schema.BuiltinOperator.DEQUANTIZE:
+                out = op.inputs[0]
+            break
+    return sg.tensors[out]
+
+
+def narrow_output_range(content: bytes, score: Any) -> tuple[bytes, float, tuple[float, float] | None]:
+    """Shrink the int8 output scale to the factor of :data:`OUTPUT_RANGE_FACTORS` under which the
+    model's greedy actions best match its parent's (``score(content)``: higher is better).
+
+    The converter sizes the output scale to the largest calibrated Q-value difference, but the
+    actions of a DQN are decided by differences far smaller: with CartPole the int8 steps of the
+    full range are wider than most visited states' top-two gap, and those states round to a tie.
+    Only the action ranking is deployed, so the range is narrowed and larger scores saturate, which
+    keeps the order of two actions. With more actions several may saturate into a tie; the choice
+    is measured, so a narrower range is taken only where it agrees better.
+    Returns the model, the factor chosen and the (dequantized) scores at which outputs saturate.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    tensor = _output_tensor(model, flatbuffer_utils.schema_fb)
+    q = tensor.quantization
+    if q is None or q.scale is None or len(q.scale) != 1 or tensor.type != flatbuffer_utils.schema_fb.TensorType.INT8:
+        return content, 1.0, None
+    base, zero = float(q.scale[0]), int(q.zeroPoint[0])
+    best = (score(content), 1.0, content)
+    for factor in OUTPUT_RANGE_FACTORS[1:]:
+        q.scale = np.array([base * factor], np.float32)
+        candidate = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+        agreement_ = score(candidate)
+        if agreement_ > best[0]:
+            best = (agreement_, factor, candidate)
+    scale = base * best[1]
+    return best[2], best[1], ((-128 - zero) * scale, (127 - zero) * scale)
 
 
 def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = False,
@@ -150,8 +235,12 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     sparsity = _sparsity(model)
     sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and sparsity >= 0.3)
     preprocess: dict[str, Any] = {}
+    raw_calibration = calibration
+    models = {0: model}
     if calibration is not None:
-        model, preprocess = prepare_for_integer(model, calibration)
+        models[0], preprocess = prepare_for_integer(model, calibration)
+        if preprocess and cfg.mode == "int8":
+            models.update({k: prepare_for_integer(model, calibration, k)[0] for k in EQUALIZE_SWEEPS if k})
         if preprocess:
             mean, std = np.asarray(preprocess["obs_mean"]), np.asarray(preprocess["obs_std"])
             calibration = ((calibration - mean) / std).astype(np.float32)
@@ -159,12 +248,39 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     q_parent = parent_q(check)
     centered = preprocess.get("outputs") == "centered_q_values"
 
-    def verify(content: bytes) -> tuple[dict[str, Any], list[str]]:
+    def policy(content: bytes) -> Policy:
+        return Policy(model_content=content, obs_mean=preprocess.get("obs_mean"), obs_std=preprocess.get("obs_std"))
+
+    narrow = cfg.mode == "int8" and cfg.output_range == "ranking" and centered and raw_calibration is not None
+    if narrow:
+        # Candidates are compared on their own states: rollouts that neither set the int8 ranges
+        # (calibration) nor judge the result (check), so a range that fits calibration too
+        # tightly shows up as flipped decisive states.
+        selection = collect_states(parent_q, spec, cfg.calibration_states, cfg.seed + SELECTION_SEED_OFFSET,
+                                   cfg.calibration_epsilon)
+        q_selection = parent_q(selection)
+
+        def score(content: bytes) -> tuple[bool, float, float]:
+            stats = agreement(q_selection, policy(content).q_values(selection))
+            decisive = stats["decisive_agreement"]
+            return decisive >= cfg.min_decisive_agreement, stats["agreement"] if decisive >= cfg.min_decisive_agreement else decisive, decisive
+
+    def verify(content: bytes, bounds: tuple[float, float] | None) -> tuple[dict[str, Any], list[str]]:
         try:
-            policy = Policy(model_content=content, obs_mean=preprocess.get("obs_mean"), obs_std=preprocess.get("obs_std"))
+            pol = policy(content)
         except (RuntimeError, ValueError) as e:
             return {}, [f"the runtime cannot load the converted model ({str(e).splitlines()[0][:120]})"]
-        stats = agreement(q_parent, policy.q_values(check), centered=centered)
+        q_new = pol.q_values(check)
+        stats = agreement(q_parent, q_new, centered=centered)
+        if bounds is not None:
+            # Saturated scores keep the action order but not the Q-value: Q errors are measured
+            # on the states where no output saturates, and the share that does is reported.
+            lo, hi = bounds
+            sat = ((q_new <= lo + 1e-6 * abs(lo)) | (q_new >= hi - 1e-6 * abs(hi))).any(axis=1)
+            if sat.any() and not sat.all():
+                errors = agreement(q_parent[~sat], q_new[~sat], centered=centered)
+                stats.update({k: errors[k] for k in ("q_mae", "q_max_abs_error", "q_p99_abs_error", "q_rel_error")})
+            stats["saturated_share"] = float(sat.mean())
         problems = []
         if stats["decisive_agreement"] < cfg.min_decisive_agreement:
             problems.append(f"greedy agreement on decisive states {100 * stats['decisive_agreement']:.2f}% < "
@@ -174,17 +290,40 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
                             f"{stats['q_range']:.4g} (allowed {100 * cfg.max_q_rel_error:.1f}%)")
         return stats, problems
 
-    content = convert(model, cfg.mode, calibration, cfg.float_io, sparse)
-    stats, problems = verify(content)
+    def build(sparse_: bool, sweeps: int) -> tuple[bytes, float, tuple[float, float] | None]:
+        content_ = convert(models[sweeps], cfg.mode, calibration, cfg.float_io, sparse_)
+        return narrow_output_range(content_, score) if narrow else (content_, 1.0, None)
+
+    # int8 rounding decides near-tied actions almost at random, and which rewrite of the weights
+    # keeps most of them is an empirical question: each equalization is converted and the one
+    # that agrees best with the parent on the selection states is kept. Equalized units all reach
+    # their calibrated range, so a state beyond it saturates more of them: if the chosen model
+    # fails the check, the unequalized one (the converter's own ranges) is checked instead.
+    built = {0: build(sparse, 0)}
+    sweeps = 0
+    if narrow and len(models) > 1:
+        scores = {0: score(built[0][0])}
+        for k in sorted(models)[1:]:
+            built[k] = build(sparse, k)
+            scores[k] = score(built[k][0])
+        sweeps = max(scores, key=lambda k: (scores[k], -k))
+    content, factor, bounds = built[sweeps]
+    stats, problems = verify(content, bounds)
+    notes = []
+    if problems and sweeps:
+        plain_stats, plain_problems = verify(built[0][0], built[0][2])
+        if not plain_problems:
+            notes.append(f"equalized model ({sweeps} sweeps) failed the check: {'; '.join(problems)}")
+            sweeps, (content, factor, bounds), stats, problems = 0, built[0], plain_stats, plain_problems
     encoding_note = "sparse" if sparse else "dense"
     if problems and sparse and cfg.sparse_encoding == "auto":
         # TFLite's sparse int8 kernels mis-compute some layers (measured: a pruned first layer with
         # 4 inputs); the dense encoding of the same weights is the safe fallback.
-        dense_content = convert(model, cfg.mode, calibration, cfg.float_io, False)
-        dense_stats, dense_problems = verify(dense_content)
+        dense_content, dense_factor, dense_bounds = build(False, sweeps)
+        dense_stats, dense_problems = verify(dense_content, dense_bounds)
         if not dense_problems:
             encoding_note = f"dense (sparse encoding failed the check: {'; '.join(problems)})"
-            content, stats, problems = dense_content, dense_stats, dense_problems
+            content, stats, problems, factor = dense_content, dense_stats, dense_problems, dense_factor
     result = {"mode": cfg.mode, "check": stats}
     if problems:
         raise GateFailed(f"{cfg.mode} model strays from its parent on {cfg.check_states:,} held-out states: "
@@ -197,6 +336,9 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         "sparsity_encoding": encoding_note,
         "check": stats,
         "calibration_states": 0 if calibration is None else int(len(calibration)),
+        "output_range_factor": factor,
+        "equalization_sweeps": sweeps,
+        "notes": notes,
     }
     with art.atomic_output(out, force) as tmp:
         (tmp / art.TFLITE).write_bytes(content)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -243,3 +244,62 @@ def test_cli_prune_quantize_export_chain(trained, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["prune", str(trained), "--finetune", "magic"])
     assert r.exit_code == 2 and "--finetune" in r.output
+
+
+def _relu_mlp(rng, sizes):
+    return [a for i, o in itertools.pairwise(sizes) for a in (rng.normal(size=(i, o)) * rng.lognormal(0, 1, size=o),
+                                                              rng.normal(size=o))]
+
+
+def _forward(w, x):
+    for i in range(0, len(w) - 2, 2):
+        x = np.maximum(x @ w[i] + w[i + 1], 0.0)
+    return x @ w[-2] + w[-1]
+
+
+@pytest.mark.parametrize("sweeps", [1, 2])
+def test_equalization_keeps_the_function_and_balances_each_unit(sweeps):
+    rng = np.random.default_rng(0)
+    w = _relu_mlp(rng, [4, 16, 12, 3])
+    x = rng.normal(size=(500, 4))
+    eq = quantize.equalize(w, x, sweeps)
+    np.testing.assert_allclose(_forward(eq, x), _forward(w, x), rtol=1e-9, atol=1e-9)
+    # After the sweep, the last hidden layer's units have equal activation and outgoing-weight ranges.
+    h = np.maximum(np.maximum(x @ eq[0] + eq[1], 0) @ eq[2] + eq[3], 0)
+    live = h.max(0) > 0
+    ratio = np.abs(eq[4]).max(1)[live] / h.max(0)[live]
+    assert np.allclose(ratio, ratio[0]), ratio
+    assert not np.allclose(np.abs(w[4]).max(1)[live] / np.maximum(np.maximum(x @ w[0] + w[1], 0) @ w[2] + w[3], 0).max(0)[live],
+                           ratio[0])  # the random net was not balanced to begin with
+
+
+def test_output_range_is_narrowed_only_where_the_parent_agrees_better(int8):
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    from dqnc.runtime import Policy
+
+    content = art.load(int8).model_path.read_bytes()
+    out_scale = Policy(model_content=content).io()["output"]["scale"]
+    same, factor, _ = quantize.narrow_output_range(content, lambda c: 1.0)  # nothing beats the original
+    assert same == content and factor == 1.0
+    # A score that rewards smaller output scales picks the narrowest candidate, and the saturation
+    # bounds it reports are those of the rewritten model.
+    narrow, factor, (lo, hi) = quantize.narrow_output_range(
+        content, lambda c: -Policy(model_content=c).io()["output"]["scale"])
+    assert factor == min(quantize.OUTPUT_RANGE_FACTORS)
+    io = Policy(model_content=narrow).io()["output"]
+    assert io["scale"] == pytest.approx(out_scale * factor, rel=1e-6)
+    assert (lo, hi) == pytest.approx(((-128 - io["zero_point"]) * io["scale"], (127 - io["zero_point"]) * io["scale"]))
+    assert len(fu.read_model_from_bytearray(bytearray(narrow)).subgraphs[0].tensors) == len(
+        fu.read_model_from_bytearray(bytearray(content)).subgraphs[0].tensors)
+
+
+def test_int8_manifest_records_the_equalization_and_output_range(int8, pruned, tmp_path):
+    m = art.load(int8).manifest["metrics"]
+    assert m["equalization_sweeps"] in quantize.EQUALIZE_SWEEPS
+    assert m["output_range_factor"] in quantize.OUTPUT_RANGE_FACTORS
+    assert 0.0 <= m["check"]["saturated_share"] <= 1.0
+    cfg = quantize.QuantizeConfig(output_range="full", calibration_states=200, check_states=200,
+                                  min_decisive_agreement=0.0, max_q_rel_error=1.0)
+    full = quantize.run(cfg, art.load(pruned), tmp_path / "full")
+    assert full.manifest["metrics"]["output_range_factor"] == 1.0
