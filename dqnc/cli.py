@@ -248,7 +248,11 @@ def prune(
     keep_dense: Annotated[Optional[list[str]], typer.Option(help="Layer to leave dense, by name or first/last (repeatable) [default: first and last].")] = None,
     layer_sparsity: Annotated[Optional[list[str]], typer.Option(help="Per-layer target, NAME=SPARSITY (repeatable).")] = None,
     states: Annotated[int, typer.Option(min=64, help="Rollout states to distill on.")] = 20_000,
-    epochs: Annotated[int, typer.Option(min=1, help="Distillation epochs.")] = 60,
+    epochs: Annotated[int, typer.Option(min=1, help="Distillation epochs.")] = 100,
+    dagger_rounds: Annotated[int, typer.Option(min=0, max=10, help="Extra rounds on states the student visits.")] = 4,
+    distill_loss: Annotated[str, typer.Option(help="policy (softmax cross-entropy) or hinge (teacher's action leads by a margin).")] = "policy",
+    temperature: Annotated[float, typer.Option(min=1e-6, help="Teacher softmax temperature (advantage-spread units).")] = 0.01,
+    score_gain: Annotated[float, typer.Option(min=1.0, help="How much steeper the student's scores are near ties (int8 robustness).")] = 10.0,
     rl_steps: Annotated[int, typer.Option(min=1000, help="Env steps of RL fine-tuning (--finetune rl).")] = 20_000,
     seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
@@ -261,6 +265,8 @@ def prune(
 
     values: dict[str, Any] = dict(sparsity=sparsity, schedule=schedule, distribution=distribution, finetune=finetune,
                                   layer_sparsity=_parse_layer_sparsity(layer_sparsity), states=states, epochs=epochs,
+                                  dagger_rounds=dagger_rounds, distill_loss=distill_loss, temperature=temperature,
+                                  score_gain=score_gain,
                                   rl_steps=rl_steps, seed=seed)
     if keep_dense is not None:
         values["keep_dense"] = tuple(keep_dense)
@@ -293,6 +299,7 @@ def quantize(
     mode: Annotated[str, typer.Option(help="int8 (full integer), int16x8, float16, dynamic or fp32.")] = "int8",
     float_io: Annotated[bool, typer.Option("--float-io", help="Keep float32 input/output (int8/int16x8 inside).")] = False,
     sparse_encoding: Annotated[str, typer.Option(help="auto, on or off: store sparse kernels sparsely (smaller; not for TFLite Micro).")] = "auto",
+    output_range: Annotated[str, typer.Option(help="ranking (int8 output narrowed so near-tied actions stay apart) or full.")] = "ranking",
     calibration_states: Annotated[int, typer.Option(min=16, help="Rollout states to calibrate on.")] = 2000,
     check_states: Annotated[int, typer.Option(min=16, help="Held-out states the result is checked on.")] = 2000,
     min_agreement: Annotated[float, typer.Option(min=0, max=1, help="Refuse (exit 1) below this greedy agreement on decisive states.")] = 0.98,
@@ -306,7 +313,7 @@ def quantize(
     from dqnc.quantize import run as run_quantize
 
     cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, sparse_encoding=sparse_encoding,
-                                        calibration_states=calibration_states,
+                                        output_range=output_range, calibration_states=calibration_states,
                                         check_states=check_states, seed=seed, min_decisive_agreement=min_agreement),
                    "options")
     source = art.load(path, env=_env_arg(env, None))

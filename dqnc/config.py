@@ -201,6 +201,10 @@ class PruneConfig(_StageConfig):
     # 0 frees the hidden layers from the state value, which int8 cannot resolve next to the small
     # advantages). A gain > 1 makes the student's scores near a tie that much steeper than the
     # teacher's, so int8 rounding flips fewer near-tied actions.
+    distill_loss: Literal["policy", "hinge"] = Field(
+        "policy", description="policy: softmax cross-entropy (below); hinge: the teacher's action must lead by 'margin' "
+        "(dqnc 0.1's loss; LunarLander's int8 return holds up better with it)")
+    margin: float = Field(1.5, ge=0.0, description="hinge margin, in advantage-spread units (distill_loss: hinge)")
     temperature: float = Field(0.01, gt=0.0, description="teacher softmax temperature, in advantage-spread units")
     score_gain: float = Field(10.0, ge=1.0, description="how much steeper the student's scores are than the teacher's near ties")
     advantage_weight: float = Field(0.1, ge=0.0)

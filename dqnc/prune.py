@@ -193,6 +193,7 @@ def _distill(student: Any, states: np.ndarray, targets: np.ndarray, cfg: PruneCo
     aw, vw = t.constant(cfg.advantage_weight, t.float32), t.constant(cfg.value_weight, t.float32)
     tau_teacher = t.constant(cfg.temperature, t.float32)
     tau_student = t.constant(cfg.temperature * cfg.score_gain, t.float32)
+    margin, n_actions = t.constant(cfg.margin, t.float32), int(targets.shape[1])
 
     def loss(y_true: Any, y_pred: Any) -> Any:
         err = y_pred - y_true
@@ -202,6 +203,11 @@ def _distill(student: Any, states: np.ndarray, targets: np.ndarray, cfg: PruneCo
         # Q-value regression gets wrong about as often as right; matching the teacher's action
         # distribution at a low temperature puts the student's decision boundary where the
         # teacher's is. The student's softer temperature scales its scores up by score_gain.
+        if cfg.distill_loss == "hinge":
+            best = t.argmax(y_true, axis=1, output_type=t.int32)
+            lead = t.gather(y_pred, best, batch_dims=1)[:, None] - y_pred
+            others = 1.0 - t.one_hot(best, n_actions)
+            return total + t.reduce_sum(t.nn.relu(margin - lead) * others, axis=1) / max(1, n_actions - 1)
         target = t.nn.softmax(y_true / tau_teacher, axis=1)
         return total - t.reduce_sum(target * t.nn.log_softmax(y_pred / tau_student, axis=1), axis=1)
 
@@ -290,7 +296,10 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
     art.check_output(out, force)
     if source.kind != "savedmodel":
         raise UsageError(f"{str(source.path)!r} is a .tflite model: prune its SavedModel parent, then quantize")
+    from dqnc.keras import tf
+
     keras().utils.set_random_seed(cfg.seed)
+    tf().config.experimental.enable_op_determinism()  # the same seed gives the same pruned model
     teacher = load_keras_model(source.model_path)
     if mlp_weights(teacher) is None:
         kinds = sorted({type(l).__name__ for l in teacher.layers if type(l).__name__ not in ("Dense", "InputLayer")})

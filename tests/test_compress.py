@@ -303,3 +303,17 @@ def test_int8_manifest_records_the_equalization_and_output_range(int8, pruned, t
                                   min_decisive_agreement=0.0, max_q_rel_error=1.0)
     full = quantize.run(cfg, art.load(pruned), tmp_path / "full")
     assert full.manifest["metrics"]["output_range_factor"] == 1.0
+
+
+def test_cli_output_range_is_validated(pruned, tmp_path):
+    r = runner.invoke(app, ["quantize", str(pruned), "-o", str(tmp_path / "q"), "--output-range", "wide"])
+    assert r.exit_code == 2 and "'ranking' or 'full'" in r.output and not (tmp_path / "q").exists()
+
+
+def test_hinge_distillation_reaches_the_target_and_keeps_the_policy(trained, tmp_path):
+    r = runner.invoke(app, ["prune", str(trained), "-o", str(tmp_path / "h"), "--sparsity", "0.6", "--distill-loss", "hinge",
+                            "--states", "500", "--epochs", "3", "--dagger-rounds", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)["metrics"]
+    assert all(layer["sparsity"] == pytest.approx(0.6, abs=0.01) for layer in m["layers"] if layer["target"] > 0)
+    assert art.load(tmp_path / "h").manifest["config"]["distill_loss"] == "hinge"
