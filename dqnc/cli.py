@@ -330,6 +330,11 @@ def quantize(
     stdout.print(f"checked on {c['states']:,} held-out states: greedy agreement {100 * c['agreement']:.2f}% "
                  f"(decisive {100 * c['decisive_agreement']:.2f}% of {c['decisive_states']:,}), "
                  f"p99 Q error {100 * c['q_rel_error']:.2f}% of the Q range")
+    if "saturated_share" in c:
+        stdout.print(f"int8 rewrite: {m['equalization_sweeps']} equalization sweep(s), output range x{m['output_range_factor']:g} "
+                     f"of the calibrated one ({100 * c['saturated_share']:.1f}% of checked states saturate)")
+    for note in m.get("notes", []):
+        stdout.print(f"note: {note}")
     stdout.print(f"saved {result.path}")
 
 

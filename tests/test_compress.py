@@ -317,3 +317,11 @@ def test_hinge_distillation_reaches_the_target_and_keeps_the_policy(trained, tmp
     m = json.loads(r.stdout)["metrics"]
     assert all(layer["sparsity"] == pytest.approx(0.6, abs=0.01) for layer in m["layers"] if layer["target"] > 0)
     assert art.load(tmp_path / "h").manifest["config"]["distill_loss"] == "hinge"
+
+
+def test_cli_int8_quantize_reports_the_rewrite(pruned, tmp_path):
+    r = runner.invoke(app, ["quantize", str(pruned), "-o", str(tmp_path / "q"), "--calibration-states", "300",
+                            "--check-states", "300", "--min-agreement", "0"])
+    assert r.exit_code == 0, r.output
+    m = art.load(tmp_path / "q").manifest["metrics"]
+    assert f"{m['equalization_sweeps']} equalization sweep(s), output range x{m['output_range_factor']:g}" in " ".join(r.output.split())
