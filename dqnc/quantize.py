@@ -263,7 +263,9 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         def score(content: bytes) -> tuple[bool, float, float]:
             stats = agreement(q_selection, policy(content).q_values(selection))
             decisive = stats["decisive_agreement"]
-            return decisive >= cfg.min_decisive_agreement, stats["agreement"] if decisive >= cfg.min_decisive_agreement else decisive, decisive
+            ok = decisive >= cfg.min_decisive_agreement
+            # Candidates that keep the decisive states rank first, then by agreement on all states.
+            return ok, stats["agreement"] if ok else decisive, decisive
 
     def verify(content: bytes, bounds: tuple[float, float] | None) -> tuple[dict[str, Any], list[str]]:
         try:
