@@ -231,8 +231,9 @@ class QuantizeConfig(_StageConfig):
         "auto", description="store sparse kernels sparsely: smaller files, but TFLite Micro cannot run them "
         "and XNNPACK does not accelerate them; auto = when at least 30% of the weights are zero")
     output_range: Literal["ranking", "full"] = Field(
-        "ranking", description="int8 output scale: 'ranking' narrows it (on calibration states) so near-tied actions "
-        "stay apart and large scores saturate; 'full' keeps the converter's range over every calibrated Q-value")
+        "ranking", description="int8 output scale: 'ranking' narrows it so near-tied actions stay apart (larger scores "
+        "saturate) and also tries cross-layer equalization, each variant chosen by greedy agreement with the parent on "
+        "separate selection rollouts; 'full' keeps the converter's range over every calibrated Q-value, unequalized")
     calibration_states: int = Field(2000, ge=16)
     calibration_epsilon: float = Field(0.1, ge=0.0, le=1.0)
     check_states: int = Field(2000, ge=16)

@@ -213,10 +213,28 @@ def narrow_output_range(content: bytes, score: Any) -> tuple[bytes, float, tuple
     return best[2], best[1], ((-128 - zero) * scale, (127 - zero) * scale)
 
 
+def choose_candidate(scores: dict[int, Any], verify: Any) -> tuple[int, dict[str, Any], list[str], list[str]]:
+    """Pick the int8 candidate (keyed by equalization sweeps) with the best ``scores`` entry, then
+    check it with ``verify(key) -> (stats, problems)``.
+
+    Equalized units all reach their calibrated range, so a state beyond it saturates more of them
+    (measured: CartPole decisive states whose inputs lay outside the calibration range). If the
+    chosen candidate fails the check, the unequalized one (key 0, the converter's own ranges) is
+    checked instead and a note says so. Returns (key, stats, problems, notes).
+    """
+    best = max(scores, key=lambda k: (scores[k], -k))
+    stats, problems = verify(best)
+    if problems and best != 0 and 0 in scores:
+        plain_stats, plain_problems = verify(0)
+        if not plain_problems:
+            return 0, plain_stats, plain_problems, [f"equalized model ({best} sweeps) failed the check: {'; '.join(problems)}"]
+    return best, stats, problems, []
+
+
 def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = False,
         command: list[str] | None = None) -> art.Artifact:
     """Quantize ``source`` (a SavedModel artifact) into a checked ``.tflite`` artifact at ``out``."""
-    from dqnc.policy import load_keras_model, q_function
+    from dqnc.policy import load_keras_model, mlp_weights, q_function
     from dqnc.runtime import Policy
 
     out = Path(out)
@@ -239,7 +257,9 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     models = {0: model}
     if calibration is not None:
         models[0], preprocess = prepare_for_integer(model, calibration)
-        if preprocess and cfg.mode == "int8":
+        hidden_acts = set((mlp_weights(model) or ([], []))[1])
+        if preprocess and cfg.mode == "int8" and cfg.output_range == "ranking" and hidden_acts == {"relu"}:
+            # Equalized candidates are compared on agreement, which is what 'ranking' optimizes.
             models.update({k: prepare_for_integer(model, calibration, k)[0] for k in EQUALIZE_SWEEPS if k})
         if preprocess:
             mean, std = np.asarray(preprocess["obs_mean"]), np.asarray(preprocess["obs_std"])
@@ -261,7 +281,10 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         q_selection = parent_q(selection)
 
         def score(content: bytes) -> tuple[bool, float, float]:
-            stats = agreement(q_selection, policy(content).q_values(selection))
+            try:
+                stats = agreement(q_selection, policy(content).q_values(selection))
+            except (RuntimeError, ValueError):  # the runtime cannot load it: rank it last
+                return False, -1.0, -1.0
             decisive = stats["decisive_agreement"]
             ok = decisive >= cfg.min_decisive_agreement
             # Candidates that keep the decisive states rank first, then by agreement on all states.
@@ -278,11 +301,14 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
             # Saturated scores keep the action order but not the Q-value: Q errors are measured
             # on the states where no output saturates, and the share that does is reported.
             lo, hi = bounds
+            # (If every state saturates, the errors stay those of all states: the check then fails.)
             sat = ((q_new <= lo + 1e-6 * abs(lo)) | (q_new >= hi - 1e-6 * abs(hi))).any(axis=1)
             if sat.any() and not sat.all():
                 errors = agreement(q_parent[~sat], q_new[~sat], centered=centered)
-                stats.update({k: errors[k] for k in ("q_mae", "q_max_abs_error", "q_p99_abs_error", "q_rel_error")})
+                stats.update({k: errors[k] for k in ("q_mae", "q_max_abs_error", "q_p99_abs_error")})
+                stats["q_rel_error"] = stats["q_p99_abs_error"] / stats["q_range"] if stats["q_range"] > 0 else 0.0
             stats["saturated_share"] = float(sat.mean())
+            stats["q_error_states"] = int((~sat).sum()) if not sat.all() else int(len(sat))
         problems = []
         if stats["decisive_agreement"] < cfg.min_decisive_agreement:
             problems.append(f"greedy agreement on decisive states {100 * stats['decisive_agreement']:.2f}% < "
@@ -298,34 +324,22 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
 
     # int8 rounding decides near-tied actions almost at random, and which rewrite of the weights
     # keeps most of them is an empirical question: each equalization is converted and the one
-    # that agrees best with the parent on the selection states is kept. Equalized units all reach
-    # their calibrated range, so a state beyond it saturates more of them: if the chosen model
-    # fails the check, the unequalized one (the converter's own ranges) is checked instead.
-    built = {0: build(sparse, 0)}
-    sweeps = 0
-    if narrow and len(models) > 1:
-        scores = {0: score(built[0][0])}
-        for k in sorted(models)[1:]:
-            built[k] = build(sparse, k)
-            scores[k] = score(built[k][0])
-        sweeps = max(scores, key=lambda k: (scores[k], -k))
-    content, factor, bounds = built[sweeps]
-    stats, problems = verify(content, bounds)
-    notes = []
-    if problems and sweeps:
-        plain_stats, plain_problems = verify(built[0][0], built[0][2])
-        if not plain_problems:
-            notes.append(f"equalized model ({sweeps} sweeps) failed the check: {'; '.join(problems)}")
-            sweeps, (content, factor, bounds), stats, problems = 0, built[0], plain_stats, plain_problems
+    # that agrees best with the parent on the selection states is kept (see choose_candidate).
+    built = {k: build(sparse, k) for k in (sorted(models) if narrow else [0])}
+    scores = {k: score(b[0]) for k, b in built.items()} if len(built) > 1 else {0: 0.0}
+    sweeps, stats, problems, notes = choose_candidate(scores, lambda k: verify(built[k][0], built[k][2]))
+    content, factor = built[sweeps][0], built[sweeps][1]
     encoding_note = "sparse" if sparse else "dense"
     if problems and sparse and cfg.sparse_encoding == "auto":
         # TFLite's sparse int8 kernels mis-compute some layers (measured: a pruned first layer with
         # 4 inputs); the dense encoding of the same weights is the safe fallback.
-        dense_content, dense_factor, dense_bounds = build(False, sweeps)
-        dense_stats, dense_problems = verify(dense_content, dense_bounds)
-        if not dense_problems:
+        dense = {k: build(False, k) for k in dict.fromkeys([sweeps, 0])}
+        d_sweeps, d_stats, d_problems, d_notes = choose_candidate(
+            {k: (k == sweeps) for k in dense}, lambda k: verify(dense[k][0], dense[k][2]))
+        if not d_problems:
             encoding_note = f"dense (sparse encoding failed the check: {'; '.join(problems)})"
-            content, stats, problems, factor = dense_content, dense_stats, dense_problems, dense_factor
+            sweeps, stats, problems, notes = d_sweeps, d_stats, d_problems, notes + d_notes
+            content, factor = dense[sweeps][0], dense[sweeps][1]
     result = {"mode": cfg.mode, "check": stats}
     if problems:
         raise GateFailed(f"{cfg.mode} model strays from its parent on {cfg.check_states:,} held-out states: "

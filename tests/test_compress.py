@@ -325,3 +325,31 @@ def test_cli_int8_quantize_reports_the_rewrite(pruned, tmp_path):
     assert r.exit_code == 0, r.output
     m = art.load(tmp_path / "q").manifest["metrics"]
     assert f"{m['equalization_sweeps']} equalization sweep(s), output range x{m['output_range_factor']:g}" in " ".join(r.output.split())
+
+
+def test_chosen_int8_candidate_falls_back_to_the_unequalized_one_when_it_fails_the_check():
+    checked = []
+
+    def verify(k):
+        checked.append(k)
+        return {"k": k}, (["decisive 97%"] if k == 2 else [])
+
+    k, stats, problems, notes = quantize.choose_candidate({0: (True, 0.95, 1.0), 2: (True, 0.97, 1.0)}, verify)
+    assert (k, stats, problems) == (0, {"k": 0}, []) and checked == [2, 0]
+    assert notes and "2 sweeps" in notes[0] and "decisive 97%" in notes[0]
+    # When the best one passes, nothing else is checked; when both fail, the best one's problems stand.
+    checked.clear()
+    assert quantize.choose_candidate({0: (True, 0.9, 1.0), 1: (True, 0.96, 1.0)}, verify)[:3] == (1, {"k": 1}, [])
+    assert checked == [1]
+    k, _, problems, notes = quantize.choose_candidate({0: 0.1, 2: 0.9}, lambda k: ({}, ["bad"]))
+    assert (k, problems, notes) == (2, ["bad"], [])
+
+
+def test_float_io_int8_narrows_the_internal_output_and_reports_saturation(pruned, tmp_path):
+    cfg = quantize.QuantizeConfig(float_io=True, calibration_states=300, check_states=300,
+                                  min_decisive_agreement=0.0, max_q_rel_error=1.0)
+    a = quantize.run(cfg, art.load(pruned), tmp_path / "fio")
+    q, m = a.manifest["quantization"], a.manifest["metrics"]
+    assert q["input"]["dtype"] == "float32" and q["output"]["dtype"] == "float32"
+    assert m["output_range_factor"] in quantize.OUTPUT_RANGE_FACTORS
+    assert 0 <= m["check"]["saturated_share"] <= 1 and 0 < m["check"]["q_error_states"] <= 300
