@@ -199,15 +199,16 @@ def _distill(student: Any, states: np.ndarray, targets: np.ndarray, cfg: PruneCo
         err = y_pred - y_true
         centered = err - t.reduce_mean(err, axis=1, keepdims=True)
         total = vw * t.reduce_mean(t.square(err), axis=1) + aw * t.reduce_mean(t.square(centered), axis=1)
-        # Policy distillation (Rusu et al. 2016): most states of a DQN are near-ties whose action a
-        # Q-value regression gets wrong about as often as right; matching the teacher's action
-        # distribution at a low temperature puts the student's decision boundary where the
-        # teacher's is. The student's softer temperature scales its scores up by score_gain.
         if cfg.distill_loss == "hinge":
+            # The teacher's action must lead every other by ``margin``.
             best = t.argmax(y_true, axis=1, output_type=t.int32)
             lead = t.gather(y_pred, best, batch_dims=1)[:, None] - y_pred
             others = 1.0 - t.one_hot(best, n_actions)
             return total + t.reduce_sum(t.nn.relu(margin - lead) * others, axis=1) / max(1, n_actions - 1)
+        # Policy distillation (Rusu et al. 2016): most states of a DQN are near-ties whose action a
+        # Q-value regression gets wrong about as often as right; matching the teacher's action
+        # distribution at a low temperature puts the student's decision boundary where the
+        # teacher's is. The student's softer temperature scales its scores up by score_gain.
         target = t.nn.softmax(y_true / tau_teacher, axis=1)
         return total - t.reduce_sum(target * t.nn.log_softmax(y_pred / tau_student, axis=1), axis=1)
 

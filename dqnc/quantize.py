@@ -253,7 +253,6 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     sparsity = _sparsity(model)
     sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and sparsity >= 0.3)
     preprocess: dict[str, Any] = {}
-    raw_calibration = calibration
     models = {0: model}
     if calibration is not None:
         models[0], preprocess = prepare_for_integer(model, calibration)
@@ -271,7 +270,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     def policy(content: bytes) -> Policy:
         return Policy(model_content=content, obs_mean=preprocess.get("obs_mean"), obs_std=preprocess.get("obs_std"))
 
-    narrow = cfg.mode == "int8" and cfg.output_range == "ranking" and centered and raw_calibration is not None
+    narrow = cfg.mode == "int8" and cfg.output_range == "ranking" and centered  # centered: calibrated MLP
     if narrow:
         # Candidates are compared on their own states: rollouts that neither set the int8 ranges
         # (calibration) nor judge the result (check), so a range that fits calibration too
@@ -308,7 +307,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
                 stats.update({k: errors[k] for k in ("q_mae", "q_max_abs_error", "q_p99_abs_error")})
                 stats["q_rel_error"] = stats["q_p99_abs_error"] / stats["q_range"] if stats["q_range"] > 0 else 0.0
             stats["saturated_share"] = float(sat.mean())
-            stats["q_error_states"] = int((~sat).sum()) if not sat.all() else int(len(sat))
+            stats["q_error_states"] = int(len(sat) if sat.all() else (~sat).sum())
         problems = []
         if stats["decisive_agreement"] < cfg.min_decisive_agreement:
             problems.append(f"greedy agreement on decisive states {100 * stats['decisive_agreement']:.2f}% < "
@@ -334,6 +333,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         # TFLite's sparse int8 kernels mis-compute some layers (measured: a pruned first layer with
         # 4 inputs); the dense encoding of the same weights is the safe fallback.
         dense = {k: build(False, k) for k in dict.fromkeys([sweeps, 0])}
+        # The chosen sweeps are checked first (ranked higher), then the unequalized model.
         d_sweeps, d_stats, d_problems, d_notes = choose_candidate(
             {k: (k == sweeps) for k in dense}, lambda k: verify(dense[k][0], dense[k][2]))
         if not d_problems:
