@@ -353,3 +353,21 @@ def test_float_io_int8_narrows_the_internal_output_and_reports_saturation(pruned
     assert q["input"]["dtype"] == "float32" and q["output"]["dtype"] == "float32"
     assert m["output_range_factor"] in quantize.OUTPUT_RANGE_FACTORS
     assert 0 <= m["check"]["saturated_share"] <= 1 and 0 < m["check"]["q_error_states"] <= 300
+
+
+@pytest.mark.parametrize("command", ["prune", "quantize", "export"])
+def test_cli_defaults_are_the_config_defaults(command):
+    """CLI options repeat the stage configs' defaults (for --help); they must not drift apart."""
+    import typer.main
+
+    from dqnc import config
+
+    cfg_class = {"prune": config.PruneConfig, "quantize": config.QuantizeConfig, "export": config.ExportConfig}[command]
+    click_cmd = typer.main.get_command(app).commands[command]
+    shared = {p.name: p.default for p in click_cmd.params if p.name in cfg_class.model_fields}
+    assert shared, "no option shares a name with the config"
+    for name, default in shared.items():
+        field_default = cfg_class.model_fields[name].get_default(call_default_factory=True)
+        if default is None or isinstance(field_default, (tuple, dict)):
+            continue  # None = "the config's default"; tuples/dicts are built from repeatable options
+        assert default == field_default, f"--{name.replace('_', '-')}: CLI {default!r} vs config {field_default!r}"
