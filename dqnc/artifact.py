@@ -187,6 +187,14 @@ class Artifact:
     def network(self) -> dict[str, Any]:
         return dict(self.manifest.get("network") or {})
 
+    @property
+    def outputs(self) -> str:
+        """What the model outputs: ``q_values`` (trained or imported), ``centered_q_values`` (Q minus
+        its per-state mean: an integer model of a Q-network), or ``action_scores`` (a distilled
+        student: only the ranking of actions is meaningful, not the values)."""
+        pre = self.manifest.get("preprocess") or {}
+        return str(pre.get("outputs") or self.network.get("outputs") or "q_values")
+
 
 def _is_savedmodel(path: Path) -> bool:
     return path.is_dir() and ((path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file())

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dqnc import __version__
-from dqnc.errors import EXIT_INTERRUPTED, DqncError, GateFailed
+from dqnc.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DqncError, GateFailed
+from dqnc.seeds import EVAL_SEED
 
 app = typer.Typer(
     name="dqnc",
@@ -35,6 +36,7 @@ app = typer.Typer(
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
 _debug = {"on": os.environ.get("DQNC_DEBUG", "") not in ("", "0")}
+_ui = {"quiet": False}  # --quiet, on every command: no progress bars, spinners or progress lines
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ENV_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
@@ -45,10 +47,16 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def _guard(fn: F) -> F:
-    """Map DqncError / Ctrl-C / SIGTERM to one stderr line and the documented exit code."""
+    """Map DqncError / Ctrl-C / SIGTERM / a bug to one stderr line and the documented exit code,
+    and give every command ``--quiet`` (one definition, here)."""
+    import inspect as _inspect
+
+    sig = _inspect.signature(fn, eval_str=True)
+    own_quiet = "quiet" in sig.parameters
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _ui["quiet"] = bool(kwargs.get("quiet") if own_quiet else kwargs.pop("quiet", False))
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -75,10 +83,24 @@ def _guard(fn: F) -> F:
             stderr.print(f"[bold red]error:[/] cannot write{where}: {e.strerror}; free space or choose a writable "
                          "output path (nothing partial was left behind)", markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+            raise
+        except Exception as e:
+            # Anything else is a bug in dqnc: exit 3, one line, the traceback behind --debug.
+            if _debug["on"]:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            stderr.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} (a bug in dqnc: re-run with "
+                         "--debug for the traceback and report it)", markup=True, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
+    if not own_quiet:
+        quiet = _inspect.Parameter("quiet", _inspect.Parameter.KEYWORD_ONLY, default=False,
+                                   annotation=Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")])
+        wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), quiet])  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 
@@ -121,6 +143,7 @@ def _parse_hidden(text: str | None) -> list[int] | None:
 @_guard
 def train(
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="gymnasium env id, or 'module:Env-v0'.")] = None,
+    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, e.g. '{\"continuous\": false}'.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact directory [default: runs/ENV-seedSEED].")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of training options (flags override it).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed; a run is reproducible on CPU for a given seed. [default: 0]")] = None,
@@ -141,7 +164,8 @@ def train(
     eps_fraction: Annotated[Optional[float], typer.Option(help="Share of the run over which epsilon decays.")] = None,
     eval_freq: Annotated[Optional[int], typer.Option(help="Env steps between greedy evaluations.")] = None,
     eval_episodes: Annotated[Optional[int], typer.Option(help="Episodes per greedy evaluation.")] = None,
-    early_stop: Annotated[Optional[bool], typer.Option("--early-stop/--no-early-stop", help="Stop once every episode of an evaluation reaches the env's reward threshold.")] = None,
+    confirm_episodes: Annotated[Optional[int], typer.Option(help="Episodes (a second, disjoint seed range) that confirm a new best evaluation before its weights are kept or training stops (0 = off).")] = None,
+    early_stop: Annotated[Optional[bool], typer.Option("--early-stop/--no-early-stop", help="Stop once every episode of an evaluation and its confirmation reaches the env's reward threshold.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left at OUT.ckpt.")] = False,
     logdir: Annotated[Optional[Path], typer.Option(help="Write TensorBoard scalars here.")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
@@ -157,7 +181,8 @@ def train(
         batch_size=batch_size, buffer_size=buffer_size, learning_starts=learning_starts, gamma=gamma,
         train_freq=train_freq, gradient_steps=gradient_steps, target_update_interval=target_update_interval,
         tau=tau, eps_end=eps_end, eps_fraction=eps_fraction, eval_freq=eval_freq, eval_episodes=eval_episodes,
-        early_stop=early_stop, env=env,
+        confirm_episodes=confirm_episodes, early_stop=early_stop, env=env,
+        env_kwargs=_parse_env_kwargs(env_kwargs),
     )
     cfg = build_train_config(env, file_values, overrides, source=str(config) if config else "options")
     out = out if out is not None else Path("runs") / f"{cfg.env.replace(':', '_').replace('/', '_')}-seed{cfg.seed}"
@@ -186,7 +211,7 @@ class _progress_bar:
     """A Rich progress bar on stderr; silent when stderr is not a terminal or with --quiet."""
 
     def __init__(self, quiet: bool, label: str) -> None:
-        self.enabled = not quiet and stderr.is_terminal
+        self.enabled = not quiet and not _ui["quiet"] and stderr.is_terminal
         self.label = label
         self.bar: Any = None
         self.task: Any = None
@@ -241,6 +266,7 @@ def prune(
     path: Annotated[Path, typer.Argument(help="SavedModel artifact (or Keras SavedModel with --env) to prune.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-prunedNN].")] = None,
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
     sparsity: Annotated[float, typer.Option(help="Target sparsity of the pruned kernels, in [0, 1).")] = 0.8,
     schedule: Annotated[str, typer.Option(help="polynomial (masks tighten gradually) or constant.")] = "polynomial",
     distribution: Annotated[str, typer.Option(help="uniform, or erk (small layers stay denser).")] = "uniform",
@@ -271,7 +297,7 @@ def prune(
     if keep_dense is not None:
         values["keep_dense"] = tuple(keep_dense)
     cfg = validate(PruneConfig, values, "options")
-    source = art.load(path, env=_env_arg(env, None))
+    source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, f"pruned{round(100 * sparsity)}")
     with _spinner(f"pruning to {100 * sparsity:.0f}% ({finetune})", as_json):
         result = run_prune(cfg, source, out, force=force, command=_argv())
@@ -285,9 +311,15 @@ def prune(
     stdout.print(table)
     c = m["check"]
     stdout.print(f"overall sparsity {100 * m['sparsity']:.1f}% (pruned layers {100 * m['prunable_sparsity']:.1f}%); "
-                 f"greedy agreement with the parent on {c['states']:,} held-out states {100 * c['agreement']:.1f}% "
-                 f"(decisive states {100 * c['decisive_agreement']:.1f}%)")
+                 f"against the parent on {c['states']:,} held-out states: {fidelity_line(c)}")
     stdout.print(f"saved {result.path}")
+
+
+def fidelity_line(c: dict[str, Any]) -> str:
+    """One line of dqnc.fidelity's vocabulary, every count shown."""
+    return (f"regret {c['regret']:.4f} (p99 {c['regret_p99']:.3f}) of the action spread; agreement "
+            f"{100 * c['agreement']:.2f}% of {c['states']:,}; decisive {100 * c['decisive_agreement']:.2f}% of "
+            f"{c['decisive_states']:,} ({100 * c['decisive_share']:.1f}% of states)")
 
 
 @app.command()
@@ -296,14 +328,20 @@ def quantize(
     path: Annotated[Path, typer.Argument(help="SavedModel artifact to convert.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-MODE].")] = None,
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
     mode: Annotated[str, typer.Option(help="int8 (full integer), int16x8, float16, dynamic or fp32.")] = "int8",
     float_io: Annotated[bool, typer.Option("--float-io", help="Keep float32 input/output (int8/int16x8 inside).")] = False,
     sparse_encoding: Annotated[str, typer.Option(help="auto, on or off: store sparse kernels sparsely (smaller; not for TFLite Micro).")] = "auto",
     output_range: Annotated[str, typer.Option(help="ranking (int8 output narrowed so near-tied actions stay apart) or full.")] = "ranking",
     calibration_states: Annotated[int, typer.Option(min=16, help="Rollout states to calibrate on.")] = 2000,
     check_states: Annotated[int, typer.Option(min=16, help="Held-out states the result is checked on.")] = 2000,
-    min_agreement: Annotated[float, typer.Option(min=0, max=1, help="Refuse (exit 1) below this greedy agreement on decisive states.")] = 0.98,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the calibration and check rollouts.")] = 0,
+    max_regret: Annotated[float, typer.Option(min=0, help="Refuse (exit 1) above this mean regret on the check states (fraction of the parent's action spread).")] = 0.05,
+    max_return_drop: Annotated[float, typer.Option(min=0, help="Refuse (exit 1) a significant return drop above this fraction over the check episodes.")] = 0.05,
+    check_episodes: Annotated[int, typer.Option(min=0, help="Closed-loop check episodes, paired with the parent's (0 = off).")] = 20,
+    min_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Also refuse below this greedy agreement on all check states.")] = None,
+    min_decisive_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Also refuse below this agreement on decisive states.")] = None,
+    max_q_rel_error: Annotated[Optional[float], typer.Option(min=0, help="Also refuse above this p99 Q error (fraction of the Q range).")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=999, help="Seed of the calibration, selection and check rollouts.")] = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
@@ -314,9 +352,11 @@ def quantize(
 
     cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, sparse_encoding=sparse_encoding,
                                         output_range=output_range, calibration_states=calibration_states,
-                                        check_states=check_states, seed=seed, min_decisive_agreement=min_agreement),
-                   "options")
-    source = art.load(path, env=_env_arg(env, None))
+                                        check_states=check_states, seed=seed, max_regret=max_regret,
+                                        max_return_drop=max_return_drop, check_episodes=check_episodes,
+                                        min_agreement=min_agreement, min_decisive_agreement=min_decisive_agreement,
+                                        max_q_rel_error=max_q_rel_error), "options")
+    source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, mode)
     with _spinner(f"quantizing ({mode})", as_json):
         result = run_quantize(cfg, source, out, force=force, command=_argv())
@@ -327,9 +367,11 @@ def quantize(
     c = m["check"]
     stdout.print(f"{mode}: {m['size_bytes']:,} bytes; input {qz['input']['dtype']} (scale {qz['input']['scale']:.4g}, "
                  f"zero point {qz['input']['zero_point']}), output {qz['output']['dtype']}; encoding {m['sparsity_encoding']}")
-    stdout.print(f"checked on {c['states']:,} held-out states: greedy agreement {100 * c['agreement']:.2f}% "
-                 f"(decisive {100 * c['decisive_agreement']:.2f}% of {c['decisive_states']:,}), "
-                 f"p99 Q error {100 * c['q_rel_error']:.2f}% of the Q range")
+    stdout.print(f"checked on {c['states']:,} held-out states: {fidelity_line(c)}")
+    if "check_episodes" in c:
+        stdout.print(f"closed loop, {c['check_episodes']} check episodes: mean return {c['mean_return']:.2f} vs parent "
+                     f"{c['parent_mean_return']:.2f} (drop {c['return_drop']:+.2f}, 95% CI "
+                     f"{c['return_drop_ci95'][0]:+.2f}..{c['return_drop_ci95'][1]:+.2f})")
     if "saturated_share" in c:
         stdout.print(f"int8 rewrite: {m['equalization_sweeps']} equalization sweep(s), output range x{m['output_range_factor']:g} "
                      f"of the calibrated one ({100 * c['saturated_share']:.1f}% of checked states saturate)")
@@ -344,6 +386,7 @@ def export(
     path: Annotated[Path, typer.Argument(help="Artifact to bundle (.tflite artifact, or SavedModel -> fp32 TFLite).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory [default: PATH-bundle].")] = None,
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
     c_name: Annotated[str, typer.Option(help="Name of the C array in model_data.cc.")] = "g_dqnc_model",
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
@@ -354,7 +397,7 @@ def export(
     from dqnc.export import run as run_export
 
     cfg = validate(ExportConfig, {"c_name": c_name}, "options")
-    source = art.load(path, env=_env_arg(env, None))
+    source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, "bundle")
     result = run_export(cfg, source, out, force=force, command=_argv())
     if as_json:
@@ -374,7 +417,7 @@ class _spinner:
     """A status spinner on stderr for steps without a step count (quiet when not a TTY or with --json)."""
 
     def __init__(self, text: str, quiet: bool) -> None:
-        self.status = stderr.status(text) if stderr.is_terminal and not quiet else None
+        self.status = stderr.status(text) if stderr.is_terminal and not quiet and not _ui["quiet"] else None
 
     def __enter__(self) -> None:
         if self.status is not None:
@@ -454,23 +497,29 @@ def _render_report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
         _emit_json(d)
         return
     rows = [recipe.StageRow(**r) for r in d["stages"]]
-    report = recipe.RunReport(d["recipe"], d["out_dir"], rows, d["failures"], d["wall_seconds"])
+    report = recipe.RunReport(d["recipe"], d["out_dir"], rows, d["failures"], d["wall_seconds"],
+                              gates_checked=d.get("gates_checked", True))
     from rich import box
 
-    narrow = stdout.width < 110  # drop the stage-type column on an 80-column terminal
+    # Cells never wrap or get cut: COLUMNS is sized for an 80-column CI log (Rich's width when
+    # stdout is not a terminal); a row wider than the console overflows instead of folding.
     heads = ["name"] + [c[0] for c in recipe.COLUMNS] + ["status"]
-    table = Table(*(heads[:1] + heads[2:] if narrow else heads), box=box.SIMPLE_HEAD, pad_edge=False,
-                  title=f"dqnc run {d['recipe']} ({d['wall_seconds']:.1f} s)", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"dqnc run {d['recipe']} ({d['wall_seconds']:.1f} s)",
+                  title_justify="left")
+    for i, h in enumerate(heads):
+        table.add_column(h, no_wrap=True, overflow="ignore", justify="left" if i in (0, 1) else "right")
     for cells in recipe.table_rows(report):
-        table.add_row(*(cells[:1] + cells[2:] if narrow else cells))
-    stdout.print(table)
+        table.add_row(*cells)
+    stdout.print(table, crop=False)
     for passed, line in recipe.gate_lines(report):
-        stdout.print(("[green]" if passed else "[red]") + line + "[/]")
+        stdout.print(("[green]" if passed else "[red]") + line + "[/]", soft_wrap=True)
     for failure in d["failures"]:
         if "gate " not in failure:
-            stdout.print(f"[red]{failure}[/]")
-    verdict = "[green]PASSED[/]" if d["passed"] else "[red]FAILED[/]"
-    stdout.print(f"{verdict}; report: {loaded.out_dir / 'report.md'} and report.json")
+            stdout.print(f"[red]{failure}[/]", soft_wrap=True)
+    color = {"PASSED": "green", "FAILED": "red"}.get(report.verdict, "yellow")
+    extra = "" if report.gates_checked else " (--until stopped early: the recipe's gates were not checked)"
+    stdout.print(f"[{color}]{report.verdict}[/]{extra}; report: {loaded.out_dir / 'report.md'} and report.json",
+                 soft_wrap=True)
 
 
 # --- eval --------------------------------------------------------------------------------------
@@ -482,13 +531,16 @@ def eval_cmd(
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
     env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Greedy episodes to run.")] = 100,
-    seed: Annotated[int, typer.Option(min=0, help="Episode i is reset with seed SEED+i.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Episode i is reset with seed SEED+i; the default starts dqnc's held-out range (no stage rolls out from it).")] = EVAL_SEED,
     reference: Annotated[Optional[Path], typer.Option("--reference", "-r", help="Parent policy: report action agreement, Q error and return drop against it.")] = None,
     latency_samples: Annotated[int, typer.Option(min=0, help="Single-observation calls timed for the latency figures (0 = skip).")] = 2000,
     min_return: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is below this.")] = None,
     max_return_drop: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is more than this fraction below the reference's (0.01 = 1%).")] = None,
-    min_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Gate: exit 1 if greedy agreement with the reference on decisive states is below this (0.99 = 99%).")] = None,
-    max_size_kb: Annotated[Optional[float], typer.Option(min=0, help="Gate: exit 1 if the model file is larger than this many KiB.")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Gate: exit 1 if greedy agreement with the reference over every visited state is below this (0.95 = 95%).")] = None,
+    min_decisive_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Gate: the same on decisive states only (their count is reported).")] = None,
+    max_regret: Annotated[Optional[float], typer.Option(min=0, help="Gate: exit 1 if the mean regret (fraction of the reference's action spread) exceeds this.")] = None,
+    max_size_kb: Annotated[Optional[float], typer.Option(min=0, help="Gate: exit 1 if the model file is larger than this many kB (1,000 bytes).")] = None,
+    max_size_kib: Annotated[Optional[float], typer.Option(min=0, help="Gate: the same in KiB (1,024 bytes).")] = None,
     max_latency_us: Annotated[Optional[float], typer.Option(min=0, help="Gate: exit 1 if the p50 latency per action exceeds this many microseconds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
@@ -501,7 +553,8 @@ def eval_cmd(
     source = art.load(path, env=env_spec_arg)
     parent = art.load(reference, env=env_spec_arg or source.env) if reference is not None else None
     gates = dict(min_return=min_return, max_return_drop=max_return_drop, min_agreement=min_agreement,
-                 max_size_kb=max_size_kb, max_latency_us=max_latency_us)
+                 min_decisive_agreement=min_decisive_agreement, max_regret=max_regret, max_size_kb=max_size_kb,
+                 max_size_kib=max_size_kib, max_latency_us=max_latency_us)
     cfg = validate(EvalConfig, dict(episodes=episodes, seed=seed, latency_samples=latency_samples, gates=gates), "options")
     try:
         result = run_eval(cfg, source, parent)
@@ -511,23 +564,28 @@ def eval_cmd(
     _render_eval(result, as_json)
 
 
+def _parse_env_kwargs(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    from dqnc.errors import UsageError
+
+    try:
+        kwargs = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--env-kwargs is not valid JSON ({e}): pass e.g. '{{\"continuous\": false}}'") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError("--env-kwargs must be a JSON object, e.g. '{\"continuous\": false}'")
+    return kwargs
+
+
 def _env_arg(env: str | None, env_kwargs: str | None) -> Any:
     if env is None:
         if env_kwargs is not None:
             raise typer.BadParameter("--env-kwargs needs --env")
         return None
     from dqnc.envs import env_spec
-    from dqnc.errors import UsageError
 
-    kwargs = {}
-    if env_kwargs:
-        try:
-            kwargs = json.loads(env_kwargs)
-        except ValueError as e:
-            raise UsageError(f"--env-kwargs is not valid JSON ({e}): pass e.g. '{{\"continuous\": false}}'") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError("--env-kwargs must be a JSON object, e.g. '{\"continuous\": false}'")
-    return env_spec(env, kwargs)
+    return env_spec(env, _parse_env_kwargs(env_kwargs) or {})
 
 
 def _render_eval(r: dict[str, Any], as_json: bool) -> None:
@@ -537,19 +595,27 @@ def _render_eval(r: dict[str, Any], as_json: bool) -> None:
     table = Table(title=f"{r['path']}  ({r['stage']}, {r['kind']}, {r['env']})", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("episodes", f"{r['episodes']} (seeds {r['seed']}..{r['seed'] + r['episodes'] - 1})")
-    table.add_row("mean return", f"{r['mean_return']:.2f} ± {r['std_return']:.2f}")
+    table.add_row("episodes", f"{r['episodes']} (seeds {r['seed']}..{r['seed'] + r['episodes'] - 1}, "
+                  f"{r['seed_range']} range)")
+    lo, hi = r["return_ci95"]
+    table.add_row("mean return (95% CI)", f"{r['mean_return']:.2f} ({lo:.2f}..{hi:.2f})")
     table.add_row("min / max", f"{r['min_return']:.2f} / {r['max_return']:.2f}")
     table.add_row("mean length", f"{r['mean_length']:.1f}")
     if r["solved_share"] is not None:
         table.add_row(f"episodes >= {r['reward_threshold']:g}", f"{100 * r['solved_share']:.0f}%")
     ref = r.get("reference")
     if ref:
-        table.add_row("reference mean return", f"{ref['mean_return']:.2f} (drop {100 * ref['return_drop_frac']:.2f}%)")
+        dlo, dhi = ref["return_drop_ci95"]
+        table.add_row("reference mean return", f"{ref['mean_return']:.2f}")
+        table.add_row("return drop (95% CI)", f"{ref['return_drop']:+.2f} ({dlo:+.2f}..{dhi:+.2f}), "
+                      f"{100 * ref['return_drop_frac']:.2f}%")
+        table.add_row("regret (mean / p99)", f"{ref['regret']:.4f} / {ref['regret_p99']:.4f} of the action spread")
         table.add_row("greedy agreement", f"{100 * ref['agreement']:.2f}% of {ref['states']:,} states")
-        table.add_row("  on decisive states", f"{100 * ref['decisive_agreement']:.2f}% of {ref['decisive_states']:,}")
-        table.add_row("Q error (max / range)", f"{ref['q_max_abs_error']:.4g} / {ref['q_range']:.4g}")
-    table.add_row("size", f"{r['size_bytes'] / 1024:,.1f} KiB ({r['gzip_bytes'] / 1024:,.1f} KiB gzipped)")
+        table.add_row("  on decisive states", f"{100 * ref['decisive_agreement']:.2f}% of {ref['decisive_states']:,} "
+                      f"({100 * ref['decisive_share']:.1f}%)")
+        if "q_range" in ref:
+            table.add_row("Q error (max / range)", f"{ref['q_max_abs_error']:.4g} / {ref['q_range']:.4g}")
+    table.add_row("size", f"{r['size_bytes']:,} bytes ({r['gzip_bytes']:,} gzipped)")
     lat = r.get("latency_us")
     if lat:
         a = lat["action"]
@@ -569,13 +635,14 @@ def _render_eval(r: dict[str, Any], as_json: bool) -> None:
 def inspect(
     path: Annotated[Path, typer.Argument(help="Artifact directory, SavedModel or .tflite file.")],
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Summarize an artifact: stage, env, layers, parameters, sparsity, sizes."""
     from dqnc import artifact as art
     from dqnc.inspection import summarize
 
-    info = summarize(art.load(path, env=_env_arg(env, None)))
+    info = summarize(art.load(path, env=_env_arg(env, env_kwargs)))
     if as_json:
         _emit_json(info)
         return
@@ -583,13 +650,19 @@ def inspect(
                  f"(obs {tuple(info['env']['obs_shape'])}, {info['env']['n_actions']} actions)")
     if info.get("parent"):
         stdout.print(f"parent: {info['parent']['path']} ({info['parent']['stage']}, sha256 {info['parent']['sha256'][:12]})")
-    table = Table("layer", "shape", "params", "nonzero", "sparsity")
+    stdout.print(f"outputs: {info['outputs']}" + (f"; precision {info['quantization']['mode']}"
+                                                  if info.get("quantization") else ""))
+    if info.get("ops") is not None:
+        stdout.print(f"ops: {', '.join(info['ops'])}")
+    table = Table("layer", "op", "shape", "params", "nonzero", "sparsity")
     for layer in info["layers"]:
-        table.add_row(layer["name"], str(tuple(layer["shape"])), f"{layer['params']:,}", f"{layer['nonzero']:,}",
+        name = layer["name"] if len(layer["name"]) <= 24 else "…" + layer["name"][-23:]
+        table.add_row(name, layer["op"], str(tuple(layer["shape"])), f"{layer['params']:,}", f"{layer['nonzero']:,}",
                       f"{100 * layer['sparsity']:.1f}%")
-    table.add_row("[bold]total", "", f"{info['params']:,}", f"{info['nonzero']:,}", f"{100 * info['sparsity']:.1f}%")
-    stdout.print(table)
-    stdout.print(f"size: {info['size_bytes']:,} bytes on disk, {info['gzip_bytes']:,} gzipped (model files)")
+    table.add_row("[bold]total", "", "", f"{info['params']:,}", f"{info['nonzero']:,}", f"{100 * info['sparsity']:.1f}%")
+    stdout.print(table, crop=False)
+    stdout.print(f"size: {info['size_bytes']:,} bytes on disk, {info['gzip_bytes']:,} gzipped (model files); "
+                 "sparsity = zero kernel weights / kernel weights")
     m = info.get("metrics") or {}
     if m.get("best_eval_mean_return") is not None:
         stdout.print(f"training: best greedy eval {m['best_eval_mean_return']:.1f} at step {m['best_eval_step']:,}; "
@@ -599,11 +672,18 @@ def inspect(
 
 
 @app.command()
-def version() -> None:
+@_guard
+def version(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
     """Print dqnc's version and the versions of the libraries it uses (for bug reports)."""
     from dqnc.artifact import library_versions
 
-    for name, v in library_versions().items():
+    versions = library_versions()
+    if as_json:
+        _emit_json(versions)
+        return
+    for name, v in versions.items():
         typer.echo(f"{name:32s}{v}")
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dqnc.errors import ConfigError
+from dqnc.seeds import EVAL_SEED
 
 
 class TrainConfig(BaseModel):
@@ -21,7 +22,7 @@ class TrainConfig(BaseModel):
 
     env: str = Field(min_length=1, description="gymnasium id, or 'module:Env-v0'")
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=999)
     total_steps: int = Field(100_000, ge=1, description="env steps over all vectorized envs")
     num_envs: int = Field(1, ge=1, le=256)
     hidden: list[int] = Field(default_factory=lambda: [128, 128], min_length=1, max_length=8)
@@ -43,7 +44,10 @@ class TrainConfig(BaseModel):
     eps_fraction: float = Field(0.16, gt=0, le=1)
     eval_freq: int = Field(2500, ge=1, description="env steps between greedy evaluations")
     eval_episodes: int = Field(20, ge=1)
-    early_stop: bool = Field(True, description="stop once every episode of a greedy evaluation reaches the env's reward threshold")
+    confirm_episodes: int = Field(50, ge=0, description="episodes (from a second, disjoint seed range) that confirm "
+                                  "a new best evaluation before its weights are kept or training stops early")
+    early_stop: bool = Field(True, description="stop once every episode of a greedy evaluation and its confirmation "
+                             "reaches the env's reward threshold")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -211,7 +215,7 @@ class PruneConfig(_StageConfig):
     value_weight: float = Field(0.0, ge=0.0)
     dagger_rounds: int = Field(6, ge=0, le=10, description="extra rounds on states the student visits, labelled by the teacher")
     rl_steps: int = Field(20_000, ge=100, description="env steps of RL fine-tuning (finetune: rl)")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=999)
     check_states: int = Field(2000, ge=16)
 
     @model_validator(mode="after")
@@ -237,9 +241,18 @@ class QuantizeConfig(_StageConfig):
     calibration_states: int = Field(2000, ge=16)
     calibration_epsilon: float = Field(0.1, ge=0.0, le=1.0)
     check_states: int = Field(2000, ge=16)
-    seed: int = Field(0, ge=0)
-    min_decisive_agreement: float = Field(0.98, ge=0.0, le=1.0)
-    max_q_rel_error: float = Field(0.05, ge=0.0, description="p99 |dQ| as a fraction of the parent's Q range")
+    seed: int = Field(0, ge=0, le=999)
+    # The check refuses what loses something (dqnc.fidelity): regret on the parent's states, and
+    # the return of closed-loop episodes. Agreement and Q-error limits are opt-in.
+    max_regret: float = Field(0.05, ge=0.0, description="mean regret on the check states, as a fraction of the "
+                              "parent's action spread")
+    max_return_drop: float = Field(0.05, ge=0.0, description="mean return drop over check_episodes, as a fraction of "
+                                   "|parent mean|; fails only when the paired 95% CI of the drop excludes 0")
+    check_episodes: int = Field(20, ge=0, le=10_000, description="closed-loop check episodes (0 = off)")
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on all check states")
+    min_decisive_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on decisive states")
+    max_q_rel_error: float | None = Field(None, ge=0.0, description="p99 |dQ| as a fraction of the parent's Q range "
+                                          "(Q-value outputs only)")
 
 
 class ExportConfig(_StageConfig):
@@ -252,9 +265,12 @@ class Gates(_StageConfig):
     """Quality gates: each failing one makes the command exit 1."""
 
     min_return: float | None = None
-    max_return_drop: float | None = Field(None, description="fraction of the reference's mean return, e.g. 0.01")
-    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on decisive states")
-    max_size_kb: float | None = Field(None, gt=0.0)
+    max_return_drop: float | None = Field(None, description="fraction of |reference mean return|, e.g. 0.01")
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on every visited state")
+    min_decisive_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on decisive states")
+    max_regret: float | None = Field(None, ge=0.0, description="mean regret, as a fraction of the reference's action spread")
+    max_size_kb: float | None = Field(None, gt=0.0, description="file size in kB (1 kB = 1,000 bytes)")
+    max_size_kib: float | None = Field(None, gt=0.0, description="file size in KiB (1 KiB = 1,024 bytes)")
     max_latency_us: float | None = Field(None, gt=0.0, description="p50 per action")
 
 
@@ -262,6 +278,7 @@ class EvalConfig(_StageConfig):
     """Greedy evaluation (see dqnc.evaluate)."""
 
     episodes: int = Field(100, ge=1, le=100_000)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(EVAL_SEED, ge=0, lt=2**31, description="episode i is reset with seed + i; the default starts "
+                      "the held-out range no stage rolls out from (dqnc.seeds)")
     latency_samples: int = Field(2000, ge=0)
     gates: Gates = Field(default_factory=Gates)

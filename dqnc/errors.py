@@ -1,8 +1,8 @@
 """The error hierarchy and the one place that maps outcomes to exit codes.
 
 Every failure a user can cause is a ``DqncError`` whose message names the problem and the fix.
-The CLI prints it as one line and exits with ``exit_code``; anything else is a bug and keeps its
-traceback.
+The CLI prints it as one line and exits with ``exit_code``; anything else is a bug: one line,
+exit 3, and the traceback with ``--debug``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3  # a bug in dqnc (any exception that is not a DqncError)
 EXIT_INTERRUPTED = 130
 
 

@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 
 from dqnc.artifact import Artifact
-from dqnc.compare import agreement
+from dqnc.compare import q_errors
 from dqnc.config import EvalConfig
 from dqnc.envs import QFunction, rollout
 from dqnc.errors import GateFailed, UsageError
+from dqnc.fidelity import actions_of, fidelity, return_drop, return_stats
+from dqnc.seeds import purpose_of
 
 
 def latency_us(q_fn: QFunction, states: np.ndarray, samples: int) -> dict[str, Any]:
@@ -60,8 +62,11 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
     if reference is not None and reference.env.id != source.env.id:
         raise UsageError(f"--reference acts in {reference.env.id!r} but the model in {source.env.id!r}: compare policies of one env")
     g = cfg.gates
-    if (g.max_return_drop is not None or g.min_agreement is not None) and reference is None:
-        raise UsageError("--max-return-drop and --min-agreement compare against a parent: pass --reference PARENT")
+    relative = [name for name in ("max_return_drop", "min_agreement", "min_decisive_agreement", "max_regret")
+                if getattr(g, name) is not None]
+    if relative and reference is None:
+        flags = ", ".join("--" + n.replace("_", "-") for n in relative)
+        raise UsageError(f"{flags} compare against a parent: pass --reference PARENT")
     started = time.perf_counter()
     q_fn = q_function(source)
     load_s = time.perf_counter() - started
@@ -77,10 +82,8 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
         "env": source.env.id,
         "episodes": cfg.episodes,
         "seed": cfg.seed,
-        "mean_return": float(r.mean()),
-        "std_return": float(r.std()),
-        "min_return": float(r.min()),
-        "max_return": float(r.max()),
+        "seed_range": purpose_of(cfg.seed),
+        **return_stats(r),
         "mean_length": float(res.lengths.mean()),
         "reward_threshold": threshold,
         "solved_share": None if threshold is None else float((r >= threshold).mean()),
@@ -99,17 +102,19 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
         ref = rollout(ref_fn, reference.env, cfg.episodes, cfg.seed)
         rnd = rollout(_random_q(source.env.n_actions, cfg.seed), source.env, cfg.episodes, cfg.seed)
         ref_mean, rnd_mean = float(ref.returns.mean()), float(rnd.returns.mean())
+        q_ref = ref_fn(res.observations)
         result["reference"] = {
             "path": str(reference.path),
             "stage": reference.stage,
             "mean_return": ref_mean,
+            "return_ci95": return_stats(ref.returns)["return_ci95"],
             "random_policy_mean_return": rnd_mean,
-            "return_drop": ref_mean - result["mean_return"],
-            "return_drop_frac": (ref_mean - result["mean_return"]) / max(abs(ref_mean), 1e-9),
-            "return_drop_of_random_gap": (ref_mean - result["mean_return"]) / max(ref_mean - rnd_mean, 1e-9),
-            **agreement(ref_fn(res.observations), res.q_values,
-                        centered=(source.manifest.get("preprocess") or {}).get("outputs") == "centered_q_values"),
+            **return_drop(ref.returns, r, rnd_mean),
+            **fidelity(q_ref, actions_of(res.q_values)),
         }
+        if source.outputs != "action_scores" and reference.outputs == "q_values":
+            # Q errors mean something only where the model outputs Q-values (or centered ones).
+            result["reference"].update(q_errors(q_ref, res.q_values, centered=source.outputs == "centered_q_values"))
     _apply_gates(cfg, result)
     return result
 
@@ -131,16 +136,29 @@ def _apply_gates(cfg: EvalConfig, result: dict[str, Any]) -> None:
         drop = ref["return_drop_frac"]
         fails.append(_gate(result, "max_return_drop", g.max_return_drop, drop, drop <= g.max_return_drop,
                            f"mean return {mean:.2f} is {100 * drop:.2f}% below the reference's {ref['mean_return']:.2f} "
-                           f"(allowed {100 * g.max_return_drop:.2f}%)"))
+                           f"on the same episodes (allowed {100 * g.max_return_drop:.2f}%)"))
     if g.min_agreement is not None and ref is not None:
-        agr = ref["decisive_agreement"]
+        agr = ref["agreement"]
         fails.append(_gate(result, "min_agreement", g.min_agreement, agr, agr >= g.min_agreement,
-                           f"greedy agreement on decisive states {100 * agr:.2f}% is below {100 * g.min_agreement:.2f}% "
-                           f"by {100 * (g.min_agreement - agr):.2f} points"))
-    if g.max_size_kb is not None:
-        kb = result["size_bytes"] / 1024
-        fails.append(_gate(result, "max_size_kb", g.max_size_kb, kb, kb <= g.max_size_kb,
-                           f"model size {kb:.1f} KB exceeds {g.max_size_kb:g} KB by {kb - g.max_size_kb:.1f} KB"))
+                           f"greedy agreement {100 * agr:.2f}% of {ref['states']:,} visited states is below "
+                           f"{100 * g.min_agreement:.2f}% by {100 * (g.min_agreement - agr):.2f} points"))
+    if g.min_decisive_agreement is not None and ref is not None:
+        agr = ref["decisive_agreement"]
+        fails.append(_gate(result, "min_decisive_agreement", g.min_decisive_agreement, agr,
+                           agr >= g.min_decisive_agreement,
+                           f"greedy agreement on {ref['decisive_states']:,} decisive states {100 * agr:.2f}% is below "
+                           f"{100 * g.min_decisive_agreement:.2f}% by {100 * (g.min_decisive_agreement - agr):.2f} points"))
+    if g.max_regret is not None and ref is not None:
+        reg = ref["regret"]
+        fails.append(_gate(result, "max_regret", g.max_regret, reg, reg <= g.max_regret,
+                           f"mean regret {reg:.4f} of the reference's action spread exceeds {g.max_regret:g}"))
+    for name, unit, div in (("max_size_kb", "kB", 1000), ("max_size_kib", "KiB", 1024)):
+        limit = getattr(g, name)
+        if limit is not None:
+            size = result["size_bytes"] / div
+            fails.append(_gate(result, name, limit, size, size <= limit,
+                               f"model size {size:.1f} {unit} ({result['size_bytes']:,} bytes) exceeds {limit:g} {unit} "
+                               f"by {size - limit:.1f} {unit}"))
     lat = (result.get("latency_us") or {}).get("action")
     if g.max_latency_us is not None:
         if lat is None:

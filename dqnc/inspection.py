@@ -34,20 +34,29 @@ def disk_size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def layer_stats(name: str, kernel: np.ndarray, bias: np.ndarray | None) -> dict[str, Any]:
+def layer_stats(name: str, kernel: np.ndarray, bias: np.ndarray | None, op: str = "Dense") -> dict[str, Any]:
+    """Sizes of one layer. Sparsity, everywhere in dqnc, is the share of zero *kernel* weights
+    (biases excluded): what pruning targets and what a sparse encoding saves."""
     params = kernel.size + (0 if bias is None else bias.size)
-    nonzero = int(np.count_nonzero(kernel)) + (0 if bias is None else int(np.count_nonzero(bias)))
     return {
         "name": name,
+        "op": op,
         "shape": list(kernel.shape),
         "params": int(params),
-        "nonzero": nonzero,
-        "kernel_sparsity": float(1 - np.count_nonzero(kernel) / kernel.size),
-        "sparsity": float(1 - nonzero / params),
+        "kernel_params": int(kernel.size),
+        "nonzero": int(np.count_nonzero(kernel)) + (0 if bias is None else int(np.count_nonzero(bias))),
+        "sparsity": float(1 - np.count_nonzero(kernel) / kernel.size) if kernel.size else 0.0,
     }
 
 
-def summarize(artifact: Artifact) -> dict[str, Any]:
+def _savedmodel_layers(artifact: Artifact) -> list[dict[str, Any]]:
+    from dqnc.nets import MLP_FILE, load_mlp
+
+    npz = artifact.path / MLP_FILE
+    if npz.is_file():  # dqnc's own SavedModels carry their weights for TF-free reading
+        mlp = load_mlp(npz)
+        return [layer_stats(f"dense_{i}" if i else "dense", np.asarray(w), np.asarray(b))
+                for i, (w, b) in enumerate(mlp.layers)]
     from dqnc.policy import check_io, load_keras_model
 
     model = load_keras_model(artifact.model_path)
@@ -55,11 +64,58 @@ def summarize(artifact: Artifact) -> dict[str, Any]:
     layers = []
     for layer in model.layers:
         w = layer.get_weights()
-        if not w:
+        if w:
+            layers.append(layer_stats(layer.name, w[0], w[1] if len(w) > 1 else None, type(layer).__name__))
+    return layers
+
+
+def _tflite_layers(artifact: Artifact) -> tuple[list[dict[str, Any]], list[str]]:
+    """Weighted ops of a .tflite model (read with LiteRT, no TensorFlow) and its op list."""
+    from dqnc.runtime import interpreter_class, quiet_stderr
+
+    module, _ = interpreter_class()
+    with quiet_stderr():
+        interp = module.Interpreter(model_path=str(artifact.model_path))
+    ops = interp._get_ops_details()
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    densified = {o["outputs"][0]: o["inputs"][0] for o in ops if o["op_name"] == "DENSIFY"}
+
+    def const(idx: int) -> np.ndarray | None:
+        try:
+            return np.asarray(interp.get_tensor(idx))
+        except ValueError:
+            return None
+
+    layers = []
+    for o in ops:
+        if o["op_name"] not in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D") or len(o["inputs"]) < 2:
             continue
-        layers.append(layer_stats(layer.name, w[0], w[1] if len(w) > 1 else None))
+        w_idx = o["inputs"][1]
+        name = tensors[w_idx]["name"] if w_idx in tensors else str(w_idx)
+        if w_idx in densified:  # sparse encoding: the stored values are the nonzeros
+            shape = [int(v) for v in tensors[w_idx]["shape"]]
+            size = int(np.prod(shape))
+            stored = const(densified[w_idx])
+            nonzero = int(np.count_nonzero(stored)) if stored is not None else size
+            layers.append({"name": name, "op": o["op_name"] + " (sparse)", "shape": shape, "params": size,
+                           "kernel_params": size, "nonzero": nonzero, "sparsity": 1 - nonzero / size})
+            continue
+        w = const(w_idx)
+        b = const(o["inputs"][2]) if len(o["inputs"]) > 2 and o["inputs"][2] >= 0 else None
+        if w is not None:
+            layers.append(layer_stats(name, w, b, o["op_name"]))
+    return layers, sorted({o["op_name"] for o in ops})
+
+
+def summarize(artifact: Artifact) -> dict[str, Any]:
+    ops: list[str] | None = None
+    if artifact.kind == "tflite":
+        layers, ops = _tflite_layers(artifact)
+    else:
+        layers = _savedmodel_layers(artifact)
     params = sum(l["params"] for l in layers)
-    nonzero = sum(l["nonzero"] for l in layers)
+    kernel = sum(l["kernel_params"] for l in layers)
+    kernel_zero = sum(l["kernel_params"] * l["sparsity"] for l in layers)
     m = artifact.manifest
     return {
         "path": str(artifact.path),
@@ -68,10 +124,13 @@ def summarize(artifact: Artifact) -> dict[str, Any]:
         "env": artifact.env.to_dict(),
         "parent": m.get("parent"),
         "network": m.get("network"),
+        "outputs": artifact.outputs,
+        "quantization": m.get("quantization"),
+        "ops": ops,
         "layers": layers,
         "params": params,
-        "nonzero": nonzero,
-        "sparsity": 1 - nonzero / params if params else 0.0,
+        "nonzero": sum(l["nonzero"] for l in layers),
+        "sparsity": float(kernel_zero / kernel) if kernel else 0.0,
         "size_bytes": disk_size(artifact.model_path),
         "gzip_bytes": gzip_size(artifact.model_path),
         "metrics": m.get("metrics"),

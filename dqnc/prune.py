@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from dqnc import artifact as art
-from dqnc.compare import agreement
+from dqnc.fidelity import actions_of, fidelity
+from dqnc.seeds import episode_seed
 from dqnc.config import PruneConfig
 from dqnc.envs import collect_states
 from dqnc.errors import UsageError
 from dqnc.nets import MLP_FILE, NumpyMLP, save_mlp
 
-HELDOUT_SEED_OFFSET = 700_000
 
 
 def _dense_layers(model: Any) -> list[Any]:
@@ -51,7 +51,11 @@ def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
     # default: they are small, the output layer decides the action, and TFLite's sparse int8
     # kernels mis-compute a sparse layer with few (e.g. 4) inputs (measured; see quantize).
     aliases = {"first": names[0], "last": names[-1]}
-    kept = [aliases.get(n, n) for n in cfg.keep_dense if aliases.get(n, n) in names]
+    typo = [n for n in cfg.keep_dense if aliases.get(n, n) not in names]
+    if typo:
+        raise UsageError(f"keep_dense: no Dense layer named {typo[0]!r} in the model: use first, last or one of "
+                         f"{', '.join(names)}")
+    kept = [aliases[n] if n in aliases else n for n in cfg.keep_dense]
     targets = {n: 0.0 for n in kept}
     free = [l for l in dense if l.name not in kept and l.name not in cfg.layer_sparsity]
     targets.update(cfg.layer_sparsity)
@@ -229,7 +233,8 @@ def _dagger(student: Any, teacher_q: Any, norm: _Normalizer, states: np.ndarray,
     extra = max(64, cfg.states // 2)
     for r in range(cfg.dagger_rounds):
         student_q = NumpyMLP(norm.to_raw(_wrapped_weights(student)), acts)
-        visited = collect_states(student_q, source.env, extra, cfg.seed + 1000 * (r + 1), cfg.epsilon / 2)
+        visited = collect_states(student_q, source.env, extra, episode_seed("distill", cfg.seed) + 1000 * (r + 1),
+                                 cfg.epsilon / 2)
         states = np.concatenate([states, visited])
         q_t = np.concatenate([q_t, teacher_q(visited)])
         history += _distill(student, norm.x(states), norm.q(q_t), cfg, max(1, cfg.epochs // 2), lr_scale=0.3)
@@ -315,7 +320,7 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
         raise UsageError("nothing to prune: every Dense layer is kept dense (check --keep-dense / --layer-sparsity)")
     history: list[float] = []
     if cfg.finetune == "distill":
-        states = collect_states(teacher_q, source.env, cfg.states, cfg.seed, cfg.epsilon)
+        states = collect_states(teacher_q, source.env, cfg.states, episode_seed("distill", cfg.seed), cfg.epsilon)
         q_t = teacher_q(states)
         steps = cfg.epochs * int(np.ceil(len(states) / cfg.batch_size))
         norm = _Normalizer.fit(states, q_t, advantages=cfg.value_weight == 0)
@@ -355,9 +360,9 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
     prunable = [l for l in layers if l["target"] > 0]
     total_zero = sum(l["zeros"] for l in layers)
     total = sum(l["params"] for l in layers)
-    check = collect_states(teacher_q, source.env, cfg.check_states, cfg.seed + HELDOUT_SEED_OFFSET, cfg.epsilon)
+    check = collect_states(teacher_q, source.env, cfg.check_states, episode_seed("check", cfg.seed), cfg.epsilon)
     student_q = NumpyMLP(weights, acts)
-    stats = agreement(teacher_q(check), student_q(check))
+    stats = fidelity(teacher_q(check), actions_of(student_q(check)))
     metrics = {
         "sparsity": total_zero / total,
         "prunable_sparsity": sum(l["zeros"] for l in prunable) / max(1, sum(l["params"] for l in prunable)),
@@ -368,7 +373,9 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
     with art.atomic_output(out, force) as tmp:
         plain.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
         save_mlp(tmp / MLP_FILE, weights, acts)
-        art.write_manifest(tmp, stage="prune", env=source.env, network=source.network,
+        # A distilled student's outputs keep the teacher's action ranking, not its Q-values.
+        outputs = "action_scores" if cfg.finetune == "distill" else source.outputs
+        art.write_manifest(tmp, stage="prune", env=source.env, network={**source.network, "outputs": outputs},
                            config=cfg.model_dump(mode="json"), metrics=metrics,
                            parent=source, command=command)
     return art.load(out)

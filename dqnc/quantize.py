@@ -9,8 +9,10 @@ Modes:
 - ``fp32``: a plain float conversion (what ``export`` uses for SavedModel inputs).
 
 Sparse kernels keep their zeros (the converter's sparsity optimization). Before anything is
-written, the converted model is compared with its input on held-out states; a result beyond
-tolerance raises GateFailed with the numbers (exit 1) and writes nothing.
+written, the converted model is checked against its input (dqnc.fidelity's vocabulary): regret on
+held-out states the parent visits, and the return of closed-loop episodes on the same seeds; a
+result beyond tolerance raises GateFailed with the numbers (exit 1) and writes nothing. Agreement
+and Q-error limits are optional: a model whose actions differ only on near-ties loses nothing.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from typing import Any
 import numpy as np
 
 from dqnc import artifact as art
-from dqnc.compare import agreement
+from dqnc.compare import q_errors
 from dqnc.config import QuantizeConfig
-from dqnc.envs import collect_states
+from dqnc.envs import collect_states, rollout
 from dqnc.errors import GateFailed, UsageError
+from dqnc.fidelity import actions_of, fidelity, return_drop
+from dqnc.seeds import episode_seed
 
-HELDOUT_SEED_OFFSET = 500_000  # check states come from episodes calibration never saw
-SELECTION_SEED_OFFSET = 600_000  # states that choose among int8 candidates (see run)
+# Closed-loop check episodes start this far into the check range, past the episodes that
+# collect the check states.
+CHECK_EPISODE_OFFSET = 50_000
 
 
 def _sparsity(model: Any) -> float:
@@ -97,7 +102,8 @@ def tensor_types(content: bytes) -> dict[str, Any]:
     return {**pol.io(), "tensor_dtypes": counts}
 
 
-def prepare_for_integer(model: Any, states: np.ndarray, sweeps: int = 0) -> tuple[Any, dict[str, Any]]:
+def prepare_for_integer(model: Any, states: np.ndarray, sweeps: int = 0,
+                        outputs: str = "q_values") -> tuple[Any, dict[str, Any]]:
     """Rewrite a plain MLP, without changing a single greedy action, so int8 fits it well.
 
     - Fold per-feature observation standardization into the first layer: raw observations differ
@@ -131,7 +137,8 @@ def prepare_for_integer(model: Any, states: np.ndarray, sweeps: int = 0) -> tupl
         weights = equalize(weights, (states - mean) / std, sweeps)
     spec = NetSpec(int(w0.shape[0]), int(wl.shape[1]), tuple(int(w.shape[1]) for w in weights[0:-2:2]), act)
     rewritten = build_plain_mlp(spec, [w.astype(np.float32) for w in weights])
-    return rewritten, {"obs_mean": mean.tolist(), "obs_std": std.tolist(), "outputs": "centered_q_values"}
+    centered = "centered_q_values" if outputs in ("q_values", "centered_q_values") else "action_scores"
+    return rewritten, {"obs_mean": mean.tolist(), "obs_std": std.tolist(), "outputs": centered}
 
 
 def equalize(weights: list[np.ndarray], x: np.ndarray, sweeps: int = 1) -> list[np.ndarray]:
@@ -249,23 +256,26 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     spec = source.env
     calibration = None
     if cfg.mode in ("int8", "int16x8"):
-        calibration = collect_states(parent_q, spec, cfg.calibration_states, cfg.seed, cfg.calibration_epsilon)
+        calibration = collect_states(parent_q, spec, cfg.calibration_states, episode_seed("calibration", cfg.seed),
+                                     cfg.calibration_epsilon)
     sparsity = _sparsity(model)
     sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and sparsity >= 0.3)
     preprocess: dict[str, Any] = {}
     models = {0: model}
     if calibration is not None:
-        models[0], preprocess = prepare_for_integer(model, calibration)
+        models[0], preprocess = prepare_for_integer(model, calibration, outputs=source.outputs)
         hidden_acts = set((mlp_weights(model) or ([], []))[1])
         if preprocess and cfg.mode == "int8" and cfg.output_range == "ranking" and hidden_acts == {"relu"}:
             # Equalized candidates are compared on agreement, which is what 'ranking' optimizes.
-            models.update({k: prepare_for_integer(model, calibration, k)[0] for k in EQUALIZE_SWEEPS if k})
+            models.update({k: prepare_for_integer(model, calibration, k, source.outputs)[0]
+                           for k in EQUALIZE_SWEEPS if k})
         if preprocess:
             mean, std = np.asarray(preprocess["obs_mean"]), np.asarray(preprocess["obs_std"])
             calibration = ((calibration - mean) / std).astype(np.float32)
-    check = collect_states(parent_q, spec, cfg.check_states, cfg.seed + HELDOUT_SEED_OFFSET, cfg.calibration_epsilon)
+    check = collect_states(parent_q, spec, cfg.check_states, episode_seed("check", cfg.seed), cfg.calibration_epsilon)
     q_parent = parent_q(check)
-    centered = preprocess.get("outputs") == "centered_q_values"
+    centered = preprocess.get("outputs") == "centered_q_values" or (
+        preprocess.get("outputs") == "action_scores" and source.outputs == "action_scores")
 
     def policy(content: bytes) -> Policy:
         return Policy(model_content=content, obs_mean=preprocess.get("obs_mean"), obs_std=preprocess.get("obs_std"))
@@ -275,19 +285,19 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         # Candidates are compared on their own states: rollouts that neither set the int8 ranges
         # (calibration) nor judge the result (check), so a range that fits calibration too
         # tightly shows up as flipped decisive states.
-        selection = collect_states(parent_q, spec, cfg.calibration_states, cfg.seed + SELECTION_SEED_OFFSET,
+        selection = collect_states(parent_q, spec, cfg.calibration_states, episode_seed("selection", cfg.seed),
                                    cfg.calibration_epsilon)
         q_selection = parent_q(selection)
 
         def score(content: bytes) -> tuple[bool, float, float]:
             try:
-                stats = agreement(q_selection, policy(content).q_values(selection))
+                stats = fidelity(q_selection, actions_of(policy(content).q_values(selection)))
             except (RuntimeError, ValueError):  # the runtime cannot load it: rank it last
                 return False, -1.0, -1.0
-            decisive = stats["decisive_agreement"]
-            ok = decisive >= cfg.min_decisive_agreement
-            # Candidates that keep the decisive states rank first, then by agreement on all states.
-            return ok, stats["agreement"] if ok else decisive, decisive
+            ok = stats["regret"] <= cfg.max_regret
+            # Candidates within the regret limit rank first, by agreement on all states; the others
+            # by how little they lose.
+            return ok, stats["agreement"] if ok else -stats["regret"], -stats["regret"]
 
     def verify(content: bytes, bounds: tuple[float, float] | None) -> tuple[dict[str, Any], list[str]]:
         try:
@@ -295,27 +305,51 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         except (RuntimeError, ValueError) as e:
             return {}, [f"the runtime cannot load the converted model ({str(e).splitlines()[0][:120]})"]
         q_new = pol.q_values(check)
-        stats = agreement(q_parent, q_new, centered=centered)
+        stats = fidelity(q_parent, actions_of(q_new))
+        sat = None
         if bounds is not None:
             # Saturated scores keep the action order but not the Q-value: Q errors are measured
             # on the states where no output saturates, and the share that does is reported.
             lo, hi = bounds
-            # (If every state saturates, the errors stay those of all states: the check then fails.)
             sat = ((q_new <= lo + 1e-6 * abs(lo)) | (q_new >= hi - 1e-6 * abs(hi))).any(axis=1)
-            if sat.any() and not sat.all():
-                errors = agreement(q_parent[~sat], q_new[~sat], centered=centered)
-                stats.update({k: errors[k] for k in ("q_mae", "q_max_abs_error", "q_p99_abs_error")})
-                stats["q_rel_error"] = stats["q_p99_abs_error"] / stats["q_range"] if stats["q_range"] > 0 else 0.0
             stats["saturated_share"] = float(sat.mean())
-            stats["q_error_states"] = int(len(sat) if sat.all() else (~sat).sum())
+            # (If every state saturates, the errors stay those of all states.)
+            sat = sat if sat.any() and not sat.all() else None
+        keep = slice(None) if sat is None else ~sat
+        stats.update(q_errors(q_parent[keep], q_new[keep], centered=centered))
         problems = []
-        if stats["decisive_agreement"] < cfg.min_decisive_agreement:
-            problems.append(f"greedy agreement on decisive states {100 * stats['decisive_agreement']:.2f}% < "
-                            f"{100 * cfg.min_decisive_agreement:.2f}%")
-        if stats["q_rel_error"] > cfg.max_q_rel_error:
-            problems.append(f"p99 Q error {stats['q_p99_abs_error']:.4g} is {100 * stats['q_rel_error']:.1f}% of the Q range "
-                            f"{stats['q_range']:.4g} (allowed {100 * cfg.max_q_rel_error:.1f}%)")
+        if stats["regret"] > cfg.max_regret:
+            problems.append(f"regret {stats['regret']:.4f} of the parent's action spread > {cfg.max_regret:g}")
+        if cfg.min_agreement is not None and stats["agreement"] < cfg.min_agreement:
+            problems.append(f"agreement {100 * stats['agreement']:.2f}% < {100 * cfg.min_agreement:.2f}%")
+        if cfg.min_decisive_agreement is not None and stats["decisive_agreement"] < cfg.min_decisive_agreement:
+            problems.append(f"decisive agreement {100 * stats['decisive_agreement']:.2f}% of "
+                            f"{stats['decisive_states']:,} decisive states < {100 * cfg.min_decisive_agreement:.2f}%")
+        if cfg.max_q_rel_error is not None and stats["q_rel_error"] > cfg.max_q_rel_error:
+            problems.append(f"p99 Q error {stats['q_p99_abs_error']:.4g} is {100 * stats['q_rel_error']:.1f}% of the Q "
+                            f"range {stats['q_range']:.4g} (allowed {100 * cfg.max_q_rel_error:.1f}%)")
+        if not problems and cfg.check_episodes > 0:
+            # Closed loop: the same start states for both, so the paired difference is what the
+            # model loses, not which episodes it happened to get.
+            seed = episode_seed("check", cfg.seed) + CHECK_EPISODE_OFFSET
+            new_r = rollout(pol.q_values, spec, cfg.check_episodes, seed).returns
+            drop = return_drop(parent_returns(), new_r)
+            stats.update(drop, check_episodes=cfg.check_episodes, mean_return=float(new_r.mean()),
+                         parent_mean_return=float(parent_returns().mean()))
+            if drop["return_drop_frac"] > cfg.max_return_drop and drop["return_drop_ci95"][0] > 0:
+                problems.append(f"mean return {new_r.mean():.2f} over {cfg.check_episodes} check episodes is "
+                                f"{100 * drop['return_drop_frac']:.2f}% below the parent's {parent_returns().mean():.2f} "
+                                f"(95% CI of the drop {drop['return_drop_ci95'][0]:.2f}..{drop['return_drop_ci95'][1]:.2f}; "
+                                f"allowed {100 * cfg.max_return_drop:.2f}%)")
         return stats, problems
+
+    _parent_returns: list[np.ndarray] = []
+
+    def parent_returns() -> np.ndarray:
+        if not _parent_returns:
+            _parent_returns.append(rollout(parent_q, spec, cfg.check_episodes,
+                                           episode_seed("check", cfg.seed) + CHECK_EPISODE_OFFSET).returns)
+        return _parent_returns[0]
 
     def build(sparse_: bool, sweeps: int) -> tuple[bytes, float, tuple[float, float] | None]:
         content_ = convert(models[sweeps], cfg.mode, calibration, cfg.float_io, sparse_)

@@ -376,10 +376,18 @@ class RunReport:
     failures: list[str]
     wall_seconds: float
     dqnc_version: str = __version__
+    # False when --until stopped before the last stage: the recipe's gates were not checked, and
+    # the run is reported as incomplete, never as passed.
+    gates_checked: bool = True
+
+    @property
+    def verdict(self) -> str:
+        return "FAILED" if self.failures else "PASSED" if self.gates_checked else "INCOMPLETE"
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "out_dir": self.out_dir, "dqnc_version": self.dqnc_version,
-                "wall_seconds": round(self.wall_seconds, 3), "passed": not self.failures, "failures": self.failures,
+                "wall_seconds": round(self.wall_seconds, 3), "passed": not self.failures and self.gates_checked,
+                "verdict": self.verdict, "gates_checked": self.gates_checked, "failures": self.failures,
                 "stages": [r.__dict__ for r in self.rows]}
 
 
@@ -483,7 +491,7 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
         if r.source.train is not None:
             outputs["train"] = source
         prev = "train" if r.source.train is not None else "source"
-        stopped = stop_after == "train"
+        stopped = stop_after == "train" and bool(r.stages)
         for i, st in enumerate(r.stages):
             row = StageRow(st.name, st.stage)
             rows.append(row)
@@ -522,7 +530,7 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
                 _write_reports(loaded, RunReport(str(loaded.path), str(out_dir), rows, ["interrupted"],
                                                  time.perf_counter() - started))
                 raise
-            if st.name == stop_after:
+            if st.name == stop_after and i < len(r.stages) - 1:
                 stopped = True
         state.save()
         # Per-stage evaluations for the report (cached), then the recipe's gates on the last one.
@@ -540,7 +548,10 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
                 res = _evaluate(loaded, state, outputs[last.name], source, r.eval, log, None)
                 _gate_row(last, res, r.gates, failures, "recipe")
             state.save()
-        report = RunReport(str(loaded.path), str(out_dir), rows, failures, time.perf_counter() - started)
+        report = RunReport(str(loaded.path), str(out_dir), rows, failures, time.perf_counter() - started,
+                           gates_checked=not stopped)
+        if stopped and not failures:
+            log(f"--until {stop_after}: later stages skipped; the recipe's gates were not checked")
         _write_reports(loaded, report)
     if failures:
         raise GateFailed("; ".join(failures), report.to_dict())
@@ -580,10 +591,21 @@ def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bo
         raise UsageError(f"--from skips 'train' but {str(out)!r} holds no matching output: run without --from")
     from dqnc import train
 
+    ckpt = out.with_name("train.ckpt")
+    resume = (ckpt / "state.json").is_file()
+    if resume:
+        stale = train.checkpoint_mismatch(ckpt, src.train)
+        if stale:
+            log(f"[train] discarding the checkpoint in {str(ckpt)!r}: {stale}")
+            import shutil
+
+            shutil.rmtree(ckpt, ignore_errors=True)
+            resume = False
+        else:
+            log(f"[train] resuming from the checkpoint in {str(ckpt)!r}")
     log(f"[train] training {src.train.env} for up to {src.train.total_steps:,} steps ...")
     t0 = time.perf_counter()
-    result = train.run(src.train, out, force=True, checkpoint_dir=out.with_name("train.ckpt"),
-                       resume=(out.with_name("train.ckpt") / "state.json").is_file())
+    result = train.run(src.train, out, force=True, checkpoint_dir=ckpt, resume=resume)
     row.seconds = time.perf_counter() - t0
     row.status = "ran"
     state.data["stages"]["train"] = {"key": key, "sha256": result.sha256}
@@ -621,9 +643,8 @@ def _run_stage(loaded: LoadedRecipe, state: _State, st: Any, inp: Any, active: b
         return cached
     if not active:
         if out.exists():
-            row.status = "cached"
-            log(f"{label}: kept (before --from)")
-            return art.load(out)
+            raise UsageError(f"--from skips {st.name!r} but {str(out)!r} was made from another input or with other "
+                             "options (its cache key differs): start earlier, or run without --from")
         raise UsageError(f"--from skips {st.name!r} but {str(out)!r} does not exist: start earlier")
     log(f"{label}: running ...")
     t0 = time.perf_counter()
@@ -653,8 +674,9 @@ def _evaluate(loaded: LoadedRecipe, state: _State, target: Any, source: Any, cfg
 
     plain = EvalConfig(episodes=cfg.episodes, seed=cfg.seed, latency_samples=cfg.latency_samples)
     reference = None if target.sha256 == source.sha256 else source
+    # Latency belongs to the machine that measured it: another machine re-evaluates.
     key = _digest({"target": target.sha256, "reference": None if reference is None else reference.sha256,
-                   "eval": plain.model_dump(mode="json"), "dqnc": __version__})
+                   "eval": plain.model_dump(mode="json"), "dqnc": __version__, "machine": machine_fingerprint()})
     cached = state.data["evals"].get(key)
     if cached is not None:
         return cached
@@ -663,6 +685,19 @@ def _evaluate(loaded: LoadedRecipe, state: _State, target: Any, source: Any, cfg
     res = evaluate.run(plain, target, reference)
     state.data["evals"][key] = res
     return res
+
+
+def machine_fingerprint() -> str:
+    """Host name, CPU model and core count: what latency figures depend on."""
+    import platform
+
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{platform.node()}|{platform.machine()}|{cpu or platform.processor()}|{os.cpu_count()}"
 
 
 def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
@@ -676,11 +711,18 @@ def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
         "sparsity": _sparsity_of(m),
         "precision": (m.get("quantization") or {}).get("mode", "fp32"),
         "mean_return": res["mean_return"],
+        "return_ci95": res.get("return_ci95"),
         "std_return": res["std_return"],
         "solved_share": res["solved_share"],
+        "regret": ref.get("regret", 0.0 if not ref else None),
+        "regret_p99": ref.get("regret_p99", 0.0 if not ref else None),
         "agreement": ref.get("agreement", 1.0 if not ref else None),
+        "states": ref.get("states"),
         "decisive_agreement": ref.get("decisive_agreement", 1.0 if not ref else None),
+        "decisive_states": ref.get("decisive_states"),
+        "decisive_share": ref.get("decisive_share"),
         "return_drop_frac": ref.get("return_drop_frac", 0.0 if not ref else None),
+        "return_drop_frac_ci95": ref.get("return_drop_frac_ci95"),
         "latency_p50_us": lat.get("p50"),
         "latency_p99_us": lat.get("p99"),
         "invoke_p50_us": inv.get("p50"),
@@ -716,20 +758,39 @@ def _gate_row(row: StageRow, res: dict[str, Any], gates: Gates | None, failures:
 def _fmt(v: Any, kind: str) -> str:
     if v is None:
         return "-"
-    if kind == "kb":
-        return f"{v / 1024:,.1f}"
+    if kind == "bytes":
+        return f"{v:,}"
     if kind == "pct":
         return f"{100 * v:.1f}%"
     if kind == "us":
         return f"{v:.1f}"
     if kind == "ret":
         return f"{v:.1f}"
+    if kind == "regret":
+        return f"{v:.3f}"
     return str(v)
 
 
-COLUMNS = [("stage", "stage", None), ("prec.", "precision", None), ("KiB", "size_bytes", "kb"),
-           ("gzip KiB", "gzip_bytes", "kb"), ("sparsity", "sparsity", "pct"), ("return", "mean_return", "ret"),
-           ("agree", "agreement", "pct"), ("decisive", "decisive_agreement", "pct"),
+def _ci(m: dict[str, Any]) -> str:
+    ci = m.get("return_ci95")
+    if m.get("mean_return") is None:
+        return "-"
+    if not ci or any(abs(c) == float("inf") for c in ci):
+        return f"{m['mean_return']:.1f}"
+    return f"{m['mean_return']:.1f}±{(ci[1] - ci[0]) / 2:.1f}"
+
+
+def _decisive(m: dict[str, Any]) -> str:
+    if m.get("decisive_agreement") is None:
+        return "-"
+    share = m.get("decisive_share")
+    return f"{100 * m['decisive_agreement']:.1f}%" + (f"/{100 * share:.0f}%" if share is not None else "")
+
+
+# (heading, metric key, format). One definition for the terminal table and report.md; it fits 80
+# columns: ``decisive`` is agreement on decisive states / their share of the states.
+COLUMNS = [("prec.", "precision", ""), ("bytes", "size_bytes", "bytes"), ("return±CI", "return_ci95", "ci"),
+           ("regret", "regret", "regret"), ("agree", "agreement", "pct"), ("decisive", "decisive_agreement", "dec"),
            ("p50 us", "latency_p50_us", "us")]
 
 
@@ -739,8 +800,9 @@ def table_rows(report: RunReport) -> list[list[str]]:
     for row in report.rows:
         cells = [row.name]
         for _, key, kind in COLUMNS:
-            cells.append(row.stage if key == "stage" else _fmt(row.metrics.get(key), kind or ""))
-        cells.append(row.status + (f" {row.seconds:.1f}s" if row.status == "ran" and row.seconds else ""))
+            m = row.metrics
+            cells.append(_ci(m) if kind == "ci" else _decisive(m) if kind == "dec" else _fmt(m.get(key), kind))
+        cells.append(row.status + (f" {row.seconds:.0f}s" if row.status == "ran" and row.seconds else ""))
         out.append(cells)
     return out
 
@@ -754,7 +816,7 @@ def gate_lines(report: RunReport) -> list[tuple[bool, str]]:
 def markdown(report: RunReport) -> str:
     head = ["name"] + [c[0] for c in COLUMNS] + ["status"]
     lines = [f"## dqnc run `{report.recipe}`", "",
-             ("**PASSED**" if not report.failures else "**FAILED**") + f" in {report.wall_seconds:.1f} s "
+             f"**{report.verdict}** in {report.wall_seconds:.1f} s "
              f"(dqnc {report.dqnc_version}); outputs in `{report.out_dir}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cells in table_rows(report):
@@ -765,10 +827,15 @@ def markdown(report: RunReport) -> str:
         for name, g in gates:
             lines.append(f"| {g['gate']} ({g['scope']}) | {name} | {g['threshold']:g} | {g['value']:.4g} | "
                          f"{'pass' if g['passed'] else '**FAIL**'} |")
+    if not report.gates_checked:
+        lines += ["", "The recipe's gates were not checked: --until stopped the chain before its last stage."]
     if report.failures:
         lines += ["", "Failures:", ""] + [f"- {f}" for f in report.failures]
-    lines += ["", "Agreement: greedy actions matching the source policy on the states each model visits; decisive: "
-              "states where the source's top-two Q gap is at least 1% of its Q range."]
+    lines += ["", "return±CI: mean return and the half-width of its 95% confidence interval over the evaluation "
+              "episodes (held-out seeds). regret: the source policy's mean Q loss from each model's chosen actions, as "
+              "a fraction of its action spread (dqnc.fidelity). agree: greedy actions matching the source on every "
+              "state the model visits; decisive: agreement on states where the source's top-two Q gap is at least 1% "
+              "of its Q range / the share of such states."]
     return "\n".join(lines) + "\n"
 
 

@@ -24,9 +24,9 @@ from dqnc.errors import Interrupted, UsageError
 from dqnc.nets import MLP_FILE, NetSpec, NumpyMLP, build_plain_mlp, build_q_network, dense_weights, save_mlp
 from dqnc.replay import ReplayBuffer
 from dqnc.schedules import linear
+from dqnc.seeds import episode_seed
 
-EVAL_SEED_BASE = 1_000_000  # training evals use episodes disjoint from `dqnc eval`'s default seeds
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -52,7 +52,10 @@ class _State:
     episodes: int = 0
     best_mean: float | None = None
     best_step: int | None = None
+    best_score: float | None = None
     evals: list[list[float]] = field(default_factory=list)
+    confirms: list[list[float]] = field(default_factory=list)
+    resets: int = 0
     recent_returns: list[float] = field(default_factory=list)
     wall_time: float = 0.0
     stopped_early: bool = False
@@ -147,11 +150,14 @@ def _run_loop(loop: _Loop) -> None:
         [lambda: make_env(cfg.env, cfg.env_kwargs) for _ in range(n)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )
-    # A resumed run cannot restore simulator state; it starts new episodes from a derived seed.
-    obs, _ = envs.reset(seed=cfg.seed * 10_007 + state.step)
+    # A resumed run cannot restore simulator state; it starts new episodes from the next seed of
+    # its own range (training episodes never share seeds with evaluation or other stages).
+    obs, _ = envs.reset(seed=episode_seed("train", cfg.seed) + state.resets * n)
+    state.resets += 1
     obs = obs.reshape(n, -1).astype(np.float32)
     ep_return = np.zeros(n)
-    eval_seed = EVAL_SEED_BASE + cfg.seed * 1000
+    eval_seed = episode_seed("train_eval", cfg.seed)
+    confirm_seed = episode_seed("train_confirm", cfg.seed)
     threshold = spec.reward_threshold
     env_index = np.arange(n)
     started = time.perf_counter() - state.wall_time
@@ -160,16 +166,26 @@ def _run_loop(loop: _Loop) -> None:
         res = rollout(policy, spec, cfg.eval_episodes, eval_seed)
         mean, worst = float(res.returns.mean()), float(res.returns.min())
         state.evals.append([state.step, mean, float(res.returns.std()), worst])
-        if state.best_mean is None or mean >= state.best_mean:
-            state.best_mean, state.best_step = mean, state.step
-            loop.best_weights = [w.copy() for w in loop.weights()]
         if writer is not None:
             with writer.as_default(step=state.step):
                 t.summary.scalar("eval/mean_return", mean)
-                t.summary.scalar("eval/best_mean_return", state.best_mean)
-        # Stop only when every evaluation episode is solved: a mean over few episodes overstates
-        # how well a policy generalizes to new starting states.
-        if cfg.early_stop and threshold is not None and worst >= threshold:
+        if state.best_mean is not None and mean < state.best_mean:
+            return
+        state.best_mean = mean
+        returns = res.returns
+        if cfg.confirm_episodes > 0:
+            # A candidate for the kept weights is judged on more episodes than the ones that made
+            # it a candidate: a checkpoint that is lucky on 20 episodes is often brittle on new ones.
+            conf = rollout(policy, spec, cfg.confirm_episodes, confirm_seed)
+            state.confirms.append([state.step, float(conf.returns.mean()), float(conf.returns.min())])
+            returns = np.concatenate([res.returns, conf.returns])
+        score = float(returns.mean())
+        if state.best_score is None or score >= state.best_score:
+            state.best_score, state.best_step = score, state.step
+            loop.best_weights = [w.copy() for w in loop.weights()]
+        # Stop only when every episode of the evaluation and of its confirmation is solved: a mean
+        # over few episodes overstates how well a policy generalizes to new starting states.
+        if cfg.early_stop and threshold is not None and float(returns.min()) >= threshold:
             state.stopped_early = True
 
     try:
@@ -219,7 +235,7 @@ def _run_loop(loop: _Loop) -> None:
             if loop.progress is not None and (state.step // 500 > prev // 500 or state.stopped_early):
                 loop.progress(Progress(state.step, cfg.total_steps, state.episodes,
                                        state.recent_returns[-1] if state.recent_returns else None,
-                                       state.evals[-1][1] if state.evals else None, state.best_mean, eps))
+                                       state.evals[-1][1] if state.evals else None, state.best_score, eps))
         if not state.evals or state.evals[-1][0] != state.step:
             evaluate()
     finally:
@@ -289,9 +305,12 @@ def run(
         "steps_per_second": round(state.step / max(state.wall_time, 1e-9), 1),
         "stopped_early": state.stopped_early,
         "best_eval_mean_return": state.best_mean,
+        "best_score": state.best_score,
         "best_eval_step": state.best_step,
         "eval_episodes": cfg.eval_episodes,
+        "confirm_episodes": cfg.confirm_episodes,
         "evals": state.evals,
+        "confirms": state.confirms,
         "mean_return_last_100_train_episodes": float(np.mean(state.recent_returns)) if state.recent_returns else None,
     }
     with art.atomic_output(out, force) as tmp:
@@ -353,22 +372,32 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, state: _State, q: Any, target
     tmp.rename(path)
 
 
+def checkpoint_mismatch(path: Path, cfg: TrainConfig) -> str | None:
+    """Why the checkpoint at ``path`` cannot continue a run of ``cfg`` (None if it can)."""
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "its state.json is unreadable"
+    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
+        return "it was written by another dqnc version"
+    saved = dict(meta.get("config") or {})
+    current = cfg.model_dump(mode="json")
+    changed = sorted(k for k in current if k != "total_steps" and saved.get(k) != current[k])
+    if changed:
+        return f"it was made with different options ({', '.join(changed)})"
+    return None
+
+
 def _load_checkpoint(path: Path, cfg: TrainConfig, q: Any, target: Any, optimizer: Any, update: Any,
                      rng: np.random.Generator) -> tuple[_State, ReplayBuffer, list[np.ndarray] | None]:
     from dqnc.keras import tf
 
     t = tf()
+    stale = checkpoint_mismatch(path, cfg)
+    if stale:
+        raise UsageError(f"--resume: the checkpoint at {str(path)!r} cannot continue this run: {stale}; "
+                         "resume with the same options, or start afresh without --resume")
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise UsageError(f"checkpoint {str(path)!r} was written by another dqnc version: start afresh without --resume")
-    saved = dict(meta["config"])
-    current = cfg.model_dump(mode="json")
-    changed = sorted(k for k in current if k != "total_steps" and saved.get(k) != current[k])
-    if changed:
-        raise UsageError(
-            f"--resume: the checkpoint at {str(path)!r} was made with different options ({', '.join(changed)}): "
-            "resume with the same options, or start afresh without --resume"
-        )
     # The optimizer's slot variables must exist before a restore can fill them.
     optimizer.build(q.trainable_variables)
     ckpt = t.train.Checkpoint(q=q, target=target, optimizer=optimizer, counter=update.counter)
