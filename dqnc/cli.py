@@ -504,8 +504,8 @@ def _render_report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
     # Cells never wrap or get cut: COLUMNS is sized for an 80-column CI log (Rich's width when
     # stdout is not a terminal); a row wider than the console overflows instead of folding.
     heads = ["name"] + [c[0] for c in recipe.COLUMNS] + ["status"]
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"dqnc run {d['recipe']} ({d['wall_seconds']:.1f} s)",
-                  title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False,
+                  title=f"dqnc run {d['recipe']} ({d['wall_seconds']:.1f} s)", title_justify="left")
     for i, h in enumerate(heads):
         table.add_column(h, no_wrap=True, overflow="ignore", justify="left" if i in (0, 1) else "right")
     for cells in recipe.table_rows(report):

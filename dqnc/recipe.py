@@ -784,7 +784,7 @@ def _decisive(m: dict[str, Any]) -> str:
     if m.get("decisive_agreement") is None:
         return "-"
     share = m.get("decisive_share")
-    return f"{100 * m['decisive_agreement']:.1f}%" + (f"/{100 * share:.0f}%" if share is not None else "")
+    return f"{100 * m['decisive_agreement']:.0f}%" + (f"/{100 * share:.0f}%" if share is not None else "")
 
 
 # (heading, metric key, format). One definition for the terminal table and report.md; it fits 80
@@ -802,7 +802,7 @@ def table_rows(report: RunReport) -> list[list[str]]:
         for _, key, kind in COLUMNS:
             m = row.metrics
             cells.append(_ci(m) if kind == "ci" else _decisive(m) if kind == "dec" else _fmt(m.get(key), kind))
-        cells.append(row.status + (f" {row.seconds:.0f}s" if row.status == "ran" and row.seconds else ""))
+        cells.append(row.status + (f" {row.seconds:.0f}s" if row.status == "ran" and row.seconds >= 0.5 else ""))
         out.append(cells)
     return out
 

@@ -90,8 +90,7 @@ def test_quantize_refuses_a_result_beyond_tolerance(pruned, tmp_path):
 
 @pytest.mark.parametrize("mode", ["int16x8", "float16", "dynamic", "fp32"])
 def test_other_modes_convert_and_load(pruned, tmp_path, mode):
-    cfg = quantize.QuantizeConfig(mode=mode, calibration_states=200, check_states=200, min_decisive_agreement=0.0,
-                                  max_q_rel_error=1.0)
+    cfg = quantize.QuantizeConfig(mode=mode, calibration_states=200, check_states=200)
     a = quantize.run(cfg, art.load(pruned), tmp_path / mode)
     r = runner.invoke(app, ["eval", str(a.path), "-n", "2", "--json", "--latency-samples", "10"])
     assert r.exit_code == 0, r.output
@@ -168,12 +167,17 @@ def test_eval_reports_agreement_size_latency_and_gates(bundle, pruned):
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     ref = d["reference"]
-    for key in ("agreement", "decisive_agreement", "q_mae", "return_drop_frac", "random_policy_mean_return"):
+    for key in ("agreement", "decisive_agreement", "decisive_states", "decisive_share", "regret", "regret_p99",
+                "return_drop_frac", "return_drop_ci95", "random_policy_mean_return"):
         assert key in ref
+    # The pruned reference outputs action scores, not Q-values: no Q error is reported against it.
+    assert "q_mae" not in ref and art.load(pruned).outputs == "action_scores"
+    assert d["return_ci95"][0] <= d["mean_return"] <= d["return_ci95"][1]
     assert d["size_bytes"] == (bundle / "model.tflite").stat().st_size and 0 < d["gzip_bytes"] < d["size_bytes"]
     assert d["latency_us"]["action"]["p50"] > 0 and d["latency_us"]["invoke"]["p99"] > 0
     assert d["runtime"] == "ai_edge_litert"
-    for args, gate in ((["--max-size-kb", "0.5"], "max_size_kb"), (["--min-agreement", "1.01"], None),
+    for args, gate in ((["--max-size-kb", "0.5"], "max_size_kb"), (["--max-size-kib", "0.5"], "max_size_kib"),
+                       (["--min-agreement", "1.01"], None), (["--max-regret", "-0.5"], None),
                        (["--max-return-drop", "-1"], "max_return_drop"), (["--min-return", "1e9"], "min_return")):
         r = runner.invoke(app, ["eval", str(bundle), "-n", "2", "--reference", str(pruned), "--latency-samples", "0", *args])
         if gate is None:
@@ -299,8 +303,7 @@ def test_int8_manifest_records_the_equalization_and_output_range(int8, pruned, t
     assert m["equalization_sweeps"] in quantize.EQUALIZE_SWEEPS
     assert m["output_range_factor"] in quantize.OUTPUT_RANGE_FACTORS
     assert 0.0 <= m["check"]["saturated_share"] <= 1.0
-    cfg = quantize.QuantizeConfig(output_range="full", calibration_states=200, check_states=200,
-                                  min_decisive_agreement=0.0, max_q_rel_error=1.0)
+    cfg = quantize.QuantizeConfig(output_range="full", calibration_states=200, check_states=200)
     full = quantize.run(cfg, art.load(pruned), tmp_path / "full")
     assert full.manifest["metrics"]["output_range_factor"] == 1.0
 
@@ -346,8 +349,7 @@ def test_chosen_int8_candidate_falls_back_to_the_unequalized_one_when_it_fails_t
 
 
 def test_float_io_int8_narrows_the_internal_output_and_reports_saturation(pruned, tmp_path):
-    cfg = quantize.QuantizeConfig(float_io=True, calibration_states=300, check_states=300,
-                                  min_decisive_agreement=0.0, max_q_rel_error=1.0)
+    cfg = quantize.QuantizeConfig(float_io=True, calibration_states=300, check_states=300)
     a = quantize.run(cfg, art.load(pruned), tmp_path / "fio")
     q, m = a.manifest["quantization"], a.manifest["metrics"]
     assert q["input"]["dtype"] == "float32" and q["output"]["dtype"] == "float32"

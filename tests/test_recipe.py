@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 FAST_PRUNE = {"states": 500, "epochs": 2, "dagger_rounds": 0, "check_states": 200}
-FAST_QUANT = {"calibration_states": 200, "check_states": 200, "min_decisive_agreement": 0.0, "max_q_rel_error": 1.0}
+FAST_QUANT = {"calibration_states": 200, "check_states": 200}
 
 
 def _write(tmp_path: Path, data: dict | str, name: str = "r.yaml") -> Path:
@@ -204,13 +204,65 @@ def test_changed_input_invalidates_downstream(tmp_path, trained):
 
 
 def test_until_and_from(tmp_path, trained):
-    p = _write(tmp_path, _fast_recipe(trained))
+    data = _fast_recipe(trained)
+    data["gates"] = {"max_size_kb": 1000}
+    p = _write(tmp_path, data)
     part = recipe.run(recipe.load(p), until="int8")
     assert [r.status for r in part.rows] == ["ran", "ran", "skipped"]
+    # Stopping early never reports PASSED: the recipe's gates were not checked.
+    assert part.verdict == "INCOMPLETE" and part.to_dict()["passed"] is False
+    assert "gates were not checked" in (tmp_path / "out" / "report.md").read_text()
     rest = recipe.run(recipe.load(p), from_stage="bundle")
-    assert [r.status for r in rest.rows] == ["cached", "cached", "ran"]
+    assert [r.status for r in rest.rows] == ["cached", "cached", "ran"] and rest.verdict == "PASSED"
     with pytest.raises(UsageError, match="not a stage"):
         recipe.run(recipe.load(p), from_stage="nope")
+    # --from checks the cache keys of the stages it skips: a stale output is not reused.
+    with pytest.raises(UsageError, match="cache key differs"):
+        recipe.run(recipe.load(p, ["int8.mode=dynamic"]), from_stage="bundle")
+
+
+def test_until_the_last_stage_still_checks_the_gates(tmp_path, trained):
+    """`dqnc run RECIPE --until LAST --set gates.max_size_kb=1` used to print PASSED and exit 0."""
+    data = _fast_recipe(trained)
+    data["stages"].append({"name": "check", "stage": "eval", "episodes": 2, "latency_samples": 0})
+    p = _write(tmp_path, data)
+    r = runner.invoke(app, ["run", str(p), "--until", "check", "--set", "gates.max_size_kb=1"])
+    assert r.exit_code == 1, r.output
+    assert "max_size_kb" in r.output and "PASSED" not in r.output
+
+
+def test_report_table_fits_80_columns_without_a_tty(tmp_path, trained, monkeypatch):
+    from rich.console import Console
+
+    from dqnc import cli
+
+    p = _write(tmp_path, _fast_recipe(trained))
+    report = recipe.run(recipe.load(p))
+    console = Console(width=80, force_terminal=False, color_system=None, highlight=False)
+    monkeypatch.setattr(cli, "stdout", console)
+    with console.capture() as cap:
+        cli._render_report(report.to_dict(), recipe.load(p), as_json=False)
+    text = cap.get()
+    table = [ln for ln in text.splitlines() if "|" not in ln][:8]
+    assert "…" not in text, text
+    assert all(len(ln) <= 80 for ln in table), text
+    for head in ("return±CI", "regret", "agree", "decisive"):
+        assert head in text
+
+
+def test_stale_train_checkpoint_is_discarded_with_a_message(tmp_path):
+    from .conftest import TINY
+
+    data = {"out_dir": "out", "source": {"train": {"env": "CartPole-v1", **TINY, "total_steps": 1500}},
+            "stages": [{"name": "fp32", "stage": "export"}], "eval": {"episodes": 2, "latency_samples": 0}}
+    p = _write(tmp_path, data)
+    ckpt = tmp_path / "out" / "train.ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"version": 1, "config": {}}))
+    logs: list[str] = []
+    report = recipe.run(recipe.load(p), log=logs.append)
+    assert report.rows[0].status == "ran" and not ckpt.exists()
+    assert any("discarding the checkpoint" in line and "another dqnc version" in line for line in logs)
 
 
 def test_failing_gate_exits_1_names_gate_and_margin_and_keeps_outputs(tmp_path, trained):
@@ -221,7 +273,7 @@ def test_failing_gate_exits_1_names_gate_and_margin_and_keeps_outputs(tmp_path, 
     assert r.exit_code == 1, r.output
     report = json.loads(r.stdout)
     assert report["passed"] is False
-    assert any("max_size_kb" in f and "exceeds 0.1 KB by" in f for f in report["failures"])
+    assert any("max_size_kb" in f and "exceeds 0.1 kB by" in f for f in report["failures"])
     assert (tmp_path / "out" / "bundle" / "model.tflite").is_file()
     md = (tmp_path / "out" / "report.md").read_text()
     assert "**FAILED**" in md and "max_size_kb" in md
