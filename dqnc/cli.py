@@ -304,6 +304,7 @@ def quantize(
     check_states: Annotated[int, typer.Option(min=16, help="Held-out states the result is checked on.")] = 2000,
     min_agreement: Annotated[float, typer.Option(min=0, max=1, help="Refuse (exit 1) below this greedy agreement on decisive states.")] = 0.98,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the calibration and check rollouts.")] = 0,
+    strip_strings: Annotated[bool, typer.Option("--strip-strings/--keep-strings", help="Drop tensor names and signatures from the .tflite (smaller; runtimes address tensors by index).")] = True,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
@@ -314,7 +315,8 @@ def quantize(
 
     cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, sparse_encoding=sparse_encoding,
                                         output_range=output_range, calibration_states=calibration_states,
-                                        check_states=check_states, seed=seed, min_decisive_agreement=min_agreement),
+                                        check_states=check_states, seed=seed, min_decisive_agreement=min_agreement,
+                                        strip_strings=strip_strings),
                    "options")
     source = art.load(path, env=_env_arg(env, None))
     out = out or _default_out(path, mode)
@@ -383,6 +385,53 @@ class _spinner:
     def __exit__(self, *exc: Any) -> None:
         if self.status is not None:
             self.status.__exit__(*exc)
+
+
+# --- distill -----------------------------------------------------------------------------------
+
+@app.command()
+@_guard
+def distill(
+    path: Annotated[Path, typer.Argument(help="Parent policy artifact (any stage), or a Keras SavedModel with --env.")],
+    hidden: Annotated[str, typer.Option(help="Student hidden widths, e.g. 16,16; or 'auto': the narrowest of --widths meeting --max-return-drop.")] = "16,16",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-student-WIDTHS].")] = None,
+    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    max_return_drop: Annotated[float, typer.Option(min=0, help="--hidden auto: allowed validation return drop, a fraction of the parent's (0.01 = 1%).")] = 0.01,
+    widths: Annotated[str, typer.Option(help="--hidden auto: the widths to try, narrowest first.")] = "4,6,8,12,16,24,32,48,64",
+    depth: Annotated[int, typer.Option(min=1, max=8, help="--hidden auto: hidden layers of the searched students.")] = 2,
+    states: Annotated[int, typer.Option(min=64, help="Teacher rollout states to distill on.")] = 20_000,
+    steps: Annotated[int, typer.Option(min=1, help="Minibatch steps on the teacher's states.")] = 3000,
+    dagger_rounds: Annotated[int, typer.Option(min=0, max=10, help="Extra rounds on states the student visits.")] = 4,
+    dagger_steps: Annotated[int, typer.Option(min=1, help="Minibatch steps per DAgger round.")] = 1500,
+    seed: Annotated[int, typer.Option(min=0, max=999, help="Random seed (weights, minibatches, rollout episodes).")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+) -> None:
+    """Teach a small dense student MLP the parent's policy (policy distillation + DAgger)."""
+    from dqnc import artifact as art
+    from dqnc.config import DistillConfig, validate
+    from dqnc.distill import run as run_distill
+
+    shape: Any = "auto" if hidden.strip().lower() == "auto" else _parse_hidden(hidden)
+    cfg = validate(DistillConfig, dict(hidden=shape, widths=_parse_hidden(widths), depth=depth,
+                                       max_return_drop=max_return_drop, states=states, steps=steps,
+                                       dagger_rounds=dagger_rounds, dagger_steps=dagger_steps, seed=seed), "options")
+    source = art.load(path, env=_env_arg(env, None))
+    out = out or _default_out(path, "student-" + ("auto" if shape == "auto" else "x".join(map(str, shape))))
+    log = None if as_json else (lambda msg: stderr.print(msg, highlight=False, markup=False))
+    with _spinner(f"distilling ({hidden})", as_json):
+        result = run_distill(cfg, source, out, force=force, command=_argv(), log=log)
+    m = result.manifest["metrics"]
+    if as_json:
+        _emit_json({"path": str(result.path), "metrics": m})
+        return
+    c = m["check"]
+    parent = f" ({m['parent_params'] / m['params']:.1f}x fewer than the parent's {m['parent_params']:,})" if m.get("parent_params") else ""
+    stdout.print(f"student {'x'.join(map(str, m['hidden']))}: {m['params']:,} parameters{parent}; "
+                 f"{m['gradient_steps']:,} steps on {m['distill_states']:,} states in {m['distill_seconds']:.1f} s")
+    stdout.print(f"greedy agreement with the parent on {c['states']:,} held-out states {100 * c['agreement']:.1f}% "
+                 f"(decisive states {100 * c['decisive_agreement']:.1f}%)")
+    stdout.print(f"saved {result.path}")
 
 
 # --- recipes -----------------------------------------------------------------------------------
