@@ -184,10 +184,11 @@ class DaggerResult:
 
 def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activations: list[str], teacher_q: QFunction,
            norm: Normalizer, states: np.ndarray, q_t: np.ndarray, env: EnvSpec, s: DistillSettings,
-           first_steps: int, rounds: int, round_steps: int, extra_states: int) -> DaggerResult:
+           first_steps: int, rounds: int, round_steps: int | Callable[[int], int], extra_states: int) -> DaggerResult:
     """Distill on the teacher's states, then ``rounds`` times add ``extra_states`` states the
     student visits (labelled by the teacher) and distill again at a lower step size.
 
+    ``round_steps`` is a step count, or a function of the round's number of states (epochs).
     ``weights()`` returns the student's current effective weights in normalized coordinates.
     DAgger rollouts take their episodes from the "distill" seed block, after the teacher's.
     """
@@ -199,8 +200,9 @@ def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activation
         visited = collect_states(student_q, env, extra_states, base + DAGGER_SEED_STRIDE * (r + 1), s.epsilon / 2)
         states = np.concatenate([states, visited])
         q_t = np.concatenate([q_t, teacher_q(visited)])
-        history += trainer.fit(norm.x(states), norm.q(q_t), round_steps, lr_scale=0.3)
-        steps += -(-round_steps // CHUNK) * CHUNK
+        n_steps = round_steps(len(states)) if callable(round_steps) else round_steps
+        history += trainer.fit(norm.x(states), norm.q(q_t), n_steps, lr_scale=0.3)
+        steps += -(-n_steps // CHUNK) * CHUNK
     return DaggerResult(history, len(states), steps)
 
 
