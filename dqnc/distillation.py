@@ -121,7 +121,7 @@ class Trainer:
     One optimizer and one compiled function serve every phase (first fit and DAgger rounds), so
     XLA compiles once; each phase sets its own cosine-decayed step sizes, passed in per step.
     TFMOT pruning wrappers advance their own ``pruning_step`` on each training call and update
-    their masks on schedule; XLA cannot compile their ops, so wrapped models run ``jit=False``.
+    their masks on schedule, inside the compiled loop as in Keras ``fit``.
     """
 
     def __init__(self, model: Any, s: DistillSettings, n_actions: int, jit: bool = True) -> None:
