@@ -254,6 +254,9 @@ def prune(
     temperature: Annotated[float, typer.Option(min=1e-6, help="Teacher softmax temperature (advantage-spread units).")] = 0.01,
     score_gain: Annotated[float, typer.Option(min=1.0, help="How much steeper the student's scores are near ties (int8 robustness).")] = 20.0,
     rl_steps: Annotated[int, typer.Option(min=1000, help="Env steps of RL fine-tuning (--finetune rl).")] = 20_000,
+    structure: Annotated[str, typer.Option(help="weights (zero single weights, same shape) or units (remove whole hidden units: a narrower dense network; --sparsity = share of units removed).")] = "weights",
+    importance: Annotated[str, typer.Option(help="--structure units: taylor (first-order loss change, Molchanov et al. 2017) or magnitude.")] = "taylor",
+    unit_rounds: Annotated[int, typer.Option(min=1, max=20, help="--structure units: removal rounds, each fine-tuned by distillation.")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
@@ -267,12 +270,13 @@ def prune(
                                   layer_sparsity=_parse_layer_sparsity(layer_sparsity), states=states, epochs=epochs,
                                   dagger_rounds=dagger_rounds, distill_loss=distill_loss, temperature=temperature,
                                   score_gain=score_gain,
-                                  rl_steps=rl_steps, seed=seed)
+                                  rl_steps=rl_steps, structure=structure, importance=importance,
+                                  unit_rounds=unit_rounds, seed=seed)
     if keep_dense is not None:
         values["keep_dense"] = tuple(keep_dense)
     cfg = validate(PruneConfig, values, "options")
     source = art.load(path, env=_env_arg(env, None))
-    out = out or _default_out(path, f"pruned{round(100 * sparsity)}")
+    out = out or _default_out(path, f"{'units' if structure == 'units' else 'pruned'}{round(100 * sparsity)}")
     with _spinner(f"pruning to {100 * sparsity:.0f}% ({finetune})", as_json):
         result = run_prune(cfg, source, out, force=force, command=_argv())
     m = result.manifest["metrics"]
@@ -284,6 +288,13 @@ def prune(
         table.add_row(layer["name"], str(tuple(layer["shape"])), f"{100 * layer['target']:.1f}%", f"{100 * layer['sparsity']:.2f}%")
     stdout.print(table)
     c = m["check"]
+    if m.get("structure") == "units":
+        stdout.print(f"hidden widths {m['widths_before']} -> {m['widths_after']} ({m['importance']} importance): "
+                     f"{m['params_before']:,} -> {m['params']:,} parameters; greedy agreement with the parent on "
+                     f"{c['states']:,} held-out states {100 * c['agreement']:.1f}% (decisive states "
+                     f"{100 * c['decisive_agreement']:.1f}%)")
+        stdout.print(f"saved {result.path}")
+        return
     stdout.print(f"overall sparsity {100 * m['sparsity']:.1f}% (pruned layers {100 * m['prunable_sparsity']:.1f}%); "
                  f"greedy agreement with the parent on {c['states']:,} held-out states {100 * c['agreement']:.1f}% "
                  f"(decisive states {100 * c['decisive_agreement']:.1f}%)")

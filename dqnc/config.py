@@ -213,6 +213,14 @@ class PruneConfig(_StageConfig):
     rl_steps: int = Field(20_000, ge=100, description="env steps of RL fine-tuning (finetune: rl)")
     seed: int = Field(0, ge=0)
     check_states: int = Field(2000, ge=16)
+    structure: Literal["weights", "units"] = Field(
+        "weights", description="weights: zero single weights (TFMOT magnitude pruning, same shape); units: remove whole "
+        "hidden units, 'sparsity' being the share of each hidden layer's units removed (a narrower dense network)")
+    importance: Literal["taylor", "magnitude"] = Field(
+        "taylor", description="structure: units: rank units by the first-order Taylor estimate of the loss change "
+        "(Molchanov et al. 2017) or by the norms of their incoming and outgoing weights")
+    unit_rounds: int = Field(4, ge=1, le=20, description="structure: units: remove units in this many rounds, "
+                             "fine-tuning by distillation after each")
 
     @model_validator(mode="after")
     def _check_layers(self) -> PruneConfig:

@@ -213,6 +213,10 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
             "the first kernel and bias) or train the policy with `dqnc train`"
         )
     teacher_q = q_function(source, model=teacher)
+    if cfg.structure == "units":
+        from dqnc import structured
+
+        return structured.run(cfg, source, teacher, teacher_q, out, force=force, command=command)
     targets = layer_targets(teacher, cfg)
     if not any(v > 0 for v in targets.values()):
         raise UsageError("nothing to prune: every Dense layer is kept dense (check --keep-dense / --layer-sparsity)")

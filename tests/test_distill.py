@@ -106,3 +106,41 @@ def test_distill_cli_rejects_bad_widths_and_prints_json(student, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)["metrics"]
     assert m["hidden"] == [8] and m["gradient_steps"] == 100
+
+
+def test_unit_pruning_physically_narrows_the_layers(tmp_path):
+    from dqnc import prune
+    from dqnc.policy import load_keras_model
+
+    cfg = prune.PruneConfig(structure="units", sparsity=0.875, layer_sparsity={"dense_1": 0.75}, unit_rounds=2,
+                            states=2000, epochs=2, dagger_rounds=1, check_states=500)
+    a = prune.run(cfg, art.load(SAMPLE), tmp_path / "units")
+    m = a.manifest["metrics"]
+    model = load_keras_model(a.model_path)
+    shapes = [tuple(l.get_weights()[0].shape) for l in model.layers if l.get_weights()]
+    assert shapes == [(4, 16), (16, 32), (32, 2)]  # 128 * (1 - 0.875), 128 * (1 - 0.75): dense, no zeros
+    assert m["widths_by_round"] == [[45, 64], [16, 32]]  # geometric steps
+    assert a.manifest["network"]["hidden"] == [16, 32]
+    assert all(np.count_nonzero(w) == w.size for w in model.get_weights()[::2])
+    # Fine-tuned by distillation, the narrow network still decides like its parent.
+    assert m["check"]["decisive_agreement"] >= 0.95, m["check"]
+
+
+def test_unit_removal_folds_mean_activation_and_ranks_by_taylor():
+    from dqnc import prune
+    from dqnc.structured import remove_units, unit_importance
+
+    rng = np.random.default_rng(0)
+    w = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32),
+         rng.normal(size=(4, 2)).astype(np.float32), rng.normal(size=2).astype(np.float32)]
+    w[2][1] = 0.0  # unit 1 feeds nothing: its Taylor importance is exactly zero
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    cfg = prune.PruneConfig()
+    scores = unit_importance(w, ["relu"], x, rng.normal(size=(200, 2)).astype(np.float32), cfg, 2)[0]
+    assert scores[1] == 0 and (np.delete(scores, 1) > 0).all()
+    # Removing a unit whose activation is constant changes no output: its mean is folded into the bias.
+    w[0][:, 2], w[1][2] = 0.0, 0.7
+    narrow = remove_units(w, ["relu"], x, [np.array([0, 1, 3])])
+    full = np.maximum(x @ w[0] + w[1], 0) @ w[2] + w[3]
+    small = np.maximum(x @ narrow[0] + narrow[1], 0) @ narrow[2] + narrow[3]
+    assert narrow[0].shape == (3, 3) and np.allclose(full, small, atol=1e-5)
