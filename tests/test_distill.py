@@ -144,3 +144,15 @@ def test_unit_removal_folds_mean_activation_and_ranks_by_taylor():
     full = np.maximum(x @ w[0] + w[1], 0) @ w[2] + w[3]
     small = np.maximum(x @ narrow[0] + narrow[1], 0) @ narrow[2] + narrow[3]
     assert narrow[0].shape == (3, 3) and np.allclose(full, small, atol=1e-5)
+
+
+def test_distill_cli_defaults_are_the_config_defaults():
+    import typer.main
+
+    click_cmd = typer.main.get_command(app).commands["distill"]
+    defaults = {p.name: p.default for p in click_cmd.params}
+    cfg = DistillConfig()
+    for name in ("states", "steps", "dagger_rounds", "dagger_steps", "seed", "depth", "max_return_drop"):
+        assert defaults[name] == getattr(cfg, name), name
+    assert defaults["hidden"] == ",".join(map(str, cfg.hidden))
+    assert defaults["widths"] == ",".join(map(str, cfg.widths))
