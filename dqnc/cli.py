@@ -280,6 +280,9 @@ def prune(
     temperature: Annotated[float, typer.Option(min=1e-6, help="Teacher softmax temperature (advantage-spread units).")] = 0.01,
     score_gain: Annotated[float, typer.Option(min=1.0, help="How much steeper the student's scores are near ties (int8 robustness).")] = 20.0,
     rl_steps: Annotated[int, typer.Option(min=1000, help="Env steps of RL fine-tuning (--finetune rl).")] = 20_000,
+    structure: Annotated[str, typer.Option(help="weights (zero single weights, same shape) or units (remove whole hidden units: a narrower dense network; --sparsity = share of units removed).")] = "weights",
+    importance: Annotated[str, typer.Option(help="--structure units: taylor (first-order loss change, Molchanov et al. 2017) or magnitude.")] = "taylor",
+    unit_rounds: Annotated[int, typer.Option(min=1, max=20, help="--structure units: removal rounds, each fine-tuned by distillation.")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
@@ -293,12 +296,13 @@ def prune(
                                   layer_sparsity=_parse_layer_sparsity(layer_sparsity), states=states, epochs=epochs,
                                   dagger_rounds=dagger_rounds, distill_loss=distill_loss, temperature=temperature,
                                   score_gain=score_gain,
-                                  rl_steps=rl_steps, seed=seed)
+                                  rl_steps=rl_steps, structure=structure, importance=importance,
+                                  unit_rounds=unit_rounds, seed=seed)
     if keep_dense is not None:
         values["keep_dense"] = tuple(keep_dense)
     cfg = validate(PruneConfig, values, "options")
     source = art.load(path, env=_env_arg(env, env_kwargs))
-    out = out or _default_out(path, f"pruned{round(100 * sparsity)}")
+    out = out or _default_out(path, f"{'units' if structure == 'units' else 'pruned'}{round(100 * sparsity)}")
     with _spinner(f"pruning to {100 * sparsity:.0f}% ({finetune})", as_json):
         result = run_prune(cfg, source, out, force=force, command=_argv())
     m = result.manifest["metrics"]
@@ -310,6 +314,13 @@ def prune(
         table.add_row(layer["name"], str(tuple(layer["shape"])), f"{100 * layer['target']:.1f}%", f"{100 * layer['sparsity']:.2f}%")
     stdout.print(table)
     c = m["check"]
+    if m.get("structure") == "units":
+        stdout.print(f"hidden widths {m['widths_before']} -> {m['widths_after']} ({m['importance']} importance): "
+                     f"{m['params_before']:,} -> {m['params']:,} parameters; greedy agreement with the parent on "
+                     f"{c['states']:,} held-out states {100 * c['agreement']:.1f}% (decisive states "
+                     f"{100 * c['decisive_agreement']:.1f}%)")
+        stdout.print(f"saved {result.path}")
+        return
     stdout.print(f"overall sparsity {100 * m['sparsity']:.1f}% (pruned layers {100 * m['prunable_sparsity']:.1f}%); "
                  f"against the parent on {c['states']:,} held-out states: {fidelity_line(c)}")
     stdout.print(f"saved {result.path}")
@@ -342,6 +353,7 @@ def quantize(
     min_decisive_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Also refuse below this agreement on decisive states.")] = None,
     max_q_rel_error: Annotated[Optional[float], typer.Option(min=0, help="Also refuse above this p99 Q error (fraction of the Q range).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=999, help="Seed of the calibration, selection and check rollouts.")] = 0,
+    strip_strings: Annotated[bool, typer.Option("--strip-strings/--keep-strings", help="Drop tensor names and signatures from the .tflite (smaller; runtimes address tensors by index).")] = True,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
@@ -355,7 +367,7 @@ def quantize(
                                         check_states=check_states, seed=seed, max_regret=max_regret,
                                         max_return_drop=max_return_drop, check_episodes=check_episodes,
                                         min_agreement=min_agreement, min_decisive_agreement=min_decisive_agreement,
-                                        max_q_rel_error=max_q_rel_error), "options")
+                                        max_q_rel_error=max_q_rel_error, strip_strings=strip_strings), "options")
     source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, mode)
     with _spinner(f"quantizing ({mode})", as_json):
@@ -426,6 +438,53 @@ class _spinner:
     def __exit__(self, *exc: Any) -> None:
         if self.status is not None:
             self.status.__exit__(*exc)
+
+
+# --- distill -----------------------------------------------------------------------------------
+
+@app.command()
+@_guard
+def distill(
+    path: Annotated[Path, typer.Argument(help="Parent policy artifact (any stage), or a Keras SavedModel with --env.")],
+    hidden: Annotated[str, typer.Option(help="Student hidden widths, e.g. 16,16; or 'auto': the narrowest of --widths meeting --max-return-drop.")] = "16,16",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-student-WIDTHS].")] = None,
+    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    max_return_drop: Annotated[float, typer.Option(min=0, help="--hidden auto: allowed validation return drop, a fraction of the parent's (0.01 = 1%).")] = 0.01,
+    widths: Annotated[str, typer.Option(help="--hidden auto: the widths to try, narrowest first.")] = "4,6,8,12,16,24,32,48,64",
+    depth: Annotated[int, typer.Option(min=1, max=8, help="--hidden auto: hidden layers of the searched students.")] = 2,
+    states: Annotated[int, typer.Option(min=64, help="Teacher rollout states to distill on.")] = 20_000,
+    steps: Annotated[int, typer.Option(min=1, help="Minibatch steps on the teacher's states.")] = 3000,
+    dagger_rounds: Annotated[int, typer.Option(min=0, max=10, help="Extra rounds on states the student visits.")] = 4,
+    dagger_steps: Annotated[int, typer.Option(min=1, help="Minibatch steps per DAgger round.")] = 1500,
+    seed: Annotated[int, typer.Option(min=0, max=999, help="Random seed (weights, minibatches, rollout episodes).")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+) -> None:
+    """Teach a small dense student MLP the parent's policy (policy distillation + DAgger)."""
+    from dqnc import artifact as art
+    from dqnc.config import DistillConfig, validate
+    from dqnc.distill import run as run_distill
+
+    shape: Any = "auto" if hidden.strip().lower() == "auto" else _parse_hidden(hidden)
+    cfg = validate(DistillConfig, dict(hidden=shape, widths=_parse_hidden(widths), depth=depth,
+                                       max_return_drop=max_return_drop, states=states, steps=steps,
+                                       dagger_rounds=dagger_rounds, dagger_steps=dagger_steps, seed=seed), "options")
+    source = art.load(path, env=_env_arg(env, None))
+    out = out or _default_out(path, "student-" + ("auto" if shape == "auto" else "x".join(map(str, shape))))
+    log = None if as_json else (lambda msg: stderr.print(msg, highlight=False, markup=False))
+    with _spinner(f"distilling ({hidden})", as_json):
+        result = run_distill(cfg, source, out, force=force, command=_argv(), log=log)
+    m = result.manifest["metrics"]
+    if as_json:
+        _emit_json({"path": str(result.path), "metrics": m})
+        return
+    c = m["check"]
+    parent = f" ({m['parent_params'] / m['params']:.1f}x fewer than the parent's {m['parent_params']:,})" if m.get("parent_params") else ""
+    stdout.print(f"student {'x'.join(map(str, m['hidden']))}: {m['params']:,} parameters{parent}; "
+                 f"{m['gradient_steps']:,} steps on {m['distill_states']:,} states in {m['distill_seconds']:.1f} s")
+    stdout.print(f"greedy agreement with the parent on {c['states']:,} held-out states {100 * c['agreement']:.1f}% "
+                 f"(decisive states {100 * c['decisive_agreement']:.1f}%)")
+    stdout.print(f"saved {result.path}")
 
 
 # --- recipes -----------------------------------------------------------------------------------

@@ -217,6 +217,14 @@ class PruneConfig(_StageConfig):
     rl_steps: int = Field(20_000, ge=100, description="env steps of RL fine-tuning (finetune: rl)")
     seed: int = Field(0, ge=0, le=999)
     check_states: int = Field(2000, ge=16)
+    structure: Literal["weights", "units"] = Field(
+        "weights", description="weights: zero single weights (TFMOT magnitude pruning, same shape); units: remove whole "
+        "hidden units, 'sparsity' being the share of each hidden layer's units removed (a narrower dense network)")
+    importance: Literal["taylor", "magnitude"] = Field(
+        "taylor", description="structure: units: rank units by the first-order Taylor estimate of the loss change "
+        "(Molchanov et al. 2017) or by the norms of their incoming and outgoing weights")
+    unit_rounds: int = Field(4, ge=1, le=20, description="structure: units: remove units in this many rounds, "
+                             "fine-tuning by distillation after each")
 
     @model_validator(mode="after")
     def _check_layers(self) -> PruneConfig:
@@ -253,6 +261,8 @@ class QuantizeConfig(_StageConfig):
     min_decisive_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on decisive states")
     max_q_rel_error: float | None = Field(None, ge=0.0, description="p99 |dQ| as a fraction of the parent's Q range "
                                           "(Q-value outputs only)")
+    strip_strings: bool = Field(True, description="drop tensor names and signatures from the .tflite (runtimes address "
+                                "tensors by index; a 16x16 int8 policy shrinks by ~20%)")
 
 
 class ExportConfig(_StageConfig):
@@ -282,3 +292,44 @@ class EvalConfig(_StageConfig):
                       "the held-out range no stage rolls out from (dqnc.seeds)")
     latency_samples: int = Field(2000, ge=0)
     gates: Gates = Field(default_factory=Gates)
+
+
+class DistillConfig(_StageConfig):
+    """A student MLP of any shape taught the parent's policy (see dqnc.distill)."""
+
+    hidden: list[int] | Literal["auto"] = Field(
+        default_factory=lambda: [16, 16], description="student hidden widths, e.g. [16, 16]; 'auto' = the narrowest "
+        "width in 'widths' (x 'depth' layers) whose validation return meets max_return_drop")
+    activation: Literal["relu", "tanh", "elu"] = "relu"
+    states: int = Field(20_000, ge=64, description="teacher rollout states to distill on")
+    epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration of the teacher rollouts")
+    steps: int = Field(3000, ge=1, description="minibatch steps on the teacher's states")
+    dagger_rounds: int = Field(4, ge=0, le=10, description="extra rounds on states the student visits, labelled by the teacher")
+    dagger_steps: int = Field(1500, ge=1, description="minibatch steps per DAgger round")
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    # The loss, as in PruneConfig (see there): policy distillation at a low temperature plus a
+    # light regression on advantages.
+    distill_loss: Literal["policy", "hinge"] = "policy"
+    margin: float = Field(1.5, ge=0.0)
+    temperature: float = Field(0.01, gt=0.0)
+    score_gain: float = Field(20.0, ge=1.0)
+    advantage_weight: float = Field(0.1, ge=0.0)
+    value_weight: float = Field(0.0, ge=0.0)
+    seed: int = Field(0, ge=0, le=999)
+    check_states: int = Field(2000, ge=16)
+    # Width search (hidden: auto).
+    widths: list[int] = Field(default_factory=lambda: [4, 6, 8, 12, 16, 24, 32, 48, 64], min_length=1)
+    depth: int = Field(2, ge=1, le=8, description="hidden layers of the searched students")
+    max_return_drop: float = Field(0.01, ge=0.0, description="hidden: auto gate, a fraction of the parent's mean "
+                                   "return on the validation episodes (as eval's --max-return-drop)")
+    validation_episodes: int = Field(20, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _check_widths(self) -> DistillConfig:
+        for w in (self.hidden if isinstance(self.hidden, list) else []) + self.widths:
+            if not 1 <= w <= 65536:
+                raise ValueError(f"hidden layer widths must be between 1 and 65536, got {w}")
+        if isinstance(self.hidden, list) and not 1 <= len(self.hidden) <= 8:
+            raise ValueError("give 1 to 8 hidden layers")
+        return self

@@ -1,0 +1,217 @@
+"""Policy distillation shared by the prune and distill stages: one loss, one compiled loop, DAgger.
+
+A student (a narrower MLP, or the parent itself wrapped for pruning) learns the teacher's
+greedy policy from states of the teacher's epsilon-noisy rollouts, then from the states the
+student itself visits, labelled by the teacher (DAgger, Ross et al. 2011), so a student that
+drifts off the teacher's path is taught there.
+
+Training runs ``chunk`` minibatch steps inside one ``tf.function`` call (XLA-compiled for plain
+Dense students), with minibatches gathered in numpy from a seeded generator: there is no Keras
+``fit`` and no Python call per step, and the same seed gives the same student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from dqnc.envs import EnvSpec, QFunction, collect_states
+from dqnc.nets import NumpyMLP
+from dqnc.seeds import episode_seed
+
+CHUNK = 100  # minibatch steps per compiled call: large enough that Python overhead vanishes
+# Episode offsets inside a stage's "distill" seed block: round r of DAgger starts at (r+1) * this.
+DAGGER_SEED_STRIDE = 5_000
+
+
+class DistillSettings(Protocol):
+    """The loss and optimizer settings PruneConfig and DistillConfig share."""
+
+    distill_loss: str
+    margin: float
+    temperature: float
+    score_gain: float
+    advantage_weight: float
+    value_weight: float
+    batch_size: int
+    lr: float
+    epsilon: float
+    seed: int
+
+
+@dataclass
+class Normalizer:
+    """Distill in standardized coordinates, then fold the scaling back into the weights.
+
+    Raw observations differ in scale by 10-30x and Q-values sit far from zero, which makes the
+    regression badly conditioned; standardizing inputs (per feature) and targets (one scalar
+    scale, so advantages keep their relative size) is an exact reparametrization of the first and
+    last layers. Zeros stay zeros, and magnitude pruning then ranks first-layer weights by
+    weight x input scale, their real contribution.
+    """
+
+    x_mean: np.ndarray
+    x_std: np.ndarray
+    q_mean: float
+    q_std: float
+
+    @classmethod
+    def fit(cls, states: np.ndarray, q: np.ndarray, advantages: bool = False) -> Normalizer:
+        x_std = states.std(axis=0)
+        spread = (q - q.mean(axis=1, keepdims=True)).std() if advantages else q.std()
+        return cls(states.mean(axis=0), np.where(x_std > 1e-6, x_std, 1.0), float(q.mean()), float(max(spread, 1e-6)))
+
+    def x(self, states: np.ndarray) -> np.ndarray:
+        return ((states - self.x_mean) / self.x_std).astype(np.float32)
+
+    def q(self, q: np.ndarray) -> np.ndarray:
+        return ((q - self.q_mean) / self.q_std).astype(np.float32)
+
+    def to_normalized(self, w: list[np.ndarray]) -> list[np.ndarray]:
+        w = [np.asarray(a, np.float64) for a in w]
+        w[1] = w[1] + self.x_mean @ w[0]
+        w[0] = w[0] * self.x_std[:, None]
+        w[-2], w[-1] = w[-2] / self.q_std, (w[-1] - self.q_mean) / self.q_std
+        return [a.astype(np.float32) for a in w]
+
+    def to_raw(self, w: list[np.ndarray]) -> list[np.ndarray]:
+        w = [np.asarray(a, np.float64) for a in w]
+        w[0] = w[0] / self.x_std[:, None]
+        w[1] = w[1] - self.x_mean @ w[0]
+        w[-2], w[-1] = w[-2] * self.q_std, w[-1] * self.q_std + self.q_mean
+        return [a.astype(np.float32) for a in w]
+
+
+def make_loss(s: DistillSettings, n_actions: int) -> Callable[[Any, Any], Any]:
+    """The per-sample distillation loss, in units of the teacher's advantage spread."""
+    from dqnc.keras import tf
+
+    t = tf()
+    aw, vw = t.constant(s.advantage_weight, t.float32), t.constant(s.value_weight, t.float32)
+    tau_teacher = t.constant(s.temperature, t.float32)
+    tau_student = t.constant(s.temperature * s.score_gain, t.float32)
+    margin = t.constant(s.margin, t.float32)
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        err = y_pred - y_true
+        centered = err - t.reduce_mean(err, axis=1, keepdims=True)
+        total = vw * t.reduce_mean(t.square(err), axis=1) + aw * t.reduce_mean(t.square(centered), axis=1)
+        if s.distill_loss == "hinge":
+            # The teacher's action must lead every other by ``margin``.
+            best = t.argmax(y_true, axis=1, output_type=t.int32)
+            lead = t.gather(y_pred, best, batch_dims=1)[:, None] - y_pred
+            others = 1.0 - t.one_hot(best, n_actions)
+            return total + t.reduce_sum(t.nn.relu(margin - lead) * others, axis=1) / max(1, n_actions - 1)
+        # Policy distillation (Rusu et al. 2016): most states of a DQN are near-ties whose action a
+        # Q-value regression gets wrong about as often as right; matching the teacher's action
+        # distribution at a low temperature puts the student's decision boundary where the
+        # teacher's is. The student's softer temperature scales its scores up by score_gain.
+        target = t.nn.softmax(y_true / tau_teacher, axis=1)
+        return total - t.reduce_sum(target * t.nn.log_softmax(y_pred / tau_student, axis=1), axis=1)
+
+    return loss
+
+
+class Trainer:
+    """Minibatch distillation of ``model`` in compiled chunks of ``CHUNK`` steps.
+
+    One optimizer and one compiled function serve every phase (first fit and DAgger rounds), so
+    XLA compiles once; each phase sets its own cosine-decayed step sizes, passed in per step.
+    TFMOT pruning wrappers advance their own ``pruning_step`` on each training call and update
+    their masks on schedule, inside the compiled loop as in Keras ``fit``.
+    """
+
+    def __init__(self, model: Any, s: DistillSettings, n_actions: int, jit: bool = True) -> None:
+        from dqnc.keras import keras, tf
+
+        t = tf()
+        self.model, self.s = model, s
+        self.rng = np.random.default_rng([s.seed, 0xD157])
+        self.opt = keras().optimizers.Adam(learning_rate=s.lr)
+        loss_fn = make_loss(s, n_actions)
+        variables = model.trainable_variables
+        self._pruning_steps = [l.pruning_step for l in model.layers if hasattr(l, "pruning_step")]
+        opt = self.opt
+
+        @t.function(jit_compile=jit, reduce_retracing=True)
+        def steps(xb: Any, yb: Any, lr: Any) -> Any:
+            total = t.constant(0.0)
+            k = t.shape(xb)[0]
+            for i in t.range(k):
+                opt.learning_rate.assign(lr[i])
+                with t.GradientTape() as tape:
+                    loss = t.reduce_mean(loss_fn(yb[i], model(xb[i], training=True)))
+                grads = tape.gradient(loss, variables)
+                opt.apply_gradients(zip(grads, variables))
+                total += loss
+            return total / t.cast(k, t.float32)
+
+        self._steps = steps
+
+    def fit(self, x: np.ndarray, y: np.ndarray, steps: int, lr_scale: float = 1.0) -> list[float]:
+        """Run ``steps`` (rounded up to whole chunks) minibatch steps on ``(x, y)``; return each chunk's mean loss.
+
+        Minibatches walk seeded permutations of the data (epochs), and the step size decays from
+        ``lr * lr_scale`` to 1% of it on a cosine, so the last steps settle into a fine fit.
+        """
+        for v in self._pruning_steps:
+            if int(v.numpy()) < 0:
+                v.assign(0)  # what TFMOT's UpdatePruningStep callback does before the first batch
+        calls = max(1, -(-steps // CHUNK))
+        total = calls * CHUNK
+        batch = min(self.s.batch_size, len(x))
+        per_epoch = len(x) // batch
+        epochs = -(-total // per_epoch)
+        order = np.concatenate([self.rng.permutation(len(x))[: per_epoch * batch] for _ in range(epochs)])
+        idx = order[: total * batch].reshape(calls, CHUNK, batch)
+        base = self.s.lr * lr_scale
+        lr = (base * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * np.arange(total) / total)))).astype(np.float32)
+        losses = []
+        for c in range(calls):
+            losses.append(float(self._steps(x[idx[c]], y[idx[c]], lr[c * CHUNK:(c + 1) * CHUNK])))
+        return losses
+
+
+@dataclass
+class DaggerResult:
+    history: list[float]
+    states: int
+    steps: int
+
+
+def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activations: list[str], teacher_q: QFunction,
+           norm: Normalizer, states: np.ndarray, q_t: np.ndarray, env: EnvSpec, s: DistillSettings,
+           first_steps: int, rounds: int, round_steps: int | Callable[[int], int], extra_states: int) -> DaggerResult:
+    """Distill on the teacher's states, then ``rounds`` times add ``extra_states`` states the
+    student visits (labelled by the teacher) and distill again at a lower step size.
+
+    ``round_steps`` is a step count, or a function of the round's number of states (epochs).
+    ``weights()`` returns the student's current effective weights in normalized coordinates.
+    DAgger rollouts take their episodes from the "distill" seed block, after the teacher's.
+    """
+    history = trainer.fit(norm.x(states), norm.q(q_t), first_steps)
+    steps = -(-first_steps // CHUNK) * CHUNK
+    base = episode_seed("distill", s.seed)
+    for r in range(rounds):
+        student_q = NumpyMLP(norm.to_raw(weights()), activations)
+        visited = collect_states(student_q, env, extra_states, base + DAGGER_SEED_STRIDE * (r + 1), s.epsilon / 2)
+        states = np.concatenate([states, visited])
+        q_t = np.concatenate([q_t, teacher_q(visited)])
+        n_steps = round_steps(len(states)) if callable(round_steps) else round_steps
+        history += trainer.fit(norm.x(states), norm.q(q_t), n_steps, lr_scale=0.3)
+        steps += -(-n_steps // CHUNK) * CHUNK
+    return DaggerResult(history, len(states), steps)
+
+
+def teacher_states(teacher_q: QFunction, env: EnvSpec, n: int, s: DistillSettings) -> tuple[np.ndarray, np.ndarray]:
+    """States of the teacher's epsilon-greedy rollouts and its Q-values there."""
+    states = collect_states(teacher_q, env, n, episode_seed("distill", s.seed), s.epsilon)
+    return states, np.asarray(teacher_q(states), np.float32)
+
+
+def check_states(teacher_q: QFunction, env: EnvSpec, n: int, seed: int, epsilon: float) -> np.ndarray:
+    """Held-out states for the fidelity check: episodes no distillation rollout replays."""
+    return collect_states(teacher_q, env, n, episode_seed("check", seed), epsilon)
