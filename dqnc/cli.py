@@ -298,7 +298,8 @@ def quantize(
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
     mode: Annotated[str, typer.Option(help="int8 (full integer), int16x8, float16, dynamic or fp32.")] = "int8",
     float_io: Annotated[bool, typer.Option("--float-io", help="Keep float32 input/output (int8/int16x8 inside).")] = False,
-    sparse_encoding: Annotated[str, typer.Option(help="auto, on or off: store sparse kernels sparsely (smaller; not for TFLite Micro).")] = "auto",
+    target: Annotated[str, typer.Option(help="mcu (TFLite Micro too: dense encoding) or linux (sparse encoding allowed).")] = "mcu",
+    sparse_encoding: Annotated[str, typer.Option(help="auto (dense for mcu; sparse for linux when >=30% zeros), on (linux only) or off.")] = "auto",
     output_range: Annotated[str, typer.Option(help="ranking (int8 output narrowed so near-tied actions stay apart) or full.")] = "ranking",
     calibration_states: Annotated[int, typer.Option(min=16, help="Rollout states to calibrate on.")] = 2000,
     check_states: Annotated[int, typer.Option(min=16, help="Held-out states the result is checked on.")] = 2000,
@@ -312,7 +313,7 @@ def quantize(
     from dqnc.config import QuantizeConfig, validate
     from dqnc.quantize import run as run_quantize
 
-    cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, sparse_encoding=sparse_encoding,
+    cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, target=target, sparse_encoding=sparse_encoding,
                                         output_range=output_range, calibration_states=calibration_states,
                                         check_states=check_states, seed=seed, min_decisive_agreement=min_agreement),
                    "options")

@@ -227,9 +227,13 @@ class QuantizeConfig(_StageConfig):
 
     mode: Literal["int8", "int16x8", "float16", "dynamic", "fp32"] = "int8"
     float_io: bool = False
+    target: Literal["mcu", "linux"] = Field(
+        "mcu", description="where the model will run: mcu (TFLite Micro too: dense encoding) or linux (LiteRT, "
+        "tflite-runtime: the sparse encoding is allowed)")
     sparse_encoding: Literal["auto", "on", "off"] = Field(
         "auto", description="store sparse kernels sparsely: smaller files, but TFLite Micro cannot run them "
-        "and XNNPACK does not accelerate them; auto = when at least 30% of the weights are zero")
+        "and XNNPACK does not accelerate them; auto = dense for target mcu, sparse for target linux when at "
+        "least 30% of the weights are zero")
     output_range: Literal["ranking", "full"] = Field(
         "ranking", description="int8 output scale: 'ranking' narrows it so near-tied actions stay apart (larger scores "
         "saturate) and also tries cross-layer equalization, each variant chosen by greedy agreement with the parent on "
@@ -241,11 +245,22 @@ class QuantizeConfig(_StageConfig):
     min_decisive_agreement: float = Field(0.98, ge=0.0, le=1.0)
     max_q_rel_error: float = Field(0.05, ge=0.0, description="p99 |dQ| as a fraction of the parent's Q range")
 
+    @model_validator(mode="after")
+    def _check_target(self) -> QuantizeConfig:
+        if self.target == "mcu" and self.sparse_encoding == "on":
+            raise ValueError("sparse_encoding 'on' needs target 'linux': TFLite Micro cannot run sparse tensors")
+        return self
+
 
 class ExportConfig(_StageConfig):
     """The edge bundle (see dqnc.export)."""
 
     c_name: str = Field("g_dqnc_model", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of the C array")
+    target: Literal["mcu", "linux"] = Field(
+        "mcu", description="mcu: a bundle every runtime runs (dense, ops TFLite Micro has; verified on TFLM, with "
+        "C deliverables); linux: LiteRT/tflite-runtime only (sparse encoding allowed)")
+    check_states: int = Field(10_000, ge=1, description="held-out states run through every runtime before shipping")
+    seed: int = Field(0, ge=0, description="seed of the verification rollouts (episode_seed('export_check', seed))")
 
 
 class Gates(_StageConfig):
