@@ -345,29 +345,58 @@ def export(
     path: Annotated[Path, typer.Argument(help="Artifact to bundle (.tflite artifact, or SavedModel -> fp32 TFLite).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory [default: PATH-bundle].")] = None,
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    target: Annotated[str, typer.Option(help="mcu (verified on TensorFlow Lite Micro; C deliverables) or linux (LiteRT/tflite-runtime only).")] = "mcu",
+    check_states: Annotated[int, typer.Option(min=1, help="Held-out states run through TFLM and LiteRT (target mcu).")] = 10_000,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the verification rollouts.")] = 0,
     c_name: Annotated[str, typer.Option(help="Name of the C array in model_data.cc.")] = "g_dqnc_model",
+    verify_mcu: Annotated[bool, typer.Option("--verify-mcu", help="Also build policy.c for a Cortex-M4 and run it on QEMU (needs arm-none-eabi-gcc, qemu-system-arm).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
-    """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner."""
+    """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner (+ TFLM/C files for mcu)."""
     from dqnc import artifact as art
     from dqnc.config import ExportConfig, validate
     from dqnc.export import run as run_export
 
-    cfg = validate(ExportConfig, {"c_name": c_name}, "options")
+    cfg = validate(ExportConfig, {"c_name": c_name, "target": target, "check_states": check_states, "seed": seed}, "options")
     source = art.load(path, env=_env_arg(env, None))
     out = out or _default_out(path, "bundle")
-    result = run_export(cfg, source, out, force=force, command=_argv())
+    with _spinner(f"exporting for {target}", as_json):
+        result = run_export(cfg, source, out, force=force, command=_argv())
+    m = result.manifest["metrics"]
+    mcu = None
+    if verify_mcu:
+        from dqnc import mcu as mcu_mod
+
+        with _spinner("Cortex-M4 on QEMU", as_json):
+            mcu = mcu_mod.verify_bundle(result.path)
     if as_json:
-        _emit_json({"path": str(result.path), "metrics": result.manifest["metrics"], "io": result.manifest["io"]})
+        _emit_json({"path": str(result.path), "metrics": m, "io": result.manifest["io"],
+                    **({"mcu": mcu} if mcu is not None else {})})
         return
     files = sorted(p.name for p in result.path.iterdir())
-    stdout.print(f"bundle {result.path}: {', '.join(files)}")
-    if not result.manifest["metrics"]["tflm_compatible"]:
-        stderr.print("note: the model stores sparse tensors; TensorFlow Lite Micro cannot run model_data.cc "
-                      "(no DENSIFY op): for a microcontroller, quantize with --sparse-encoding off")
-    stdout.print(f"model.tflite {result.manifest['metrics']['size_bytes']:,} bytes "
-                 f"({result.manifest['metrics']['gzip_bytes']:,} gzipped); try: "
+    stdout.print(f"bundle {result.path} (target {m['target']}): {', '.join(files)}")
+    if m["tflm_compatible"]:
+        c = m["tflm_check"]
+        stdout.print(f"TFLM verified: {c['actions_equal']:,} of {c['states']:,} actions equal LiteRT's "
+                     f"({c.get('int_output_differences', 0):,} int outputs differ); arena {m['tflm_arena_bytes']['total']:,} "
+                     f"bytes measured ({m['tflm_arena_shipped_bytes']:,} shipped); flash {m['tflm_flash_bytes']:,} bytes; "
+                     f"ops {', '.join(m['ops'])}")
+        cp = m.get("c_policy") or {}
+        if cp.get("written"):
+            verified = (f"bit-identical to TFLM on {cp['states']:,} states" if cp.get("host_verified")
+                        else f"not compiled here: {cp.get('reason')}")
+            stdout.print(f"policy.c: {cp['const_data_bytes']:,} bytes of constants, {cp['activation_ram_bytes']} bytes of "
+                         f"activations; {verified}")
+        elif cp:
+            stdout.print(f"no policy.c: {cp.get('reason')}")
+    else:
+        stdout.print("target linux: not for TensorFlow Lite Micro (export with --target mcu for a microcontroller)")
+    if mcu is not None:
+        stdout.print(f"Cortex-M4 (QEMU {mcu['board']}): {mcu['actions_equal']} of {mcu['vectors']} actions equal LiteRT's; "
+                     f"flash {mcu['flash_bytes']:,} bytes, RAM {mcu['ram_bytes']:,} bytes; "
+                     f"~{mcu['instructions_per_action']:,.0f} instructions per action (QEMU -icount: a proxy, not cycles)")
+    stdout.print(f"model.tflite {m['size_bytes']:,} bytes ({m['gzip_bytes']:,} gzipped); try: "
                  f"python {result.path / 'run_policy.py'} --obs {','.join(['0'] * source.env.obs_dim)}")
 
 
