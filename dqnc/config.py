@@ -261,6 +261,9 @@ class ExportConfig(_StageConfig):
         "C deliverables); linux: LiteRT/tflite-runtime only (sparse encoding allowed)")
     check_states: int = Field(10_000, ge=1, description="held-out states run through every runtime before shipping")
     seed: int = Field(0, ge=0, description="seed of the verification rollouts (episode_seed('export_check', seed))")
+    max_action_mismatch: float = Field(
+        0.01, ge=0.0, le=1.0, description="share of check states on which TFLM may pick another action than LiteRT, "
+        "only where TFLM provably computes TFLite's double-rounding arithmetic and LiteRT rounds once (see dqnc.export)")
 
 
 class Gates(_StageConfig):

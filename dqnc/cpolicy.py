@@ -66,12 +66,18 @@ class IntegerMLP:
     def n_actions(self) -> int:
         return int(self.layers[-1].weights.shape[0])
 
-    def forward(self, xq: np.ndarray) -> np.ndarray:
-        """int8 inputs ``[N, obs_dim]`` -> int8 outputs, in exactly the C policy's arithmetic."""
+    def forward(self, xq: np.ndarray, rounding: str = "double") -> np.ndarray:
+        """int8 inputs ``[N, obs_dim]`` -> int8 outputs, in exactly the C policy's arithmetic.
+
+        ``rounding="double"`` is TFLite's default requantization (TFLM's reference kernels and the
+        C policy); ``"single"`` is its TFLITE_SINGLE_ROUNDING variant, which LiteRT 2.x's kernels
+        (builtin reference and XNNPACK) compute.
+        """
+        requantize = multiply_by_quantized_multiplier if rounding == "double" else single_rounding_multiply
         h = np.asarray(xq, np.int64).reshape(-1, self.obs_dim)
         for layer in self.layers:
             acc = (h + layer.input_offset) @ layer.weights.astype(np.int64).T + layer.bias
-            acc = multiply_by_quantized_multiplier(acc, layer.multiplier, layer.shift) + layer.output_offset
+            acc = requantize(acc, layer.multiplier, layer.shift) + layer.output_offset
             h = np.clip(acc, layer.act_min, layer.act_max)
         return h.astype(np.int8)
 
@@ -112,6 +118,12 @@ def multiply_by_quantized_multiplier(x: np.ndarray, multiplier: np.ndarray, shif
     right = np.maximum(-shift, 0).astype(np.int64)
     x32 = ((x << left) + (1 << 31)) % (1 << 32) - (1 << 31)  # int32 wrap, as C's x * (1 << left)
     return _rdbpot(_srdhm(x32, multiplier.astype(np.int64)), right)
+
+
+def single_rounding_multiply(x: np.ndarray, multiplier: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """TFLite's MultiplyByQuantizedMultiplier under TFLITE_SINGLE_ROUNDING: one rounding, in 64 bits."""
+    total = 31 - shift.astype(np.int64)
+    return (x * multiplier.astype(np.int64) + (np.int64(1) << (total - 1))) >> total
 
 
 def extract(content: bytes) -> IntegerMLP | str:

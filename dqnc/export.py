@@ -105,10 +105,21 @@ def _first_max(raw: np.ndarray) -> np.ndarray:
     return raw.argmax(axis=1)  # numpy's argmax returns the first maximum: the tie rule shipped
 
 
-def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: np.ndarray) -> tuple[Any, dict[str, Any], np.ndarray, np.ndarray]:
-    """Run ``states`` through TFLM and LiteRT on identical quantized inputs; GateFailed unless
-    every action agrees. Returns the TFLM policy, the figures, the quantized inputs and TFLM's raw outputs."""
-    from dqnc import tflm
+def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: np.ndarray,
+                max_mismatch: float = 0.0) -> tuple[Any, dict[str, Any], np.ndarray, np.ndarray]:
+    """Run ``states`` through TFLM and LiteRT on identical quantized inputs. Returns the TFLM
+    policy, the figures, the quantized inputs and TFLM's raw outputs.
+
+    Every action must agree, with one measured exception: TFLM's reference kernels requantize
+    with TFLite's default double rounding, while LiteRT 2.x's kernels round once
+    (TFLITE_SINGLE_ROUNDING; XNNPACK nearly so), so an int8 activation can differ by one step
+    and, near a tie, the action flips (measured: 61 of 10,000 CartPole states for an unpruned
+    128x128 model with a narrowed output range). For int8 fully connected models dqnc recomputes
+    TFLM's arithmetic exactly (:mod:`dqnc.cpolicy`); disagreements are then accepted, and
+    counted, only when every TFLM output equals that computation and they are at most
+    ``max_mismatch`` of the states. Anything else raises GateFailed.
+    """
+    from dqnc import cpolicy, tflm
 
     micro = tflm.policy(content, manifest)
     xq = litert._quantize(states).reshape((len(states), *litert._in_shape[1:]))
@@ -122,10 +133,23 @@ def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: n
         figures["int_output_max_difference"] = int(diff.max()) if diff.size else 0
     else:
         figures["output_max_abs_difference"] = float(np.abs(raw_tflm - raw_lite).max())
+    explained = False
     if not same.all():
+        mlp = cpolicy.extract(content)
+        if not isinstance(mlp, str):
+            flat = xq.reshape(len(xq), -1)
+            tflm_exact = bool((mlp.forward(flat, "double") == raw_tflm).all())
+            single = mlp.forward(flat, "single")
+            figures.update(tflm_equals_double_rounding=tflm_exact,
+                           litert_outputs_equal_single_rounding=int((single == raw_lite).all(axis=1).sum()))
+            explained = tflm_exact
+    share = float((~same).mean())
+    if not same.all() and (not explained or share > max_mismatch):
+        why = (f"{100 * share:.2f}% exceeds the allowed {100 * max_mismatch:.2f}% (--max-action-mismatch)" if explained
+               else "and TFLM's outputs are not TFLite's integer arithmetic as dqnc computes it")
         raise GateFailed(f"TensorFlow Lite Micro and LiteRT ({litert.runtime}) choose different actions on "
-                         f"{int((~same).sum())} of {len(states):,} held-out states: the bundle would act differently "
-                         "on a microcontroller; nothing written (export --target linux ships for LiteRT only)",
+                         f"{int((~same).sum())} of {len(states):,} held-out states, {why}: the bundle would act "
+                         "differently on a microcontroller; nothing written (export --target linux ships for LiteRT only)",
                          {"tflm_check": figures})
     return micro, figures, xq, raw_tflm
 
@@ -286,7 +310,8 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         if reason:
             raise UsageError(f"cannot export for target mcu: {reason} (or export with --target linux)")
         states, who = check_states(cfg, source, policy)
-        micro, figures, xq, raw_tflm = verify_tflm(content, policy, manifest_view, states)
+        micro, figures, xq, raw_tflm = verify_tflm(content, policy, manifest_view, states,
+                                                     cfg.max_action_mismatch)
         arena = tflm.arena(content)
         from importlib import metadata
 

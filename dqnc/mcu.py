@@ -7,7 +7,8 @@ and reports:
 
 - ``arm-none-eabi-size`` of ``policy.o`` alone (flash = .text + .rodata + .data, RAM = .data + .bss;
   the stack is extra, a few dozen bytes);
-- how many test-vector actions equal LiteRT's;
+- how many test-vector actions equal TFLM's arithmetic (required: all) and LiteRT's (which
+  rounds once where TFLM rounds twice, see :func:`dqnc.export.verify_tflm`);
 - instructions per action. QEMU runs with ``-icount shift=0``, which advances its virtual clock by
   1 ns per guest instruction; the harness reads SysTick around each action and converts ticks to
   instructions with a calibration loop of known length. It counts instructions, not cycles: a
@@ -112,7 +113,7 @@ static void put_u(const char *label, uint32_t v) {
 static void spin(uint32_t n) { __asm__ volatile("1: subs %0, %0, #1\n bne 1b" : "+r"(n) : : "cc"); }
 
 int main(void) {
-  uint32_t n, t0, t1, matches = 0, ticks = 0, overhead = 0, calib;
+  uint32_t n, t0, t1, matches = 0, litert = 0, ticks = 0, overhead = 0, calib;
   SYST_RVR = 0x00FFFFFFu;
   SYST_CVR = 0;
   SYST_CSR = 5u; /* enable, processor clock, no interrupt */
@@ -130,8 +131,10 @@ int main(void) {
     t1 = SYST_CVR;
     overhead += (t0 - t1) & 0x00FFFFFFu;
     if (action == k_expected[n]) ++matches;
+    if (action == k_litert[n]) ++litert;
   }
   put_u("DQNC matches ", matches);
+  put_u(" litert ", litert);
   put_u(" vectors ", DQNC_N_VECTORS);
   put_u(" ticks ", ticks);
   put_u(" overhead ", overhead);
@@ -154,13 +157,14 @@ def _run(cmd: list[str], timeout: float = 300) -> str:
     return proc.stdout
 
 
-def _vectors_header(obs: np.ndarray, expected: np.ndarray) -> str:
+def _vectors_header(obs: np.ndarray, expected: np.ndarray, litert: np.ndarray) -> str:
     from dqnc.cpolicy import _c_float
 
     rows = ",\n".join("  {" + ", ".join(_c_float(v) for v in row) + "}" for row in obs)
     return (f"#define DQNC_N_VECTORS {len(obs)}u\n#define DQNC_CALIBRATION_LOOPS {CALIBRATION_LOOPS}u\n"
             f"static const float k_obs[DQNC_N_VECTORS][DQNC_OBS_DIM] = {{\n{rows}\n}};\n"
-            f"static const int k_expected[DQNC_N_VECTORS] = {{{', '.join(str(int(a)) for a in expected)}}};\n")
+            f"static const int k_expected[DQNC_N_VECTORS] = {{{', '.join(str(int(a)) for a in expected)}}};\n"
+            f"static const int k_litert[DQNC_N_VECTORS] = {{{', '.join(str(int(a)) for a in litert)}}};\n")
 
 
 def section_sizes(obj: Path) -> dict[str, int]:
@@ -174,8 +178,10 @@ def section_sizes(obj: Path) -> dict[str, int]:
     return sizes
 
 
-def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, work: Path | None = None) -> dict[str, Any]:
-    """Cross-compile policy.c in ``source_dir`` with the harness, run ``obs`` on QEMU, compare with ``expected``."""
+def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, litert: np.ndarray,
+                  work: Path | None = None) -> dict[str, Any]:
+    """Cross-compile policy.c in ``source_dir`` with the harness, run ``obs`` on QEMU; count the
+    actions equal to ``expected`` (TFLM's arithmetic) and to ``litert``."""
     missing = missing_tools()
     if missing:
         raise FileNotFoundError(f"missing {', '.join(missing)}: apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi "
@@ -185,7 +191,7 @@ def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, work:
         shutil.copy(Path(source_dir) / name, work / name)
     (work / "startup.c").write_text(_STARTUP, encoding="utf-8")
     (work / "harness.c").write_text(_HARNESS, encoding="utf-8")
-    (work / "vectors.h").write_text(_vectors_header(np.asarray(obs, np.float32), np.asarray(expected)), encoding="utf-8")
+    (work / "vectors.h").write_text(_vectors_header(np.asarray(obs, np.float32), np.asarray(expected), np.asarray(litert)), encoding="utf-8")
     (work / "link.ld").write_text(_LINKER, encoding="utf-8")
     _run(["arm-none-eabi-gcc", *CFLAGS, "-c", "-o", str(work / "policy.o"), str(work / "policy.c")])
     sizes = section_sizes(work / "policy.o")
@@ -195,13 +201,14 @@ def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, work:
     out = _run(["qemu-system-arm", "-M", BOARD, "-display", "none", "-monitor", "none", "-serial", "none",
                 "-chardev", "stdio,id=semihosting", "-semihosting-config", "enable=on,target=native,chardev=semihosting",
                 "-icount", "shift=0", "-kernel", str(elf)])
-    m = re.search(r"DQNC matches (\d+) vectors (\d+) ticks (\d+) overhead (\d+) calibration_ticks (\d+)", out)
+    m = re.search(r"DQNC matches (\d+) litert (\d+) vectors (\d+) ticks (\d+) overhead (\d+) calibration_ticks (\d+)", out)
     if not m:
         raise RuntimeError(f"the Cortex-M4 run printed no result: {out.strip()[:300]!r}")
-    matches, vectors, ticks, overhead, calib = (int(g) for g in m.groups())
+    matches, litert_matches, vectors, ticks, overhead, calib = (int(g) for g in m.groups())
     per_tick = 2 * CALIBRATION_LOOPS / calib if calib else float("nan")
     return {
         "board": BOARD, "cflags": " ".join(CFLAGS), "vectors": vectors, "actions_equal": matches,
+        "actions_equal_litert": litert_matches,
         "sections": sizes, "flash_bytes": sizes["text"] + sizes["rodata"] + sizes["data"],
         "ram_bytes": sizes["data"] + sizes["bss"],
         "instructions_per_action": (ticks - overhead) * per_tick / max(vectors, 1),
@@ -226,13 +233,19 @@ def verify_bundle(bundle: Path, n_vectors: int = 1000, seed: int = 0) -> dict[st
     if missing:
         raise UsageError(f"--verify-mcu needs {', '.join(missing)}: apt-get install gcc-arm-none-eabi "
                          "libnewlib-arm-none-eabi qemu-system-arm")
+    from dqnc.cpolicy import extract
+
     litert = tflite_policy(source.model_path, source.manifest)
     obs = collect_states(litert, source.env, n_vectors, episode_seed("export_check", seed) + 50_000, 0.1)
-    expected = litert.q_values(obs).argmax(axis=1)
-    result = build_and_run(source.path, obs, expected)
+    xq = litert._quantize(obs.astype(np.float32))
+    mlp = extract(source.model_path.read_bytes())
+    assert not isinstance(mlp, str)  # export wrote policy.c, so the model is an int8 FC chain
+    expected = mlp.forward(xq).argmax(axis=1)  # TFLM's arithmetic, first maximum
+    lite = np.stack([np.array(litert.invoke_quantized(x[None]), copy=True).reshape(-1) for x in xq]).argmax(axis=1)
+    result = build_and_run(source.path, obs, expected, lite)
     if result["actions_equal"] != result["vectors"]:
         from dqnc.errors import GateFailed
 
-        raise GateFailed(f"on the emulated Cortex-M4, policy.c chose LiteRT's action on {result['actions_equal']} of "
-                         f"{result['vectors']} test vectors", {"mcu": result})
+        raise GateFailed(f"on the emulated Cortex-M4, policy.c chose TFLM's action on {result['actions_equal']} and "
+                         f"LiteRT's on {result['actions_equal_litert']} of {result['vectors']} test vectors", {"mcu": result})
     return result
