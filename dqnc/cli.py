@@ -517,6 +517,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(min=0, help="Episode i is reset with seed SEED+i.")] = 0,
     reference: Annotated[Optional[Path], typer.Option("--reference", "-r", help="Parent policy: report action agreement, Q error and return drop against it.")] = None,
     latency_samples: Annotated[int, typer.Option(min=0, help="Single-observation calls timed for the latency figures (0 = skip).")] = 2000,
+    runtime: Annotated[str, typer.Option(help="auto, litert, tflite-runtime, tflm (TensorFlow Lite Micro) or c (the bundle's policy.c, host-compiled).")] = "auto",
     min_return: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is below this.")] = None,
     max_return_drop: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is more than this fraction below the reference's (0.01 = 1%).")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Gate: exit 1 if greedy agreement with the reference on decisive states is below this (0.99 = 99%).")] = None,
@@ -534,7 +535,8 @@ def eval_cmd(
     parent = art.load(reference, env=env_spec_arg or source.env) if reference is not None else None
     gates = dict(min_return=min_return, max_return_drop=max_return_drop, min_agreement=min_agreement,
                  max_size_kb=max_size_kb, max_latency_us=max_latency_us)
-    cfg = validate(EvalConfig, dict(episodes=episodes, seed=seed, latency_samples=latency_samples, gates=gates), "options")
+    cfg = validate(EvalConfig, dict(episodes=episodes, seed=seed, latency_samples=latency_samples, runtime=runtime,
+                                         gates=gates), "options")
     try:
         result = run_eval(cfg, source, parent)
     except GateFailed as e:

@@ -282,4 +282,7 @@ class EvalConfig(_StageConfig):
     episodes: int = Field(100, ge=1, le=100_000)
     seed: int = Field(0, ge=0)
     latency_samples: int = Field(2000, ge=0)
+    runtime: Literal["auto", "litert", "tflite-runtime", "tflm", "c"] = Field(
+        "auto", description="what runs a .tflite policy: auto (LiteRT, else tflite-runtime), litert, tflite-runtime, "
+        "tflm (TensorFlow Lite Micro's reference kernels) or c (the bundle's policy.c, compiled for the host)")
     gates: Gates = Field(default_factory=Gates)
