@@ -134,7 +134,7 @@ def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: n
     else:
         figures["output_max_abs_difference"] = float(np.abs(raw_tflm - raw_lite).max())
     explained = False
-    if not same.all():
+    if not same.all() and raw_tflm.dtype.kind in "iu":
         mlp = cpolicy.extract(content)
         if not isinstance(mlp, str):
             flat = xq.reshape(len(xq), -1)
@@ -143,10 +143,19 @@ def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: n
             figures.update(tflm_equals_double_rounding=tflm_exact,
                            litert_outputs_equal_single_rounding=int((single == raw_lite).all(axis=1).sum()))
             explained = tflm_exact
+    elif not same.all():
+        # Float kernels sum in different orders: a flip is a float tie when TFLM's choice scores
+        # within float32 rounding of LiteRT's best in LiteRT's own outputs.
+        rows = np.flatnonzero(~same)
+        lite_best = raw_lite[rows, _first_max(raw_lite)[rows]]
+        lite_of_tflm = raw_lite[rows, _first_max(raw_tflm)[rows]]
+        tol = 1e-5 * np.maximum(1.0, np.abs(raw_lite[rows]).max(axis=1))
+        explained = bool((lite_best - lite_of_tflm <= tol).all())
+        figures["float_ties"] = int(len(rows)) if explained else 0
     share = float((~same).mean())
     if not same.all() and (not explained or share > max_mismatch):
         why = (f"{100 * share:.2f}% exceeds the allowed {100 * max_mismatch:.2f}% (--max-action-mismatch)" if explained
-               else "and TFLM's outputs are not TFLite's integer arithmetic as dqnc computes it")
+               else "more than the two runtimes' rounding explains")
         raise GateFailed(f"TensorFlow Lite Micro and LiteRT ({litert.runtime}) choose different actions on "
                          f"{int((~same).sum())} of {len(states):,} held-out states, {why}: the bundle would act "
                          "differently on a microcontroller; nothing written (export --target linux ships for LiteRT only)",
