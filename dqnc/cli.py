@@ -342,7 +342,8 @@ def quantize(
     env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
     mode: Annotated[str, typer.Option(help="int8 (full integer), int16x8, float16, dynamic or fp32.")] = "int8",
     float_io: Annotated[bool, typer.Option("--float-io", help="Keep float32 input/output (int8/int16x8 inside).")] = False,
-    sparse_encoding: Annotated[str, typer.Option(help="auto, on or off: store sparse kernels sparsely (smaller; not for TFLite Micro).")] = "auto",
+    target: Annotated[str, typer.Option(help="mcu (TFLite Micro too: dense encoding) or linux (sparse encoding allowed).")] = "mcu",
+    sparse_encoding: Annotated[str, typer.Option(help="auto (dense for mcu; sparse for linux when >=30% zeros), on (linux only) or off.")] = "auto",
     output_range: Annotated[str, typer.Option(help="ranking (int8 output narrowed so near-tied actions stay apart) or full.")] = "ranking",
     calibration_states: Annotated[int, typer.Option(min=16, help="Rollout states to calibrate on.")] = 2000,
     check_states: Annotated[int, typer.Option(min=16, help="Held-out states the result is checked on.")] = 2000,
@@ -362,7 +363,7 @@ def quantize(
     from dqnc.config import QuantizeConfig, validate
     from dqnc.quantize import run as run_quantize
 
-    cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, sparse_encoding=sparse_encoding,
+    cfg = validate(QuantizeConfig, dict(mode=mode, float_io=float_io, target=target, sparse_encoding=sparse_encoding,
                                         output_range=output_range, calibration_states=calibration_states,
                                         check_states=check_states, seed=seed, max_regret=max_regret,
                                         max_return_drop=max_return_drop, check_episodes=check_episodes,
@@ -399,29 +400,60 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory [default: PATH-bundle].")] = None,
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
     env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
+    target: Annotated[str, typer.Option(help="mcu (verified on TensorFlow Lite Micro; C deliverables) or linux (LiteRT/tflite-runtime only).")] = "mcu",
+    check_states: Annotated[int, typer.Option(min=1, help="Held-out states run through TFLM and LiteRT (target mcu).")] = 10_000,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the verification rollouts.")] = 0,
+    max_action_mismatch: Annotated[float, typer.Option(min=0, max=1, help="Share of states where TFLM may act otherwise than LiteRT, only when explained by their rounding modes.")] = 0.01,
     c_name: Annotated[str, typer.Option(help="Name of the C array in model_data.cc.")] = "g_dqnc_model",
+    verify_mcu: Annotated[bool, typer.Option("--verify-mcu", help="Also build policy.c for a Cortex-M4 and run it on QEMU (needs arm-none-eabi-gcc, qemu-system-arm).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
-    """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner."""
+    """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner (+ TFLM/C files for mcu)."""
     from dqnc import artifact as art
     from dqnc.config import ExportConfig, validate
     from dqnc.export import run as run_export
 
-    cfg = validate(ExportConfig, {"c_name": c_name}, "options")
+    cfg = validate(ExportConfig, {"c_name": c_name, "target": target, "check_states": check_states, "seed": seed,
+                                  "max_action_mismatch": max_action_mismatch}, "options")
     source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, "bundle")
-    result = run_export(cfg, source, out, force=force, command=_argv())
+    with _spinner(f"exporting for {target}", as_json):
+        result = run_export(cfg, source, out, force=force, command=_argv())
+    m = result.manifest["metrics"]
+    mcu = None
+    if verify_mcu:
+        from dqnc import mcu as mcu_mod
+
+        with _spinner("Cortex-M4 on QEMU", as_json):
+            mcu = mcu_mod.verify_bundle(result.path)
     if as_json:
-        _emit_json({"path": str(result.path), "metrics": result.manifest["metrics"], "io": result.manifest["io"]})
+        _emit_json({"path": str(result.path), "metrics": m, "io": result.manifest["io"],
+                    **({"mcu": mcu} if mcu is not None else {})})
         return
     files = sorted(p.name for p in result.path.iterdir())
-    stdout.print(f"bundle {result.path}: {', '.join(files)}")
-    if not result.manifest["metrics"]["tflm_compatible"]:
-        stderr.print("note: the model stores sparse tensors; TensorFlow Lite Micro cannot run model_data.cc "
-                      "(no DENSIFY op): for a microcontroller, quantize with --sparse-encoding off")
-    stdout.print(f"model.tflite {result.manifest['metrics']['size_bytes']:,} bytes "
-                 f"({result.manifest['metrics']['gzip_bytes']:,} gzipped); try: "
+    stdout.print(f"bundle {result.path} (target {m['target']}): {', '.join(files)}")
+    if m["tflm_compatible"]:
+        c = m["tflm_check"]
+        stdout.print(f"TFLM verified: {c['actions_equal']:,} of {c['states']:,} actions equal LiteRT's "
+                     f"({c.get('int_output_differences', 0):,} int outputs differ: LiteRT rounds once, TFLM twice); arena {m['tflm_arena_bytes']['total']:,} "
+                     f"bytes measured ({m['tflm_arena_shipped_bytes']:,} shipped); flash {m['tflm_flash_bytes']:,} bytes; "
+                     f"ops {', '.join(m['ops'])}")
+        cp = m.get("c_policy") or {}
+        if cp.get("written"):
+            verified = (f"bit-identical to TFLM on {cp['states']:,} states" if cp.get("host_verified")
+                        else f"not compiled here: {cp.get('reason')}")
+            stdout.print(f"policy.c: {cp['const_data_bytes']:,} bytes of constants, {cp['activation_ram_bytes']} bytes of "
+                         f"activations; {verified}")
+        elif cp:
+            stdout.print(f"no policy.c: {cp.get('reason')}")
+    else:
+        stdout.print("target linux: not for TensorFlow Lite Micro (export with --target mcu for a microcontroller)")
+    if mcu is not None:
+        stdout.print(f"Cortex-M4 (QEMU {mcu['board']}): {mcu['actions_equal']} of {mcu['vectors']} actions equal TFLM's, {mcu['actions_equal_litert']} LiteRT's; "
+                     f"flash {mcu['flash_bytes']:,} bytes, RAM {mcu['ram_bytes']:,} bytes; "
+                     f"~{mcu['instructions_per_action']:,.0f} instructions per action (QEMU -icount: a proxy, not cycles)")
+    stdout.print(f"model.tflite {m['size_bytes']:,} bytes ({m['gzip_bytes']:,} gzipped); try: "
                  f"python {result.path / 'run_policy.py'} --obs {','.join(['0'] * source.env.obs_dim)}")
 
 
@@ -593,6 +625,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(min=0, help="Episode i is reset with seed SEED+i; the default starts dqnc's held-out range (no stage rolls out from it).")] = EVAL_SEED,
     reference: Annotated[Optional[Path], typer.Option("--reference", "-r", help="Parent policy: report action agreement, Q error and return drop against it.")] = None,
     latency_samples: Annotated[int, typer.Option(min=0, help="Single-observation calls timed for the latency figures (0 = skip).")] = 2000,
+    runtime: Annotated[str, typer.Option(help="auto, litert, tflite-runtime, tflm (TensorFlow Lite Micro) or c (the bundle's policy.c, host-compiled).")] = "auto",
     min_return: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is below this.")] = None,
     max_return_drop: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if the mean return is more than this fraction below the reference's (0.01 = 1%).")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(min=0, max=1, help="Gate: exit 1 if greedy agreement with the reference over every visited state is below this (0.95 = 95%).")] = None,
@@ -614,7 +647,8 @@ def eval_cmd(
     gates = dict(min_return=min_return, max_return_drop=max_return_drop, min_agreement=min_agreement,
                  min_decisive_agreement=min_decisive_agreement, max_regret=max_regret, max_size_kb=max_size_kb,
                  max_size_kib=max_size_kib, max_latency_us=max_latency_us)
-    cfg = validate(EvalConfig, dict(episodes=episodes, seed=seed, latency_samples=latency_samples, gates=gates), "options")
+    cfg = validate(EvalConfig, dict(episodes=episodes, seed=seed, latency_samples=latency_samples, runtime=runtime,
+                                    gates=gates), "options")
     try:
         result = run_eval(cfg, source, parent)
     except GateFailed as e:

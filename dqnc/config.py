@@ -239,9 +239,13 @@ class QuantizeConfig(_StageConfig):
 
     mode: Literal["int8", "int16x8", "float16", "dynamic", "fp32"] = "int8"
     float_io: bool = False
+    target: Literal["mcu", "linux"] = Field(
+        "mcu", description="where the model will run: mcu (TFLite Micro too: dense encoding) or linux (LiteRT, "
+        "tflite-runtime: the sparse encoding is allowed)")
     sparse_encoding: Literal["auto", "on", "off"] = Field(
         "auto", description="store sparse kernels sparsely: smaller files, but TFLite Micro cannot run them "
-        "and XNNPACK does not accelerate them; auto = when at least 30% of the weights are zero")
+        "and XNNPACK does not accelerate them; auto = dense for target mcu, sparse for target linux when at "
+        "least 30% of the weights are zero")
     output_range: Literal["ranking", "full"] = Field(
         "ranking", description="int8 output scale: 'ranking' narrows it so near-tied actions stay apart (larger scores "
         "saturate) and also tries cross-layer equalization, each variant chosen by greedy agreement with the parent on "
@@ -264,11 +268,25 @@ class QuantizeConfig(_StageConfig):
     strip_strings: bool = Field(True, description="drop tensor names and signatures from the .tflite (runtimes address "
                                 "tensors by index; a 16x16 int8 policy shrinks by ~20%)")
 
+    @model_validator(mode="after")
+    def _check_target(self) -> QuantizeConfig:
+        if self.target == "mcu" and self.sparse_encoding == "on":
+            raise ValueError("sparse_encoding 'on' needs target 'linux': TFLite Micro cannot run sparse tensors")
+        return self
+
 
 class ExportConfig(_StageConfig):
     """The edge bundle (see dqnc.export)."""
 
     c_name: str = Field("g_dqnc_model", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of the C array")
+    target: Literal["mcu", "linux"] = Field(
+        "mcu", description="mcu: a bundle every runtime runs (dense, ops TFLite Micro has; verified on TFLM, with "
+        "C deliverables); linux: LiteRT/tflite-runtime only (sparse encoding allowed)")
+    check_states: int = Field(10_000, ge=1, description="held-out states run through every runtime before shipping")
+    seed: int = Field(0, ge=0, description="seed of the verification rollouts (episode_seed('export_check', seed))")
+    max_action_mismatch: float = Field(
+        0.01, ge=0.0, le=1.0, description="share of check states on which TFLM may pick another action than LiteRT, "
+        "only where TFLM provably computes TFLite's double-rounding arithmetic and LiteRT rounds once (see dqnc.export)")
 
 
 class Gates(_StageConfig):
@@ -291,6 +309,9 @@ class EvalConfig(_StageConfig):
     seed: int = Field(EVAL_SEED, ge=0, lt=2**31, description="episode i is reset with seed + i; the default starts "
                       "the held-out range no stage rolls out from (dqnc.seeds)")
     latency_samples: int = Field(2000, ge=0)
+    runtime: Literal["auto", "litert", "tflite-runtime", "tflm", "c"] = Field(
+        "auto", description="what runs a .tflite policy: auto (LiteRT, else tflite-runtime), litert, tflite-runtime, "
+        "tflm (TensorFlow Lite Micro's reference kernels) or c (the bundle's policy.c, compiled for the host)")
     gates: Gates = Field(default_factory=Gates)
 
 

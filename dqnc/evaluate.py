@@ -68,7 +68,7 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
         flags = ", ".join("--" + n.replace("_", "-") for n in relative)
         raise UsageError(f"{flags} compare against a parent: pass --reference PARENT")
     started = time.perf_counter()
-    q_fn = q_function(source)
+    q_fn = q_function(source, runtime=cfg.runtime)
     load_s = time.perf_counter() - started
     t0 = time.perf_counter()
     res = rollout(q_fn, source.env, cfg.episodes, cfg.seed, record=reference is not None or cfg.latency_samples > 0)

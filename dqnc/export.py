@@ -5,8 +5,18 @@
       model_data.h/.cc   the same bytes as a 16-byte-aligned C array for TensorFlow Lite Micro
       run_policy.py      observation -> action with numpy + ai-edge-litert or tflite-runtime only
       manifest.json      I/O dtypes, scale and zero point, observation preprocessing and layout,
-                         action meanings, parent and checksums
+                         action meanings, parent and checksums, the verification figures
       SHA256SUMS         for `sha256sum -c SHA256SUMS` on the device
+    target mcu (the default) adds:
+      dqnc_policy.h      every constant the firmware needs, the measured kTensorArenaSize and a
+                         MicroMutableOpResolver with exactly the model's ops
+      main.cc            one observation through TFLM
+      policy.h/.c        (int8 fully connected models) the same policy in dependency-free C99
+
+Target ``mcu`` refuses what TFLite Micro cannot run (sparse tensors, float16 or hybrid models, an
+op it lacks) and verifies the model in TFLM's own interpreter against LiteRT on held-out states
+before anything is written; ``tflm_compatible`` is true only when that check ran and passed.
+Target ``linux`` ships for LiteRT/tflite-runtime only (the sparse encoding is allowed).
 """
 
 from __future__ import annotations
@@ -15,7 +25,12 @@ import re
 from pathlib import Path
 
 from dqnc import artifact as art
+from typing import Any
+
+import numpy as np
+
 from dqnc.config import ExportConfig
+from dqnc.errors import DqncError, GateFailed, UsageError
 
 RUNNER = "run_policy.py"
 
@@ -35,9 +50,238 @@ def c_array(content: bytes, name: str, header: str) -> tuple[str, str]:
     return h, cc
 
 
+class VerificationError(DqncError):
+    """Two implementations that must agree bit for bit do not: a dqnc bug (exit 3)."""
+
+    exit_code = 3
+
+
+# Exploration of the verification rollouts: off-greedy states too, as a controller meets them.
+CHECK_EPSILON = 0.1
+
+
+def check_states(cfg: ExportConfig, source: art.Artifact, fallback: Any) -> tuple[np.ndarray, str]:
+    """``cfg.check_states`` held-out states from rollouts of the parent policy (episode seeds of
+    purpose ``export_check``); the exported policy itself where the parent cannot be loaded."""
+    from dqnc.envs import collect_states
+    from dqnc.policy import q_function
+    from dqnc.seeds import episode_seed
+
+    q_fn, who = fallback, "the exported policy (parent not available)"
+    parent = (source.manifest.get("parent") or {}).get("path")
+    if parent and source.kind == "tflite":
+        try:
+            q_fn, who = q_function(art.load(parent)), f"parent {parent}"
+        except DqncError:
+            pass
+    elif source.kind == "savedmodel":
+        q_fn, who = q_function(source), f"source {source.path}"
+    states = collect_states(q_fn, source.env, cfg.check_states, episode_seed("export_check", cfg.seed), CHECK_EPSILON)
+    return states.astype(np.float32), who
+
+
+def mcu_refusal(quantization: dict[str, Any], content: bytes, litert: Any) -> str | None:
+    """Why TFLite Micro cannot run this model as it is, or None."""
+    from dqnc.tflm import model_ops
+
+    mode = quantization.get("mode")
+    if litert.has_sparse_tensors:
+        return "the model stores sparse tensors (TFLite Micro has no DENSIFY op): quantize with --target mcu"
+    if mode == "float16":
+        return "a float16 model needs DEQUANTIZE of float16 weights, which TFLite Micro lacks: quantize with --mode int8"
+    if mode == "dynamic":
+        return "a dynamic-range (hybrid) model has int8 weights with float activations, which TFLite Micro cannot run: " \
+               "quantize with --mode int8"
+    dtypes = {d["dtype"] for d in litert.interpreter.get_tensor_details()}
+    if np.float16 in dtypes:
+        return "the model holds float16 tensors, which TFLite Micro cannot run: quantize with --mode int8"
+    ops = model_ops(content)
+    if "DENSIFY" in ops:
+        return "the model uses DENSIFY, which TFLite Micro lacks"
+    return None
+
+
+def _first_max(raw: np.ndarray) -> np.ndarray:
+    return raw.argmax(axis=1)  # numpy's argmax returns the first maximum: the tie rule shipped
+
+
+def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: np.ndarray,
+                max_mismatch: float = 0.0) -> tuple[Any, dict[str, Any], np.ndarray, np.ndarray]:
+    """Run ``states`` through TFLM and LiteRT on identical quantized inputs. Returns the TFLM
+    policy, the figures, the quantized inputs and TFLM's raw outputs.
+
+    Every action must agree, with one measured exception: TFLM's reference kernels requantize
+    with TFLite's default double rounding, while LiteRT 2.x's kernels round once
+    (TFLITE_SINGLE_ROUNDING; XNNPACK nearly so), so an int8 activation can differ by one step
+    and, near a tie, the action flips (measured: 61 of 10,000 CartPole states for an unpruned
+    128x128 model with a narrowed output range). For int8 fully connected models dqnc recomputes
+    TFLM's arithmetic exactly (:mod:`dqnc.cpolicy`); disagreements are then accepted, and
+    counted, only when every TFLM output equals that computation and they are at most
+    ``max_mismatch`` of the states. Anything else raises GateFailed.
+    """
+    from dqnc import cpolicy, tflm
+
+    micro = tflm.policy(content, manifest)
+    xq = litert._quantize(states).reshape((len(states), *litert._in_shape[1:]))
+    raw_tflm = np.stack([np.array(micro.invoke_quantized(x[None]), copy=True).reshape(-1) for x in xq])
+    raw_lite = np.stack([np.array(litert.invoke_quantized(x[None]), copy=True).reshape(-1) for x in xq])
+    same = _first_max(raw_tflm) == _first_max(raw_lite)
+    figures: dict[str, Any] = {"states": int(len(states)), "actions_equal": int(same.sum())}
+    if raw_tflm.dtype.kind in "iu":
+        diff = np.abs(raw_tflm.astype(np.int64) - raw_lite.astype(np.int64))
+        figures["int_output_differences"] = int((diff > 0).sum())
+        figures["int_output_max_difference"] = int(diff.max()) if diff.size else 0
+    else:
+        figures["output_max_abs_difference"] = float(np.abs(raw_tflm - raw_lite).max())
+    explained = False
+    if not same.all() and raw_tflm.dtype.kind in "iu":
+        mlp = cpolicy.extract(content)
+        if not isinstance(mlp, str):
+            flat = xq.reshape(len(xq), -1)
+            tflm_exact = bool((mlp.forward(flat, "double") == raw_tflm).all())
+            single = mlp.forward(flat, "single")
+            figures.update(tflm_equals_double_rounding=tflm_exact,
+                           litert_outputs_equal_single_rounding=int((single == raw_lite).all(axis=1).sum()))
+            explained = tflm_exact
+    elif not same.all():
+        # Float kernels sum in different orders: a flip is a float tie when TFLM's choice scores
+        # within float32 rounding of LiteRT's best in LiteRT's own outputs.
+        rows = np.flatnonzero(~same)
+        lite_best = raw_lite[rows, _first_max(raw_lite)[rows]]
+        lite_of_tflm = raw_lite[rows, _first_max(raw_tflm)[rows]]
+        tol = 1e-5 * np.maximum(1.0, np.abs(raw_lite[rows]).max(axis=1))
+        explained = bool((lite_best - lite_of_tflm <= tol).all())
+        figures["float_ties"] = int(len(rows)) if explained else 0
+    share = float((~same).mean())
+    if not same.all() and (not explained or share > max_mismatch):
+        why = (f"{100 * share:.2f}% exceeds the allowed {100 * max_mismatch:.2f}% (--max-action-mismatch)" if explained
+               else "more than the two runtimes' rounding explains")
+        raise GateFailed(f"TensorFlow Lite Micro and LiteRT ({litert.runtime}) choose different actions on "
+                         f"{int((~same).sum())} of {len(states):,} held-out states, {why}: the bundle would act "
+                         "differently on a microcontroller; nothing written (export --target linux ships for LiteRT only)",
+                         {"tflm_check": figures})
+    return micro, figures, xq, raw_tflm
+
+
+def _resolver_method(op: str) -> str:
+    return "Add" + "".join(p if p[:1].isdigit() else p.capitalize() for p in op.split("_"))
+
+
+def _c_floats(values: Any) -> str:
+    from dqnc.cpolicy import _c_float
+
+    return "{" + ", ".join(_c_float(v) for v in np.ravel(values)) + "}"
+
+
+def tflm_header(litert: Any, preprocess: dict[str, Any] | None, names: list[str], arena: dict[str, Any],
+                ops: list[str], tflm_version: str) -> str:
+    """``dqnc_policy.h``: every constant firmware needs to run model_data.cc with TFLM."""
+    from dqnc.cpolicy import _c_string
+
+    io = litert.io()
+    pre = preprocess or {}
+    stats = ""
+    if pre.get("obs_mean") is not None:
+        stats = (f"// Observation standardization, applied before input quantization: x = (obs - mean) / std.\n"
+                 f"constexpr float kDqncObsMean[kDqncObsDim] = {_c_floats(pre['obs_mean'])};\n"
+                 f"constexpr float kDqncObsStd[kDqncObsDim] = {_c_floats(pre['obs_std'])};\n")
+    adds = "\n".join(f"  if (r.{_resolver_method(op)}() != kTfLiteOk) return kTfLiteError;" for op in ops)
+    return f"""// Generated by dqnc export: the constants to run model_data.cc with TensorFlow Lite Micro.
+#ifndef DQNC_POLICY_TFLM_H_
+#define DQNC_POLICY_TFLM_H_
+
+#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"
+
+constexpr int kDqncObsDim = {litert.obs_dim};
+constexpr int kDqncNumActions = {litert.n_actions};
+constexpr const char* kDqncActionNames[kDqncNumActions] = {{{", ".join(_c_string(n) for n in names)}}};
+// The action is the first index holding the maximum output (ties go to the lower index).
+
+{stats}// Model input ({io["input"]["dtype"]}): standardization and input quantization folded into one float32 map,
+//   q = round_half_even(obs[i] * kDqncInputA[i] + kDqncInputC[i]), clamped to the input type's range
+//   (a float input takes the value unrounded). The Python runner computes exactly this.
+constexpr float kDqncInputA[kDqncObsDim] = {_c_floats(litert._a)};
+constexpr float kDqncInputC[kDqncObsDim] = {_c_floats(litert._c)};
+constexpr float kDqncInputScale = {_c_floats([io["input"]["scale"]])[1:-1]};
+constexpr int kDqncInputZeroPoint = {io["input"]["zero_point"]};
+// Model output ({io["output"]["dtype"]}, {pre.get("outputs", "q_values")}): score = (q - zero point) * scale.
+constexpr float kDqncOutputScale = {_c_floats([io["output"]["scale"]])[1:-1]};
+constexpr int kDqncOutputZeroPoint = {io["output"]["zero_point"]};
+
+// Tensor arena: {arena["total"]} bytes measured by TFLM's RecordingMicroAllocator (head {arena.get("head", "?")},
+// tail {arena.get("tail", "?")}; tflite-micro {tflm_version}, 64-bit host) plus a {round(100 * arena["margin"])}% margin for
+// other platforms' alignment and kernels, rounded up to 16 bytes.
+constexpr int kTensorArenaSize = {arena["shipped"]};
+
+// Exactly the ops the model uses.
+constexpr int kDqncOpCount = {len(ops)};
+inline TfLiteStatus DqncRegisterOps(tflite::MicroMutableOpResolver<kDqncOpCount>& r) {{
+{adds}
+  return kTfLiteOk;
+}}
+
+#endif  // DQNC_POLICY_TFLM_H_
+"""
+
+
+def tflm_main(litert: Any, c_name: str, obs: np.ndarray, action: int) -> str:
+    """``main.cc``: one observation through TFLM, printed as an action."""
+    kind = litert.input_dtype
+    field = {"int8": "int8", "int16": "i16", "float32": "f"}[kind.name]
+    out_field = {"int8": "int8", "int16": "i16", "float32": "f"}[litert.output_dtype.name]
+    if kind.kind == "f":
+        quant = "    input->data.f[i] = x;"
+    else:
+        info = np.iinfo(kind)
+        quant = (f"    if (x < {info.min}.0f) x = {info.min}.0f;\n    if (x > {info.max}.0f) x = {info.max}.0f;\n"
+                 f"    input->data.{field}[i] = static_cast<{'int8_t' if kind.name == 'int8' else 'int16_t'}>(lrintf(x));"
+                 "  // round half to even")
+    return f"""// Generated by dqnc export: run one observation through the policy with TensorFlow Lite Micro.
+// Build it with your TFLM tree, e.g. beside tensorflow/lite/micro/examples/hello_world.
+#include <cmath>
+#include <cstdio>
+
+#include "dqnc_policy.h"
+#include "model_data.h"
+#include "tensorflow/lite/micro/micro_interpreter.h"
+#include "tensorflow/lite/schema/schema_generated.h"
+
+namespace {{
+alignas(16) uint8_t tensor_arena[kTensorArenaSize];
+// A held-out state from export's verification rollouts; the policy chose action {action} on it.
+const float kObservation[kDqncObsDim] = {_c_floats(obs)};
+}}  // namespace
+
+int main() {{
+  const tflite::Model* model = tflite::GetModel({c_name});
+  if (model->version() != TFLITE_SCHEMA_VERSION) return 1;
+  static tflite::MicroMutableOpResolver<kDqncOpCount> resolver;
+  if (DqncRegisterOps(resolver) != kTfLiteOk) return 1;
+  static tflite::MicroInterpreter interpreter(model, resolver, tensor_arena, kTensorArenaSize);
+  if (interpreter.AllocateTensors() != kTfLiteOk) return 1;
+
+  TfLiteTensor* input = interpreter.input(0);
+  for (int i = 0; i < kDqncObsDim; ++i) {{
+    volatile float scaled = kObservation[i] * kDqncInputA[i];  // no fused multiply-add: as the runner
+    float x = scaled + kDqncInputC[i];
+{quant}
+  }}
+  if (interpreter.Invoke() != kTfLiteOk) return 1;
+
+  const TfLiteTensor* output = interpreter.output(0);
+  int best = 0;
+  for (int a = 1; a < kDqncNumActions; ++a) {{
+    if (output->data.{out_field}[a] > output->data.{out_field}[best]) best = a;  // first maximum wins ties
+  }}
+  std::printf("action %d (%s); expected {action}\\n", best, kDqncActionNames[best]);
+  return best == {action} ? 0 : 2;
+}}
+"""
+
+
 def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = False,
         command: list[str] | None = None) -> art.Artifact:
-    """Write the edge bundle for ``source`` at ``out``."""
+    """Write the edge bundle for ``source`` at ``out`` (verified for its target first)."""
     from dqnc import runtime
 
     out = Path(out)
@@ -56,35 +300,101 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         policy = runtime.Policy(model_content=content)
         quantization = {"mode": "fp32", "float_io": True}
     preprocess = source.manifest.get("preprocess")
+    manifest_view = {"preprocess": preprocess}
+    env = source.env
+    from dqnc import tflm
+    from dqnc.inspection import gzip_size
+
+    ops = tflm.model_ops(content)
+    metrics: dict[str, Any] = {"target": cfg.target, "size_bytes": len(content), "c_array_bytes": len(content),
+                               "ops": ops, "tflm_compatible": False}
+    extra_files: dict[str, str] = {}
+    if cfg.target == "mcu":
+        reason = mcu_refusal(quantization, content, policy)
+        if reason is None:
+            try:
+                tflm.Interpreter(content)
+            except tflm.TflmError as e:
+                reason = str(e)
+        if reason:
+            raise UsageError(f"cannot export for target mcu: {reason} (or export with --target linux)")
+        states, who = check_states(cfg, source, policy)
+        micro, figures, xq, raw_tflm = verify_tflm(content, policy, manifest_view, states,
+                                                     cfg.max_action_mismatch)
+        arena = tflm.arena(content)
+        from importlib import metadata
+
+        tflm_version = metadata.version("tflite-micro")
+        metrics.update(tflm_compatible=True, tflm_check={**figures, "states_from": who, "tflite_micro": tflm_version},
+                       tflm_arena_bytes={k: arena[k] for k in ("total", "head", "tail") if k in arena},
+                       tflm_arena_shipped_bytes=arena["shipped"], tflm_flash_bytes=len(content))
+        extra_files["dqnc_policy.h"] = tflm_header(policy, preprocess, env.action_meanings, arena, ops, tflm_version)
+        first_action = int(_first_max(raw_tflm[:1])[0])
+        extra_files["main.cc"] = tflm_main(policy, cfg.c_name, states[0], first_action)
+        metrics["c_policy"] = c_policy_files(policy, content, env.action_meanings, preprocess, states, xq, raw_tflm,
+                                              extra_files)
     io = policy.io()
     io["output"]["meaning"] = (preprocess or {}).get("outputs", "q_values")
     header = "model_data.h"
     h, cc = c_array(content, cfg.c_name, header)
-    env = source.env
     observation = {
         "shape": list(env.obs_shape), "dtype": env.obs_dtype, "low": env.obs_low, "high": env.obs_high,
         "names": env.obs_names,
         "preprocess": "x = (obs - obs_mean) / obs_std, then quantize with input scale/zero point" if preprocess
         else "none (quantize with input scale/zero point if the input is integer)",
     }
-    from dqnc.inspection import gzip_size
-
-    # TFLite Micro has no DENSIFY op and no sparse kernels (tflite-micro#491).
-    metrics = {"size_bytes": len(content), "c_array_bytes": len(content), "tflm_compatible": not policy.has_sparse_tensors}
     with art.atomic_output(out, force) as tmp:
         (tmp / art.TFLITE).write_bytes(content)
         metrics["gzip_bytes"] = gzip_size(tmp / art.TFLITE)
         (tmp / header).write_text(h, encoding="utf-8")
         (tmp / "model_data.cc").write_text(cc, encoding="utf-8")
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         (tmp / RUNNER).write_text(Path(runtime.__file__).read_text(encoding="utf-8"), encoding="utf-8")
         art.write_manifest(
             tmp, stage="export", env=env, network=source.network, config=cfg.model_dump(mode="json"), metrics=metrics,
             parent=source, command=command,
             extra={"quantization": quantization, "io": io, "preprocess": preprocess, "observation": observation,
-                   "actions": {"count": env.n_actions, "meanings": env.action_meanings},
+                   "actions": {"count": env.n_actions, "meanings": env.action_meanings, "tie_rule": "first maximum"},
                    "usage": f"python {RUNNER} --obs " + ",".join(["0.0"] * env.obs_dim)},
         )
         sums = art.file_checksums(tmp)
         sums["manifest.json"] = art.sha256_file(tmp / art.MANIFEST)
         (tmp / "SHA256SUMS").write_text("".join(f"{d}  {f}\n" for f, d in sorted(sums.items())), encoding="utf-8")
     return art.load(out)
+
+
+def c_policy_files(policy: Any, content: bytes, names: list[str], preprocess: dict[str, Any] | None,
+                   states: np.ndarray, xq: np.ndarray, raw_tflm: np.ndarray, files: dict[str, str]) -> dict[str, Any]:
+    """Generate policy.h/.c (into ``files``) where the model is an int8 FC chain, and check them:
+    the integer arithmetic in numpy and, with a host C compiler, the compiled C must reproduce
+    TFLM's int8 outputs exactly. Returns the manifest entry."""
+    import tempfile
+
+    from dqnc import cpolicy
+
+    mlp = cpolicy.extract(content)
+    if isinstance(mlp, str):
+        return {"written": False, "reason": mlp}
+    if not (mlp.forward(xq) == raw_tflm).all():
+        raise VerificationError("dqnc's integer arithmetic disagrees with TFLM's reference kernels: a dqnc bug, please report it")
+    pre = preprocess or {}
+    h, c = cpolicy.generate(mlp, policy._a, policy._c, names, pre.get("obs_mean"), pre.get("obs_std"))
+    files[cpolicy.HEADER], files[cpolicy.SOURCE] = h, c
+    entry: dict[str, Any] = {"written": True, **cpolicy.sizes(mlp), "layers": len(mlp.layers)}
+    if cpolicy.host_compiler() is None:
+        return {**entry, "host_verified": False, "reason": "no host C compiler (cc, gcc, clang) to check it with"}
+    with tempfile.TemporaryDirectory(prefix="dqnc-cpolicy-") as d:
+        (Path(d) / cpolicy.HEADER).write_text(h, encoding="utf-8")
+        (Path(d) / cpolicy.SOURCE).write_text(c, encoding="utf-8")
+        lib = cpolicy.build_host(Path(d), Path(d))
+        cp = cpolicy.CPolicy(lib, mlp.obs_dim, mlp.n_actions, mlp.output_scale, mlp.output_zero_point)
+        differences = int((cp.scores_int8(xq) != raw_tflm).sum())
+        quantized = int((cp.quantize(states) != xq.reshape(len(xq), -1)).sum())
+    if quantized:
+        raise VerificationError(f"policy.c quantizes {quantized} observation values differently from the runner: "
+                                "a dqnc bug, please report it")
+    if differences:
+        raise VerificationError(f"the compiled policy.c differs from TFLM on {differences} int8 outputs: a dqnc bug, "
+                                "please report it")
+    return {**entry, "host_verified": True, "states": int(len(xq)), "int8_outputs_equal_tflm": int(raw_tflm.size)}

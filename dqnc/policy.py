@@ -110,9 +110,64 @@ def probe_tflite(path: Path) -> None:
                             f"exit {proc.returncode}): re-create it with dqnc quantize or export")
 
 
-def q_function(artifact: Artifact, model: Any | None = None) -> QFunction:
-    """A batched Q-function for any artifact, using the lightest runtime that can serve it."""
+RUNTIME_MODULES = {"litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime"}
+
+
+def runtime_q_function(artifact: Artifact, runtime: str) -> QFunction:
+    """The artifact's .tflite run by a named runtime: litert, tflite-runtime, tflm or c."""
+    from dqnc.errors import UsageError
+
+    if artifact.kind != "tflite":
+        raise UsageError(f"--runtime {runtime} runs .tflite models; {str(artifact.path)!r} is a SavedModel: "
+                         "quantize or export it first")
+    if not artifact.manifest.get("files"):
+        probe_tflite(artifact.model_path)
+    content = artifact.model_path.read_bytes()
+    if runtime in RUNTIME_MODULES:
+        pol = tflite_policy(artifact.model_path, artifact.manifest, runtime=RUNTIME_MODULES[runtime])
+    elif runtime == "tflm":
+        from dqnc import tflm
+
+        pol = tflm.policy(content, artifact.manifest)
+    elif runtime == "c":
+        pol = c_policy(artifact, content)
+    else:
+        raise UsageError(f"unknown runtime {runtime!r}: use litert, tflite-runtime, tflm or c")
+    _check_dims(pol.obs_dim, pol.n_actions, artifact.env, str(artifact.path), (pol.obs_dim,), (pol.n_actions,))
+    return pol
+
+
+def c_policy(artifact: Artifact, content: bytes) -> Any:
+    """The bundle's policy.c compiled for the host (generated from the model where the artifact has none)."""
+    import tempfile
+
+    from dqnc import cpolicy
+    from dqnc.errors import UsageError
+    from dqnc.runtime import Policy
+
+    mlp = cpolicy.extract(content)
+    if isinstance(mlp, str):
+        raise UsageError(f"--runtime c: no C policy for this model: {mlp}")
+    if cpolicy.host_compiler() is None:
+        raise UsageError("--runtime c needs a host C compiler (cc, gcc or clang): install one, e.g. apt-get install gcc")
+    work = Path(tempfile.mkdtemp(prefix="dqnc-cpolicy-"))
+    if (artifact.path / cpolicy.SOURCE).is_file() and (artifact.path / cpolicy.HEADER).is_file():
+        src = artifact.path
+    else:
+        pre = artifact.manifest.get("preprocess") or {}
+        lite = Policy(model_content=content, obs_mean=pre.get("obs_mean"), obs_std=pre.get("obs_std"))
+        cpolicy.write(mlp, lite, artifact.env.action_meanings, work, pre.get("obs_mean"), pre.get("obs_std"))
+        src = work
+    lib = cpolicy.build_host(src, work)
+    return cpolicy.CPolicy(lib, mlp.obs_dim, mlp.n_actions, mlp.output_scale, mlp.output_zero_point)
+
+
+def q_function(artifact: Artifact, model: Any | None = None, runtime: str = "auto") -> QFunction:
+    """A batched Q-function for any artifact, using the lightest runtime that can serve it
+    (or, for a .tflite, the named ``runtime``: litert, tflite-runtime, tflm, c)."""
     where = str(artifact.path)
+    if runtime != "auto":
+        return runtime_q_function(artifact, runtime)
     if artifact.kind == "tflite":
         if not artifact.manifest.get("files"):  # no checksums vouch for this file
             probe_tflite(artifact.model_path)

@@ -277,7 +277,8 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         calibration = collect_states(parent_q, spec, cfg.calibration_states, episode_seed("calibration", cfg.seed),
                                      cfg.calibration_epsilon)
     sparsity = _sparsity(model)
-    sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and sparsity >= 0.3)
+    # TFLite Micro has no DENSIFY op and no sparse kernels (tflite-micro#491): auto is dense for mcu.
+    sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and cfg.target == "linux" and sparsity >= 0.3)
     preprocess: dict[str, Any] = {}
     models = {0: model}
     if calibration is not None:

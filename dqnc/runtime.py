@@ -80,16 +80,20 @@ class Policy:
 
     def __init__(self, model_path: str | None = None, model_content: bytes | None = None,
                  runtime: str | None = None, num_threads: int = 1,
-                 obs_mean: Any = None, obs_std: Any = None) -> None:
-        module, self.runtime = interpreter_class(runtime)
-        if model_path is not None and model_content is None:
-            with open(model_path, "rb") as f:
-                model_content = f.read()
-        if not model_content:
-            raise ValueError("empty model: the .tflite file holds no bytes")
-        if len(model_content) < 8 or model_content[4:8] != b"TFL3":
-            raise ValueError("not a TFLite flatbuffer (missing the 'TFL3' identifier)")
-        self.interpreter, self.delegate = _allocate(module, model_content, num_threads)
+                 obs_mean: Any = None, obs_std: Any = None, interpreter: Any = None) -> None:
+        if interpreter is not None:
+            # Another runtime behind the tf.lite.Interpreter calls used here (dqnc.tflm).
+            self.interpreter, self.delegate, self.runtime = interpreter, "none", interpreter.runtime
+        else:
+            module, self.runtime = interpreter_class(runtime)
+            if model_path is not None and model_content is None:
+                with open(model_path, "rb") as f:
+                    model_content = f.read()
+            if not model_content:
+                raise ValueError("empty model: the .tflite file holds no bytes")
+            if len(model_content) < 8 or model_content[4:8] != b"TFL3":
+                raise ValueError("not a TFLite flatbuffer (missing the 'TFL3' identifier)")
+            self.interpreter, self.delegate = _allocate(module, model_content, num_threads)
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(f"expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")

@@ -103,7 +103,8 @@ def test_quantize_of_a_tflite_is_refused(int8, tmp_path):
 
 def test_bundle_contents_and_checksums(bundle):
     files = sorted(p.name for p in bundle.iterdir())
-    assert files == ["SHA256SUMS", "manifest.json", "model.tflite", "model_data.cc", "model_data.h", "run_policy.py"]
+    assert files == ["SHA256SUMS", "dqnc_policy.h", "main.cc", "manifest.json", "model.tflite", "model_data.cc",
+                     "model_data.h", "policy.c", "policy.h", "run_policy.py"]
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["io"]["input"]["dtype"] == "int8" and "scale" in m["io"]["input"]
     assert m["actions"]["meanings"] == ["push cart left", "push cart right"]
@@ -244,7 +245,7 @@ def test_cli_prune_quantize_export_chain(trained, tmp_path):
     r = runner.invoke(app, ["quantize", str(tmp_path / "p"), "-o", str(tmp_path / "q"), "--calibration-states", "200",
                             "--check-states", "200", "--min-agreement", "0", "--mode", "dynamic", "--json"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["export", str(tmp_path / "q"), "-o", str(tmp_path / "b")])
+    r = runner.invoke(app, ["export", str(tmp_path / "q"), "-o", str(tmp_path / "b"), "--target", "linux"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["prune", str(trained), "--finetune", "magic"])
     assert r.exit_code == 2 and "--finetune" in r.output

@@ -172,14 +172,14 @@ def test_run_caches_and_invalidates(tmp_path, trained):
     assert time.perf_counter() - t0 < 5
     assert [r.status for r in again.rows] == ["cached", "cached", "cached"]
     # an option change re-runs that stage and everything downstream of it
-    changed = recipe.run(recipe.load(p, ["int8.mode=dynamic"]))
+    changed = recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]))
     assert [r.status for r in changed.rows] == ["cached", "ran", "ran"]
     # --force STAGE re-runs that stage; the unchanged output hash keeps the rest cached
-    forced = recipe.run(recipe.load(p, ["int8.mode=dynamic"]), force={"pruned"})
+    forced = recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]), force={"pruned"})
     assert forced.rows[0].status == "ran"
     # a damaged output is not trusted: the stage runs again
     (out / "bundle" / "model_data.h").write_text("tampered")
-    healed = recipe.run(recipe.load(p, ["int8.mode=dynamic"]))
+    healed = recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]))
     assert [r.status for r in healed.rows] == ["cached", "cached", "ran"]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True

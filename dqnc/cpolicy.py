@@ -1,0 +1,489 @@
+"""A dependency-free C99 policy for int8 models made of fully connected layers.
+
+``policy.c``/``policy.h`` hold the weights as ``const`` arrays (flash) and the inference as plain
+integer code: no TFLM, no malloc, no floating point after the input is quantized. The integer
+arithmetic is TFLite's own (``QuantizeMultiplier`` at export time; ``MultiplyByQuantizedMultiplier``
+= ``SaturatingRoundingDoublingHighMul`` then ``RoundingDivideByPOT`` at run time, per output
+channel where the converter quantized per channel), so its int8 outputs equal those of TFLM's
+reference kernels bit for bit; export checks that on its verification states.
+
+This module also builds the C policy for the host (a shared library driven through ctypes) and for
+a Cortex-M4 run on QEMU (see :mod:`dqnc.mcu`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HEADER = "policy.h"
+SOURCE = "policy.c"
+# Why a float differs in the last bit between two compilers: fused multiply-add. ISO C mode
+# (-std=c99) keeps GCC from contracting a*b+c; policy.c also rounds through a volatile.
+HOST_CFLAGS = ["-std=c99", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Wextra", "-Wpedantic", "-Werror"]
+
+# Fused activations of FULLY_CONNECTED (schema ActivationFunctionType) dqnc can reproduce.
+_ACT_NONE, _ACT_RELU, _ACT_RELU6 = 0, 1, 3
+
+
+@dataclass
+class Layer:
+    """One int8 fully connected layer in TFLite's integer form."""
+
+    weights: np.ndarray  # int8 [out, in]
+    bias: np.ndarray  # int32 [out] (zeros where the model has none)
+    multiplier: np.ndarray  # int32 [out]
+    shift: np.ndarray  # int32 [out]
+    input_offset: int  # -input zero point
+    output_offset: int  # output zero point
+    act_min: int
+    act_max: int
+
+
+@dataclass
+class IntegerMLP:
+    """A chain of int8 fully connected layers with int8 input and output."""
+
+    layers: list[Layer]
+    input_scale: float
+    input_zero_point: int
+    output_scale: float
+    output_zero_point: int
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.layers[0].weights.shape[1])
+
+    @property
+    def n_actions(self) -> int:
+        return int(self.layers[-1].weights.shape[0])
+
+    def forward(self, xq: np.ndarray, rounding: str = "double") -> np.ndarray:
+        """int8 inputs ``[N, obs_dim]`` -> int8 outputs, in exactly the C policy's arithmetic.
+
+        ``rounding="double"`` is TFLite's default requantization (TFLM's reference kernels and the
+        C policy); ``"single"`` is its TFLITE_SINGLE_ROUNDING variant, which LiteRT 2.x's kernels
+        (builtin reference and XNNPACK) compute.
+        """
+        requantize = multiply_by_quantized_multiplier if rounding == "double" else single_rounding_multiply
+        h = np.asarray(xq, np.int64).reshape(-1, self.obs_dim)
+        for layer in self.layers:
+            acc = (h + layer.input_offset) @ layer.weights.astype(np.int64).T + layer.bias
+            acc = requantize(acc, layer.multiplier, layer.shift) + layer.output_offset
+            h = np.clip(acc, layer.act_min, layer.act_max)
+        return h.astype(np.int8)
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """TFLite's QuantizeMultiplier: ``real`` = q * 2^(shift - 31), q a Q31 integer."""
+    if real == 0.0:
+        return 0, 0
+    q, shift = math.frexp(real)
+    fixed = int(math.copysign(math.floor(abs(q) * (1 << 31) + 0.5), q))  # std::round: half away from zero
+    if fixed == 1 << 31:
+        fixed //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    return fixed, shift
+
+
+def _srdhm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """gemmlowp SaturatingRoundingDoublingHighMul on int64 arrays holding int32 values."""
+    ab = a * b
+    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    s = ab + nudge
+    high = np.where(s >= 0, s >> 31, -((-s) >> 31))  # C division truncates toward zero
+    return np.where((a == b) & (a == -(1 << 31)), (1 << 31) - 1, high)
+
+
+def _rdbpot(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """gemmlowp RoundingDivideByPOT."""
+    mask = (np.int64(1) << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> exponent) + (remainder > threshold)
+
+
+def multiply_by_quantized_multiplier(x: np.ndarray, multiplier: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    left = np.maximum(shift, 0).astype(np.int64)
+    right = np.maximum(-shift, 0).astype(np.int64)
+    x32 = ((x << left) + (1 << 31)) % (1 << 32) - (1 << 31)  # int32 wrap, as C's x * (1 << left)
+    return _rdbpot(_srdhm(x32, multiplier.astype(np.int64)), right)
+
+
+def single_rounding_multiply(x: np.ndarray, multiplier: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """TFLite's MultiplyByQuantizedMultiplier under TFLITE_SINGLE_ROUNDING: one rounding, in 64 bits."""
+    total = 31 - shift.astype(np.int64)
+    return (x * multiplier.astype(np.int64) + (np.int64(1) << (total - 1))) >> total
+
+
+def extract(content: bytes) -> IntegerMLP | str:
+    """The model as an :class:`IntegerMLP`, or why it is not one (a reason string)."""
+    from dqnc.tflm import op_names, read_model, schema
+
+    fb = schema()
+    model = read_model(content)
+    if len(model.subgraphs) != 1:
+        return "the model has several subgraphs"
+    sg = model.subgraphs[0]
+    ops = op_names(model)
+    if not ops or set(ops) != {"FULLY_CONNECTED"}:
+        return f"the C policy covers chains of FULLY_CONNECTED layers; this model uses {', '.join(dict.fromkeys(ops))}"
+    tensors = sg.tensors
+
+    def buffer(i: int, dtype: Any) -> np.ndarray | None:
+        data = model.buffers[tensors[i].buffer].data
+        return None if data is None or not len(data) else np.frombuffer(bytes(np.asarray(data, np.uint8)), dtype)
+
+    def qparams(i: int) -> tuple[np.ndarray, np.ndarray]:
+        q = tensors[i].quantization
+        if q is None or q.scale is None or not len(q.scale):
+            raise ValueError
+        return np.asarray(q.scale, np.float32), np.asarray(q.zeroPoint, np.int64)
+
+    layers = []
+    previous = int(sg.inputs[0])
+    for op in sg.operators:
+        x_i, w_i = int(op.inputs[0]), int(op.inputs[1])
+        b_i = int(op.inputs[2]) if len(op.inputs) > 2 else -1
+        y_i = int(op.outputs[0])
+        if x_i != previous:
+            return "the layers do not form a chain"
+        if any(tensors[i].type != fb.TensorType.INT8 for i in (x_i, w_i, y_i)):
+            return "the C policy needs int8 activations, weights, input and output (float_io off, mode int8)"
+        if tensors[w_i].sparsity is not None:
+            return "the model stores sparse weights (quantize for target mcu)"
+        opts = op.builtinOptions
+        act = int(getattr(opts, "fusedActivationFunction", 0))
+        if act not in (_ACT_NONE, _ACT_RELU, _ACT_RELU6) or getattr(opts, "keepNumDims", False):
+            return f"fused activation {act} or keep_num_dims is not supported by the C policy"
+        try:
+            (x_scale, x_zero), (w_scale, w_zero), (y_scale, y_zero) = qparams(x_i), qparams(w_i), qparams(y_i)
+        except ValueError:
+            return "a tensor has no quantization parameters"
+        weights = buffer(w_i, np.int8)
+        if weights is None or (w_zero != 0).any():
+            return "weights must be constant and symmetrically quantized"
+        shape = [int(s) for s in tensors[w_i].shape]
+        weights = weights.reshape(shape)
+        bias = buffer(b_i, np.int32) if b_i >= 0 else None
+        if b_i >= 0 and (tensors[b_i].type != fb.TensorType.INT32 or bias is None):
+            return "biases must be constant int32"
+        per_channel = len(w_scale) > 1
+        mult, shift = np.empty(shape[0], np.int64), np.empty(shape[0], np.int64)
+        for c in range(shape[0]):
+            if per_channel:
+                # PopulateConvolutionQuantizationParams: the product in double
+                real = float(x_scale[0]) * float(w_scale[c]) / float(y_scale[0])
+            else:
+                # GetQuantizedConvolutionMultipler: input * filter scale in float, then double
+                real = float(np.float32(x_scale[0]) * np.float32(w_scale[0])) / float(y_scale[0])
+            mult[c], shift[c] = quantize_multiplier(real)
+        zero = int(y_zero[0])
+        act_min, act_max = -128, 127
+        if act in (_ACT_RELU, _ACT_RELU6):
+            act_min = max(act_min, zero)
+        if act == _ACT_RELU6:
+            act_max = min(act_max, zero + int(math.copysign(math.floor(abs(6.0 / float(y_scale[0])) + 0.5), 1)))
+        layers.append(Layer(weights, np.zeros(shape[0], np.int64) if bias is None else bias.astype(np.int64),
+                            mult, shift, -int(x_zero[0]), zero, act_min, act_max))
+        previous = y_i
+    if previous != int(sg.outputs[0]) or len(sg.inputs) != 1 or len(sg.outputs) != 1:
+        return "the last layer's output is not the model's only output"
+    first_in, last_out = qparams(int(sg.inputs[0])), qparams(int(sg.outputs[0]))
+    return IntegerMLP(layers, float(first_in[0][0]), int(first_in[1][0]), float(last_out[0][0]), int(last_out[1][0]))
+
+
+def _c_float(v: float) -> str:
+    """A float32 as a C literal that reads back to the same bits (shortest round-trip repr)."""
+    text = repr(float(np.float32(v)))
+    if "e" not in text and "." not in text and "inf" not in text:
+        text += ".0"
+    return text + "f"
+
+
+def _c_ints(values: np.ndarray, per_row: int = 16) -> str:
+    flat = [str(int(v)) for v in np.asarray(values).reshape(-1)]
+    return "\n".join("  " + ", ".join(flat[i : i + per_row]) + "," for i in range(0, len(flat), per_row))
+
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def generate(mlp: IntegerMLP, scale_a: np.ndarray, offset_c: np.ndarray, action_names: list[str],
+             obs_mean: Any = None, obs_std: Any = None) -> tuple[str, str]:
+    """``policy.h`` and ``policy.c`` for ``mlp``.
+
+    ``scale_a``/``offset_c`` are the float32 input map ``q = round_half_even(obs * a + c)`` (the
+    observation standardization and the input quantization folded together, as the Python runner
+    computes it), so C and Python quantize every observation to the same int8 values.
+    """
+    n_in, n_out = mlp.obs_dim, mlp.n_actions
+    width = max(int(l.weights.shape[0]) for l in mlp.layers)
+    names = ", ".join(_c_string(n) for n in action_names)
+    h = f"""/* Generated by dqnc export: a dependency-free int8 policy (C99, no malloc, no TFLM).
+ *
+ *   int8_t scores[DQNC_N_ACTIONS];
+ *   int action = dqnc_policy_act(obs, scores);   // scores may be NULL
+ *
+ * Observation -> int8: q = round_half_even(clamp(obs[i] * a[i] + c[i], -128, 127)), the
+ * standardization (obs - mean) / std and the input quantization folded into one float32 map.
+ * After that, integer arithmetic only (TFLite's quantized multipliers, rounding and saturation):
+ * the int8 scores equal TensorFlow Lite Micro's reference kernels bit for bit.
+ * The action is the index of the first maximum score (ties go to the lower index).
+ * Not reentrant: activations live in two static buffers ({2 * width} bytes of RAM).
+ * Needs arithmetic right shift of negative int32 (GCC, Clang, Arm Compiler: yes).
+ */
+#ifndef DQNC_POLICY_H
+#define DQNC_POLICY_H
+
+#include <stdint.h>
+
+#define DQNC_OBS_DIM {n_in}
+#define DQNC_N_ACTIONS {n_out}
+#define DQNC_INPUT_SCALE {_c_float(mlp.input_scale)}
+#define DQNC_INPUT_ZERO_POINT {mlp.input_zero_point}
+#define DQNC_OUTPUT_SCALE {_c_float(mlp.output_scale)}
+#define DQNC_OUTPUT_ZERO_POINT {mlp.output_zero_point}
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+extern const char *const dqnc_policy_action_names[DQNC_N_ACTIONS];
+
+/* Quantize one observation to the model's int8 input. */
+void dqnc_policy_quantize(const float obs[DQNC_OBS_DIM], int8_t input[DQNC_OBS_DIM]);
+
+/* The int8 network alone: integer input in, int8 scores out; returns the greedy action. */
+int dqnc_policy_act_int8(const int8_t input[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]);
+
+/* Observation in, greedy action out (scores, if not NULL, receive the int8 scores). */
+int dqnc_policy_act(const float obs[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]);
+
+#ifdef __cplusplus
+}}
+#endif
+
+#endif /* DQNC_POLICY_H */
+"""
+    arrays, table = [], []
+    for k, layer in enumerate(mlp.layers):
+        out_n, in_n = (int(s) for s in layer.weights.shape)
+        arrays.append(f"/* layer {k}: {in_n} -> {out_n} */\n"
+                      f"static const int8_t k_w{k}[{out_n * in_n}] = {{\n{_c_ints(layer.weights)}\n}};\n"
+                      f"static const int32_t k_b{k}[{out_n}] = {{\n{_c_ints(layer.bias, 8)}\n}};\n"
+                      f"static const int32_t k_m{k}[{out_n}] = {{\n{_c_ints(layer.multiplier, 6)}\n}};\n"
+                      f"static const int8_t k_s{k}[{out_n}] = {{\n{_c_ints(layer.shift)}\n}};\n")
+        table.append(f"  {{k_w{k}, k_b{k}, k_m{k}, k_s{k}, {in_n}, {out_n}, {layer.input_offset}, "
+                     f"{layer.output_offset}, {layer.act_min}, {layer.act_max}}},")
+    stats = ""
+    if obs_mean is not None and obs_std is not None:
+        stats = ("/* The observation statistics folded into k_in_a/k_in_c (for reference):\n"
+                 f" * mean = {{{', '.join(_c_float(v) for v in np.ravel(obs_mean))}}}\n"
+                 f" * std  = {{{', '.join(_c_float(v) for v in np.ravel(obs_std))}}}\n */\n")
+    c = f"""/* Generated by dqnc export. See policy.h. */
+#include "policy.h"
+
+const char *const dqnc_policy_action_names[DQNC_N_ACTIONS] = {{{names}}};
+
+{stats}static const float k_in_a[DQNC_OBS_DIM] = {{{', '.join(_c_float(v) for v in np.ravel(scale_a))}}};
+static const float k_in_c[DQNC_OBS_DIM] = {{{', '.join(_c_float(v) for v in np.ravel(offset_c))}}};
+
+typedef struct {{
+  const int8_t *w;       /* [out][in], symmetric int8 */
+  const int32_t *bias;   /* int32, scale = input scale * weight scale */
+  const int32_t *mult;   /* per output channel: Q31 multiplier ... */
+  const int8_t *shift;   /* ... and power-of-two exponent */
+  int32_t in_n, out_n, in_offset, out_offset, act_min, act_max;
+}} dqnc_layer_t;
+
+{chr(10).join(arrays)}
+#define DQNC_N_LAYERS {len(mlp.layers)}
+#define DQNC_WIDTH {width}
+static const dqnc_layer_t k_layers[DQNC_N_LAYERS] = {{
+{chr(10).join(table)}
+}};
+
+static int8_t s_act[2][DQNC_WIDTH];
+
+/* gemmlowp SaturatingRoundingDoublingHighMul */
+static int32_t srdhm(int32_t a, int32_t b) {{
+  int64_t ab = (int64_t)a * (int64_t)b;
+  int32_t nudge = ab >= 0 ? (1 << 30) : (1 - (1 << 30));
+  if (a == b && a == INT32_MIN) return INT32_MAX;
+  return (int32_t)((ab + nudge) / ((int64_t)1 << 31));
+}}
+
+/* gemmlowp RoundingDivideByPOT */
+static int32_t rdbpot(int32_t x, int exponent) {{
+  int32_t mask = (int32_t)(((int64_t)1 << exponent) - 1);
+  int32_t remainder = x & mask;
+  int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
+  return (x >> exponent) + (remainder > threshold ? 1 : 0);
+}}
+
+/* TFLite MultiplyByQuantizedMultiplier (double rounding, as TFLM's reference kernels) */
+static int32_t requantize(int32_t x, int32_t mult, int shift) {{
+  int left = shift > 0 ? shift : 0;
+  int right = shift > 0 ? 0 : -shift;
+  return rdbpot(srdhm((int32_t)((uint32_t)x << left), mult), right);
+}}
+
+static int8_t quantize_one(float obs, float a, float c) {{
+  volatile float scaled = obs * a; /* rounded to float before the add: no fused multiply-add */
+  float x = scaled + c;
+  int32_t i;
+  float frac;
+  if (!(x >= -128.0f)) x = -128.0f; /* also NaN */
+  if (x > 127.0f) x = 127.0f;
+  i = (int32_t)x; /* toward zero: exact */
+  frac = x - (float)i;
+  if (frac > 0.5f || (frac == 0.5f && (i & 1))) i += 1; /* round half to even, as numpy.rint */
+  else if (frac < -0.5f || (frac == -0.5f && (i & 1))) i -= 1;
+  return (int8_t)i;
+}}
+
+void dqnc_policy_quantize(const float obs[DQNC_OBS_DIM], int8_t input[DQNC_OBS_DIM]) {{
+  int i;
+  for (i = 0; i < DQNC_OBS_DIM; ++i) input[i] = quantize_one(obs[i], k_in_a[i], k_in_c[i]);
+}}
+
+int dqnc_policy_act_int8(const int8_t input[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]) {{
+  const int8_t *x = input;
+  int8_t *y = s_act[0];
+  int l, o, i, best = 0;
+  for (l = 0; l < DQNC_N_LAYERS; ++l) {{
+    const dqnc_layer_t *L = &k_layers[l];
+    for (o = 0; o < L->out_n; ++o) {{
+      const int8_t *w = L->w + (int32_t)o * L->in_n;
+      int32_t acc = L->bias[o];
+      for (i = 0; i < L->in_n; ++i) acc += (int32_t)w[i] * ((int32_t)x[i] + L->in_offset);
+      acc = requantize(acc, L->mult[o], L->shift[o]) + L->out_offset;
+      if (acc < L->act_min) acc = L->act_min;
+      if (acc > L->act_max) acc = L->act_max;
+      y[o] = (int8_t)acc;
+    }}
+    x = y;
+    y = (y == s_act[0]) ? s_act[1] : s_act[0];
+  }}
+  for (o = 0; o < DQNC_N_ACTIONS; ++o) {{
+    if (scores) scores[o] = x[o];
+    if (x[o] > x[best]) best = o;
+  }}
+  return best;
+}}
+
+int dqnc_policy_act(const float obs[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]) {{
+  int8_t input[DQNC_OBS_DIM];
+  dqnc_policy_quantize(obs, input);
+  return dqnc_policy_act_int8(input, scores);
+}}
+"""
+    return h, c
+
+
+def host_compiler() -> str | None:
+    """The host C compiler (``$CC``, cc, gcc, clang), or None."""
+    import os
+
+    for name in [os.environ.get("CC", ""), "cc", "gcc", "clang"]:
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+class CompileError(RuntimeError):
+    """The generated C did not compile: a dqnc bug, reported with the compiler's words."""
+
+
+def build_host(source_dir: Path, out_dir: Path | None = None) -> Path:
+    """Compile ``policy.c`` in ``source_dir`` into a shared library (warnings are errors)."""
+    cc = host_compiler()
+    if cc is None:
+        raise FileNotFoundError("no C compiler (cc, gcc or clang) on PATH")
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="dqnc-cpolicy-"))
+    lib = out_dir / "libdqnc_policy.so"
+    proc = subprocess.run([cc, *HOST_CFLAGS, "-o", str(lib), str(Path(source_dir) / SOURCE)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CompileError(f"{cc} failed on the generated policy.c: {proc.stderr.strip()[:500]}")
+    return lib
+
+
+class CPolicy:
+    """The host-compiled C policy behind the Q-function interface of ``runtime.Policy``.
+
+    ``q_values`` returns the dequantized int8 scores, as the Python runner does.
+    """
+
+    runtime = "c"
+
+    def __init__(self, lib_path: Path, obs_dim: int, n_actions: int, output_scale: float, output_zero_point: int) -> None:
+        self._lib = ctypes.CDLL(str(lib_path))
+        self.obs_dim, self.n_actions = obs_dim, n_actions
+        self.output_scale, self.output_zero_point = output_scale, output_zero_point
+        f32p, i8p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int8)
+        self._act = self._lib.dqnc_policy_act
+        self._act.argtypes, self._act.restype = [f32p, i8p], ctypes.c_int
+        self._act_int8 = self._lib.dqnc_policy_act_int8
+        self._act_int8.argtypes, self._act_int8.restype = [i8p, i8p], ctypes.c_int
+        self._quant = self._lib.dqnc_policy_quantize
+        self._quant.argtypes, self._quant.restype = [f32p, i8p], None
+        self._scores = np.zeros(n_actions, np.int8)
+        self._scores_p = self._scores.ctypes.data_as(i8p)
+        self._f32p, self._i8p = f32p, i8p
+
+    def quantize(self, obs: Any) -> np.ndarray:
+        x = np.ascontiguousarray(np.asarray(obs, np.float32).reshape(-1, self.obs_dim))
+        out = np.empty(x.shape, np.int8)
+        for i in range(len(x)):
+            self._quant(x[i].ctypes.data_as(self._f32p), out[i].ctypes.data_as(self._i8p))
+        return out
+
+    def scores_int8(self, xq: np.ndarray) -> np.ndarray:
+        """Raw int8 scores for already-quantized inputs ``[N, obs_dim]``."""
+        xq = np.ascontiguousarray(np.asarray(xq, np.int8).reshape(-1, self.obs_dim))
+        out = np.empty((len(xq), self.n_actions), np.int8)
+        for i in range(len(xq)):
+            self._act_int8(xq[i].ctypes.data_as(self._i8p), out[i].ctypes.data_as(self._i8p))
+        return out
+
+    def q_values(self, obs: Any) -> np.ndarray:
+        x = np.ascontiguousarray(np.asarray(obs, np.float32).reshape(-1, self.obs_dim))
+        out = np.empty((len(x), self.n_actions), np.int8)
+        for i in range(len(x)):
+            self._act(x[i].ctypes.data_as(self._f32p), out[i].ctypes.data_as(self._i8p))
+        return ((out.astype(np.float32) - self.output_zero_point) * self.output_scale).astype(np.float32)
+
+    __call__ = q_values
+
+    def act(self, obs: Any) -> int:
+        x = np.ascontiguousarray(np.asarray(obs, np.float32).reshape(self.obs_dim))
+        return int(self._act(x.ctypes.data_as(self._f32p), self._scores_p))
+
+
+def write(mlp: IntegerMLP, policy: Any, action_names: list[str], out_dir: Path,
+          obs_mean: Any = None, obs_std: Any = None) -> None:
+    """Write policy.h/policy.c into ``out_dir``; ``policy`` is the runtime.Policy whose input map is used."""
+    h, c = generate(mlp, policy._a, policy._c, action_names, obs_mean, obs_std)
+    (Path(out_dir) / HEADER).write_text(h, encoding="utf-8")
+    (Path(out_dir) / SOURCE).write_text(c, encoding="utf-8")
+
+
+def sizes(mlp: IntegerMLP) -> dict[str, int]:
+    """Bytes the C policy's data needs: constants (flash) and activations (RAM), code excluded."""
+    flash = sum(l.weights.size + 4 * l.bias.size + 4 * l.multiplier.size + l.shift.size for l in mlp.layers)
+    flash += 8 * mlp.obs_dim  # the float input map
+    width = max(int(l.weights.shape[0]) for l in mlp.layers)
+    return {"const_data_bytes": int(flash), "activation_ram_bytes": 2 * width}
