@@ -275,7 +275,7 @@ def _tf_keras_metadata(path: Path) -> dict[str, Any] | None:
     from dqnc.keras import keras
 
     keras()
-    from tf_keras.src.protobuf import saved_metadata_pb2
+    from tf_keras.protobuf import saved_metadata_pb2
 
     proto = saved_metadata_pb2.SavedMetadata()
     try:
@@ -286,9 +286,21 @@ def _tf_keras_metadata(path: Path) -> dict[str, Any] | None:
         raise ArtifactError(f"{str(path)!r}: unreadable keras_metadata.pb ({type(e).__name__}); re-save the model") from None
 
 
+def _untuple(x: Any) -> Any:
+    """tf_keras SavedModel metadata spells tuples as ``{"class_name": "__tuple__", "items": [...]}``."""
+    if isinstance(x, dict):
+        if x.get("class_name") == "__tuple__" and "items" in x:
+            return [_untuple(v) for v in x["items"]]
+        return {k: _untuple(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_untuple(v) for v in x]
+    return x
+
+
 def load_tf_keras_savedmodel(path: Path, metadata: dict[str, Any]) -> Source:
     """A tf_keras SavedModel: layer classes checked from its metadata first, then loaded by tf_keras."""
     what = str(path)
+    metadata = _untuple(metadata)
     config = {"class_name": metadata.get("class_name"), "config": metadata.get("config")}
     layers = ordered_layers(config, what)
     for layer in layers:  # refuse before tf_keras revives anything

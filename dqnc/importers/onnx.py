@@ -209,14 +209,16 @@ def chain_ops(graph: Graph) -> tuple[list[Op], list[dict[str, Any]]]:
             if len(on_stream) != 1:
                 raise UnsupportedModelError(f"{what}: {op} {name!r} combines the observation with itself")
             first = on_stream[0] == 0
-            scale, shift = {
-                "Add": (np.ones(width), c),
-                "Sub": (np.ones(width), -c) if first else (-np.ones(width), c),
-                "Mul": (c, np.zeros(width)),
-                "Div": (1.0 / c, np.zeros(width)) if first else (None, None),
-            }[op]
-            if scale is None:
+            if op == "Div" and not first:
                 raise UnsupportedModelError(f"{what}: Div {name!r} divides a constant by the observation")
+            if op == "Div" and np.any(c == 0):
+                raise UnsupportedModelError(f"{what}: Div {name!r} divides by zero")
+            scale, shift = {
+                "Add": lambda: (np.ones(width), c),
+                "Sub": lambda: (np.ones(width), -c) if first else (-np.ones(width), c),
+                "Mul": lambda: (c, np.zeros(width)),
+                "Div": lambda: (1.0 / c, np.zeros(width)),
+            }[op]()
             ops.append(ScaleShift(scale, shift))
             mapping.append({"source": name, "op": op, "folded": True})
         elif op in _ACTS:

@@ -94,6 +94,7 @@ _NUMPY_SAFE = {  # numpy's own pickle helpers: they build arrays/dtypes/scalars 
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # protocol-2 pickles spell bytes as encode(str, "latin1")
 }
 _OPAQUE_MODULES = ("stable_baselines3.common.vec_env.", "stable_baselines3.common.running_mean_std",
                    "gymnasium.spaces.", "numpy.random._pickle", "numpy.random.bit_generator")
