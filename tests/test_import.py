@@ -380,3 +380,14 @@ def test_pickle_with_in_archive_byte_flips_gives_one_line(tmp_path: Path):
             for n, v in members.items():
                 zf.writestr(n, bytes(pkl) if n.endswith("data.pkl") else v)
         _survives(buf.getvalue(), ".cleanrl_model", tmp_path)
+
+
+def test_import_help_and_sniffing_never_import_tensorflow(tmp_path: Path):
+    src = tmp_path / "x.cleanrl_model"
+    src.write_bytes(torch_zip(_state_dict("network", _mlp([4, 8, 2], 15))))
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom dqnc.cli import app\nfrom dqnc.importers import sniff, load_source\n"
+            "from dqnc.config import ImportConfig\nfrom pathlib import Path\n"
+            "assert CliRunner().invoke(app, ['import', '--help']).exit_code == 0\n"
+            f"p = Path({str(src)!r}); assert sniff(p) == 'torch'; load_source(p, ImportConfig(env='CartPole-v1'))\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
