@@ -228,7 +228,8 @@ def load(path: str | Path, env: EnvSpec | None = None, verify: bool = True) -> A
 
 def _foreign_format(p: Path) -> str | None:
     """The importer format of a non-dqnc model, or None. A tf_keras SavedModel keeps the direct path."""
-    if p.is_dir() and (p / "keras_metadata.pb").is_file():
+    if p.is_dir() and ((p / "keras_metadata.pb").is_file() or (p.name == MODEL_DIR and (p.parent / MANIFEST).is_file())
+                       or not (p / "saved_model.pb").is_file() or (p / "saved_model.pb").stat().st_size == 0):
         return None
     if p.is_file() and p.suffix == ".tflite":
         return None
