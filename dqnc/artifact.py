@@ -207,6 +207,15 @@ def load(path: str | Path, env: EnvSpec | None = None, verify: bool = True) -> A
         raise ArtifactError(f"{str(p)!r} does not exist: check the path")
     if p.is_dir() and (p / MANIFEST).is_file():
         return _load_artifact_dir(p, env, verify)
+    foreign = _foreign_format(p)
+    if foreign is not None:
+        # A model made elsewhere (Keras 3, ONNX, SB3, CleanRL): imported once, verified, then used.
+        if env is None:
+            raise UsageError(f"{str(p)!r} is a {foreign} model without a dqnc manifest: pass --env ENV_ID to say which "
+                             "env it acts in (or run `dqnc import` first)")
+        from dqnc.importers import adopt
+
+        return adopt(p, env)
     if _is_savedmodel(p):
         if p.name == MODEL_DIR and (p.parent / MANIFEST).is_file():
             return _load_artifact_dir(p.parent, env, verify)
@@ -223,6 +232,18 @@ def load(path: str | Path, env: EnvSpec | None = None, verify: bool = True) -> A
             "point at the directory a dqnc stage wrote, or at a Keras SavedModel"
         )
     raise ArtifactError(f"{str(p)!r} is not a model dqnc can read: expected an artifact directory, a SavedModel or a .tflite file")
+
+
+def _foreign_format(p: Path) -> str | None:
+    """The importer format of a non-dqnc model, or None. A tf_keras SavedModel keeps the direct path."""
+    if p.is_dir() and ((p / "keras_metadata.pb").is_file() or (p.name == MODEL_DIR and (p.parent / MANIFEST).is_file())
+                       or not (p / "saved_model.pb").is_file() or (p / "saved_model.pb").stat().st_size == 0):
+        return None
+    if p.is_file() and p.suffix == ".tflite":
+        return None
+    from dqnc.importers import sniff
+
+    return sniff(p)
 
 
 def _dir_digest(root: Path) -> str:

@@ -457,6 +457,50 @@ def export(
                  f"python {result.path / 'run_policy.py'} --obs {','.join(['0'] * source.env.obs_dim)}")
 
 
+# --- import ------------------------------------------------------------------------------------
+
+@app.command("import")
+@_guard
+def import_cmd(
+    model: Annotated[Path, typer.Argument(help="Keras 3 .keras/.h5, tf_keras SavedModel/.h5, Keras 3 export() SavedModel, .onnx, SB3 DQN .zip, or CleanRL .cleanrl_model / state_dict.")],
+    env: Annotated[str, typer.Option("--env", "-e", help="gymnasium env id the network acts in.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact directory [default: MODEL-imported].")] = None,
+    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON.")] = None,
+    obs_norm: Annotated[Optional[Path], typer.Option("--obs-norm", help="SB3 VecNormalize .pkl: its observation statistics (and clip) are folded into the network.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, keras, onnx, sb3, cleanrl or torch.")] = "auto",
+    activation: Annotated[Optional[str], typer.Option(help="Hidden activation of a bare state_dict (CleanRL records none) [default: relu].")] = None,
+    check_states: Annotated[int, typer.Option(min=16, help="Rollout states the import is checked on.")] = 2000,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the check rollouts.")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+) -> None:
+    """Import a Q-network made elsewhere as an fp32 artifact, checked against the source to 1e-5 of its Q range."""
+    from dqnc.config import ImportConfig, validate
+    from dqnc.importers import run as run_import
+
+    spec = _env_arg(env, env_kwargs)
+    cfg = validate(ImportConfig, dict(env=env, env_kwargs=spec.kwargs, obs_norm=str(obs_norm) if obs_norm else None,
+                                      format=fmt, activation=activation, check_states=check_states, seed=seed), "options")
+    out = out or _default_out(model, "imported")
+    with _spinner(f"importing {model}", as_json):
+        result = run_import(cfg, model, out, force=force, command=_argv(), spec=spec)
+    m, origin = result.manifest["metrics"], result.manifest["origin"]
+    if as_json:
+        _emit_json({"path": str(result.path), "origin": origin, "network": result.manifest["network"], "metrics": m})
+        return
+    c = m["check"]
+    net = result.manifest["network"]
+    stdout.print(f"{origin['format']} {model} -> MLP {net['obs_dim']}-{'-'.join(map(str, net['hidden']))}-{net['n_actions']} "
+                 f"({', '.join(net['activations']) or 'no hidden layers'})")
+    for p in origin.get("preprocessing", []):
+        stdout.print(f"preprocessing {p['kind']}: folded {p.get('folded', '')}" + (f"; clip {p['clip']}" if p.get("clip") else ""))
+    stdout.print(f"checked on {c['states']:,} rollout states: max |dQ| {c['max_abs_dq']:.3g} = {c['rel_error']:.2g} of the Q range; "
+                 f"greedy actions identical ({c['tied_mismatches']} exact ties)" if not c["action_mismatches"] else "")
+    stdout.print(f"mean return over {m['return_episodes']} episodes: source {m['source_mean_return']:.1f}, "
+                 f"imported {m['imported_mean_return']:.1f}")
+    stdout.print(f"saved {result.path}")
+
+
 class _spinner:
     """A status spinner on stderr for steps without a step count (quiet when not a TTY or with --json)."""
 

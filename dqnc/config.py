@@ -354,3 +354,19 @@ class DistillConfig(_StageConfig):
         if isinstance(self.hidden, list) and not 1 <= len(self.hidden) <= 8:
             raise ValueError("give 1 to 8 hidden layers")
         return self
+
+
+class ImportConfig(_StageConfig):
+    """Bringing a Q-network made elsewhere into a dqnc artifact (see dqnc.importers)."""
+
+    env: str = Field(min_length=1, description="gymnasium id the network acts in, or 'module:Env-v0'")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    format: Literal["auto", "keras", "onnx", "sb3", "cleanrl", "torch"] = Field(
+        "auto", description="source format; auto sniffs it from the file")
+    obs_norm: str | None = Field(None, description="SB3 VecNormalize .pkl whose observation statistics are folded in")
+    activation: Literal["relu", "tanh", "elu", "sigmoid"] | None = Field(
+        None, description="hidden activation of a bare state_dict (CleanRL saves none); SB3 zips and Keras/ONNX "
+        "files record their own")
+    check_states: int = Field(2000, ge=16, description="rollout states the imported Q-values are checked on")
+    seed: int = Field(0, ge=0, description="selects the check rollouts' episode seeds")
+    max_rel_error: float = Field(1e-5, ge=0.0, le=1e-2, description="max |dQ| / Q range allowed against the source")

@@ -119,6 +119,8 @@ def _act(x: np.ndarray, activation: str) -> np.ndarray:
         return np.tanh(x, out=x)
     if activation == "elu":
         return np.where(x > 0, x, np.expm1(np.minimum(x, 0))).astype(np.float32)
+    if activation == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
     if activation == "linear":
         return x
     raise ValueError(f"unknown activation {activation!r}")

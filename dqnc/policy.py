@@ -61,7 +61,7 @@ def mlp_weights(model: Any) -> tuple[list[np.ndarray], list[str]] | None:
     if not layers or any(type(l).__name__ != "Dense" for l in layers):
         return None
     acts = [l.get_config().get("activation", "linear") for l in layers]
-    if any(a not in ("relu", "tanh", "elu", "linear") for a in acts) or acts[-1] != "linear":
+    if any(a not in ("relu", "tanh", "elu", "sigmoid", "linear") for a in acts) or acts[-1] != "linear":
         return None
     if any(not l.use_bias for l in layers):
         return None

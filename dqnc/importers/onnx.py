@@ -1,0 +1,269 @@
+"""ONNX Q-networks, read with the ``onnx`` package and evaluated in pure numpy (no onnxruntime).
+
+Two independent readings of one graph: :func:`evaluate` runs the nodes in order with numpy
+(the reference the import is checked against), and :func:`chain_ops` turns the same graph into
+dqnc's op chain by following the one tensor that flows from the observation to the Q-values.
+Supported: Gemm (any alpha/beta/transB), MatMul, Add/Sub/Mul/Div by constants, Relu, Tanh,
+Sigmoid, Elu (alpha 1), Clip, Flatten, Identity, Dropout, Reshape to ``[batch, n]``, Constant,
+as torch.onnx exports SB3 and CleanRL MLPs (``[batch, n]`` or fixed ``[1, n]`` inputs, any names).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dqnc.errors import ArtifactError
+from dqnc.importers.common import Act, Affine, Clip, Op, ScaleShift, Source, UnsupportedModelError
+
+SUPPORTED_OPS = ("Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Tanh", "Sigmoid", "Elu", "Clip",
+                 "Flatten", "Identity", "Dropout", "Reshape", "Constant")
+_ACTS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Elu": "elu"}
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _array(tensor: Any, what: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    if tensor.data_location == 1:  # EXTERNAL: the weights live in another file dqnc was not given
+        raise UnsupportedModelError(f"{what}: tensor {tensor.name!r} is stored in an external data file; re-export "
+                                    "with the weights inside the .onnx file")
+    return np.asarray(numpy_helper.to_array(tensor))
+
+
+def read_model(path: Path) -> Any:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError, TypeError) as e:
+        raise ArtifactError(f"{str(path)!r}: not a readable ONNX model ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else 'truncated or damaged'}); re-export it") from None
+    if not model.graph.node or not model.graph.output:
+        raise ArtifactError(f"{str(path)!r}: not an ONNX model (no graph nodes or outputs); truncated or damaged: re-export it")
+    return model
+
+
+class Graph:
+    """The parts of an ONNX graph dqnc uses: constants, one input, one output, the nodes."""
+
+    def __init__(self, model: Any, what: str) -> None:
+        g = model.graph
+        self.what = what
+        self.consts: dict[str, np.ndarray] = {t.name: _array(t, what) for t in g.initializer}
+        inputs = [i for i in g.input if i.name not in self.consts]
+        if len(inputs) != 1 or len(g.output) != 1:
+            raise UnsupportedModelError(f"{what}: the graph has {len(inputs)} inputs and {len(g.output)} outputs; "
+                                        "a Q-network has one observation input and one Q-value output")
+        self.input, self.output = inputs[0].name, g.output[0].name
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+        if len(dims) < 2 or any(d is None or d < 1 for d in dims[1:]):
+            raise UnsupportedModelError(f"{what}: input {self.input!r} has shape {dims}; expected [batch, n] "
+                                        "(a flat observation with a batch axis)")
+        self.obs_dim = int(np.prod(dims[1:]))
+        self.fixed_batch = dims[0]  # None when dynamic
+        if self.fixed_batch not in (None, 1):
+            raise UnsupportedModelError(f"{what}: input batch size is fixed to {self.fixed_batch}; export with a "
+                                        "dynamic batch axis or batch 1")
+        self.nodes = list(g.node)
+        for node in self.nodes:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
+                raise UnsupportedModelError(
+                    f"{what}: ONNX op {node.op_type!r} (node {node.name or node.output[0]!r}) is not supported; "
+                    f"supported: {', '.join(SUPPORTED_OPS)}")
+
+
+def _run_node(node: Any, args: list[np.ndarray | None], what: str) -> np.ndarray:
+    """One node with numpy, following the ONNX operator definitions."""
+    op, at = node.op_type, _attrs(node)
+    x = args[0]
+    if op == "Gemm":
+        a = x.T if at.get("transA", 0) else x
+        b = args[1].T if at.get("transB", 0) else args[1]
+        y = np.float32(at.get("alpha", 1.0)) * (a @ b)
+        if len(args) > 2 and args[2] is not None:
+            y = y + np.float32(at.get("beta", 1.0)) * args[2]
+        return y
+    if op == "MatMul":
+        return np.matmul(x, args[1])
+    if op in ("Add", "Sub", "Mul", "Div"):
+        return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op](x, args[1])
+    if op == "Relu":
+        return np.maximum(x, np.float32(0))
+    if op == "Tanh":
+        return np.tanh(x)
+    if op == "Sigmoid":
+        return (np.float32(1) / (np.float32(1) + np.exp(-x))).astype(x.dtype)
+    if op == "Elu":
+        alpha = np.float32(at.get("alpha", 1.0))
+        return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, np.float32(0)))).astype(x.dtype)
+    if op == "Clip":
+        lo = args[1] if len(args) > 1 and args[1] is not None else at.get("min", -np.inf)
+        hi = args[2] if len(args) > 2 and args[2] is not None else at.get("max", np.inf)
+        return np.clip(x, lo, hi).astype(x.dtype)
+    if op == "Flatten":
+        axis = at.get("axis", 1)
+        axis = axis + x.ndim if axis < 0 else axis
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    if op in ("Identity", "Dropout"):
+        return x
+    if op == "Reshape":
+        shape = [int(s) for s in np.asarray(args[1]).ravel()]
+        if not at.get("allowzero", 0):
+            shape = [x.shape[i] if s == 0 and i < x.ndim else s for i, s in enumerate(shape)]
+        return x.reshape(shape)
+    if op == "Constant":
+        from onnx import numpy_helper
+
+        for key in ("value",):
+            if key in at:
+                return np.asarray(numpy_helper.to_array(at[key]))
+        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                           ("value_ints", np.int64)):
+            if key in at:
+                return np.asarray(at[key], dtype)
+        raise UnsupportedModelError(f"{what}: Constant node {node.name!r} without a numeric value")
+    raise UnsupportedModelError(f"{what}: ONNX op {op!r} is not supported; supported: {', '.join(SUPPORTED_OPS)}")
+
+
+def evaluate(graph: Graph, obs: np.ndarray) -> np.ndarray:
+    """The graph's output for a batch of observations, node by node in numpy float32."""
+    x = np.asarray(obs, np.float32).reshape(len(obs), graph.obs_dim)
+    if graph.fixed_batch == 1:  # a [1, n] graph may reshape to [1, ...]: run it one row at a time
+        return np.concatenate([_evaluate(graph, x[i:i + 1]) for i in range(len(x))]) if len(x) else x
+    return _evaluate(graph, x)
+
+
+def _evaluate(graph: Graph, x: np.ndarray) -> np.ndarray:
+    env: dict[str, np.ndarray] = dict(graph.consts)
+    env[graph.input] = x
+    for node in graph.nodes:
+        args = [env[n] if n else None for n in node.input]
+        env[node.output[0]] = _run_node(node, args, graph.what)
+    return np.asarray(env[graph.output], np.float32).reshape(len(x), -1)
+
+
+def _vector(c: np.ndarray, width: int, what: str, node: Any) -> np.ndarray:
+    c = np.asarray(c, np.float64)
+    if c.size == 1:
+        return np.full(width, float(c.ravel()[0]))
+    if c.size == width and (c.ndim == 1 or (c.ndim == 2 and c.shape[0] == 1)):
+        return c.ravel()
+    raise UnsupportedModelError(f"{what}: {node.op_type} node {node.name or node.output[0]!r} combines the features "
+                                f"with a constant of shape {c.shape}; only per-feature constants are supported")
+
+
+def chain_ops(graph: Graph) -> tuple[list[Op], list[dict[str, Any]]]:
+    """Follow the observation through the graph and return it as dqnc ops (one chain, no branches)."""
+    what = graph.what
+    consts = dict(graph.consts)
+    stream, width = graph.input, graph.obs_dim
+    ops: list[Op] = []
+    mapping: list[dict[str, Any]] = []
+    for node in graph.nodes:
+        name = node.name or node.output[0]
+        ins = [n for n in node.input if n]
+        if all(n in consts for n in ins):  # constant subgraph (e.g. a Constant shape): fold it now
+            consts[node.output[0]] = _run_node(node, [consts[n] if n else None for n in node.input], what)
+            continue
+        on_stream = [i for i, n in enumerate(node.input) if n == stream]
+        others = [n for n in ins if n != stream and n not in consts]
+        if not on_stream or others:
+            raise UnsupportedModelError(f"{what}: node {name!r} ({node.op_type}) does not continue the single chain "
+                                        "from the observation (the graph branches or merges): only layer chains are supported")
+        at = _attrs(node)
+        op = node.op_type
+        arg = lambda i: consts[node.input[i]] if len(node.input) > i and node.input[i] else None  # noqa: E731
+        if op == "Gemm":
+            if on_stream != [0] or at.get("transA", 0):
+                raise UnsupportedModelError(f"{what}: Gemm {name!r} multiplies the observation from the right or "
+                                            "transposed; only x @ W (+ b) layers are supported")
+            w = arg(1).astype(np.float64)
+            w = (w.T if at.get("transB", 0) else w) * float(at.get("alpha", 1.0))
+            c = arg(2)
+            b = (_vector(c, w.shape[1], what, node) * float(at.get("beta", 1.0))) if c is not None else np.zeros(w.shape[1])
+            ops.append(Affine(w, b))
+            mapping.append({"source": name, "op": "Gemm", "shape": list(w.shape), "transB": int(at.get("transB", 0))})
+            width = w.shape[1]
+        elif op == "MatMul":
+            w = arg(1)
+            if on_stream != [0] or w is None or w.ndim != 2:
+                raise UnsupportedModelError(f"{what}: MatMul {name!r} is not observation @ 2-D constant")
+            ops.append(Affine(w.astype(np.float64), np.zeros(w.shape[1])))
+            mapping.append({"source": name, "op": "MatMul", "shape": list(w.shape)})
+            width = w.shape[1]
+        elif op in ("Add", "Sub", "Mul", "Div"):
+            c = _vector(arg(1 - on_stream[0]), width, what, node)
+            if len(on_stream) != 1:
+                raise UnsupportedModelError(f"{what}: {op} {name!r} combines the observation with itself")
+            first = on_stream[0] == 0
+            if op == "Div" and not first:
+                raise UnsupportedModelError(f"{what}: Div {name!r} divides a constant by the observation")
+            if op == "Div" and np.any(c == 0):
+                raise UnsupportedModelError(f"{what}: Div {name!r} divides by zero")
+            scale, shift = {
+                "Add": lambda: (np.ones(width), c),
+                "Sub": lambda: (np.ones(width), -c) if first else (-np.ones(width), c),
+                "Mul": lambda: (c, np.zeros(width)),
+                "Div": lambda: (1.0 / c, np.zeros(width)),
+            }[op]()
+            ops.append(ScaleShift(scale, shift))
+            mapping.append({"source": name, "op": op, "folded": True})
+        elif op in _ACTS:
+            if op == "Elu" and float(at.get("alpha", 1.0)) != 1.0:
+                raise UnsupportedModelError(f"{what}: Elu {name!r} has alpha {at['alpha']}; only alpha 1 is supported")
+            ops.append(Act(_ACTS[op]))
+            mapping.append({"source": name, "op": op})
+        elif op == "Clip":
+            lo, hi = arg(1), arg(2)
+            lo = float(lo) if lo is not None else float(at.get("min", -np.inf))
+            hi = float(hi) if hi is not None else float(at.get("max", np.inf))
+            if lo == 0.0 and hi == np.inf:
+                ops.append(Act("relu"))
+            elif np.isfinite(lo) and np.isfinite(hi) and lo < hi:
+                ops.append(Clip(lo, hi))
+            else:
+                raise UnsupportedModelError(f"{what}: Clip {name!r} with one open bound ({lo}, {hi}) is not supported")
+            mapping.append({"source": name, "op": "Clip", "range": [lo, hi]})
+        elif op == "Reshape":
+            shape = [int(s) for s in np.asarray(arg(1)).ravel()]
+            if len(shape) != 2 or shape[0] not in (-1, 0, 1) or shape[1] not in (-1, width):
+                raise UnsupportedModelError(f"{what}: Reshape {name!r} to {shape} is not a flatten to [batch, {width}]")
+        elif op == "Flatten":
+            if at.get("axis", 1) != 1:
+                raise UnsupportedModelError(f"{what}: Flatten {name!r} with axis {at.get('axis')} is not supported (axis 1 is)")
+        # Identity, Dropout (inference), Reshape/Flatten of a flat vector: nothing to do
+        stream = node.output[0]
+    if stream != graph.output:
+        raise UnsupportedModelError(f"{what}: the output {graph.output!r} is not the end of the chain from the observation")
+    return ops, mapping
+
+
+def load(path: Path, cfg: Any) -> Source:
+    what = str(path)
+    model = read_model(path)
+    try:
+        graph = Graph(model, what)
+        ops, mapping = chain_ops(graph)
+        evaluate(graph, np.zeros((2, graph.obs_dim), np.float32))  # a damaged graph fails here, not mid-check
+    except ArtifactError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        raise ArtifactError(f"{what}: malformed ONNX graph ({type(e).__name__}: {str(e)[:160]}); re-export it") from None
+    opset = {o.domain or "ai.onnx": int(o.version) for o in model.opset_import}
+    return Source("onnx", graph.obs_dim, ops, mapping, reference=lambda obs: evaluate(graph, obs),
+                  details={"producer": f"{model.producer_name} {model.producer_version}".strip(), "opset": opset,
+                           "input": graph.input, "output": graph.output,
+                           "batch": "fixed 1" if graph.fixed_batch == 1 else "dynamic"})
