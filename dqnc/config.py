@@ -283,7 +283,7 @@ class ExportConfig(_StageConfig):
         "mcu", description="mcu: a bundle every runtime runs (dense, ops TFLite Micro has; verified on TFLM, with "
         "C deliverables); linux: LiteRT/tflite-runtime only (sparse encoding allowed)")
     check_states: int = Field(10_000, ge=1, description="held-out states run through every runtime before shipping")
-    seed: int = Field(0, ge=0, description="seed of the verification rollouts (episode_seed('export_check', seed))")
+    seed: int = Field(0, ge=0, le=999, description="seed of the verification rollouts (episode_seed('export_check', seed))")
     max_action_mismatch: float = Field(
         0.01, ge=0.0, le=1.0, description="share of check states on which TFLM may pick another action than LiteRT, "
         "only where TFLM provably computes TFLite's double-rounding arithmetic and LiteRT rounds once (see dqnc.export)")
@@ -368,5 +368,5 @@ class ImportConfig(_StageConfig):
         None, description="hidden activation of a bare state_dict (CleanRL saves none); SB3 zips and Keras/ONNX "
         "files record their own")
     check_states: int = Field(2000, ge=16, description="rollout states the imported Q-values are checked on")
-    seed: int = Field(0, ge=0, description="selects the check rollouts' episode seeds")
+    seed: int = Field(0, ge=0, le=999, description="selects the check rollouts' episode seeds")
     max_rel_error: float = Field(1e-5, ge=0.0, le=1e-2, description="max |dQ| / Q range allowed against the source")

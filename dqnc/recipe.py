@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dqnc import __version__
-from dqnc.config import (EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig, TrainConfig, fields_at,
+from dqnc.config import (DistillConfig, EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig, TrainConfig, fields_at,
                          first_error, read_text, unknown_key_message)
 from dqnc.errors import ConfigError, DqncError, GateFailed, UsageError
 
@@ -42,11 +42,17 @@ class _Strict(BaseModel):
 
 
 class Source(_Strict):
-    """Where the chain starts: an artifact, a bare Keras SavedModel plus its env, or training."""
+    """Where the chain starts: an artifact, a bare Keras SavedModel or a foreign model plus its env,
+    or training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     artifact: str | None = Field(None, description="a dqnc artifact directory (relative to the recipe)")
     savedmodel: str | None = Field(None, description="a Keras SavedModel without a dqnc manifest (needs env)")
-    env: str | None = Field(None, description="env id for savedmodel")
+    import_: str | None = Field(None, alias="import", description="a model made elsewhere (Keras 3 .keras/.h5, ONNX, "
+                                "SB3 .zip, CleanRL .cleanrl_model), imported and verified (needs env)")
+    obs_norm: str | None = Field(None, description="SB3 VecNormalize statistics for an import source")
+    env: str | None = Field(None, description="env id for savedmodel or import")
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
     train: TrainConfig | None = Field(None, description="train from scratch with these options (env required)")
 
@@ -62,11 +68,14 @@ class Source(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> Source:
-        given = [k for k in ("artifact", "savedmodel", "train") if getattr(self, k) is not None]
+        given = [k.rstrip("_") for k in ("artifact", "savedmodel", "import_", "train") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of artifact, savedmodel or train" + (f" (got {', '.join(given)})" if given else ""))
-        if self.savedmodel is not None and not self.env:
-            raise ValueError("savedmodel needs env: the id of the env the model acts in")
+            raise ValueError("give exactly one of artifact, savedmodel, import or train"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if (self.savedmodel is not None or self.import_ is not None) and not self.env:
+            raise ValueError(f"{given[0]} needs env: the id of the env the model acts in")
+        if self.obs_norm is not None and self.import_ is None:
+            raise ValueError("obs_norm goes with an import source")
         if self.train is None and self.env is None and self.env_kwargs:
             raise ValueError("env_kwargs needs env")
         return self
@@ -92,16 +101,21 @@ class ExportStage(_StageBase, ExportConfig):
     gates: Gates | None = None
 
 
+class DistillStage(_StageBase, DistillConfig):
+    stage: Literal["distill"]
+    gates: Gates | None = None
+
+
 class EvalStage(_StageBase, EvalConfig):
     stage: Literal["eval"]
 
 
-Stage = Annotated[Union[PruneStage, QuantizeStage, ExportStage, EvalStage], Field(discriminator="stage")]
-STAGE_MODELS: dict[str, type[BaseModel]] = {"prune": PruneStage, "quantize": QuantizeStage, "export": ExportStage,
-                                            "eval": EvalStage}
-# What each stage reads and writes: a TFLite model cannot be pruned or re-quantized.
-NEEDS_SAVEDMODEL = {"prune", "quantize"}
-PRODUCES = {"prune": "savedmodel", "quantize": "tflite", "export": "tflite"}
+Stage = Annotated[Union[PruneStage, DistillStage, QuantizeStage, ExportStage, EvalStage], Field(discriminator="stage")]
+STAGE_MODELS: dict[str, type[BaseModel]] = {"prune": PruneStage, "distill": DistillStage, "quantize": QuantizeStage,
+                                            "export": ExportStage, "eval": EvalStage}
+# What each stage reads and writes: a TFLite model cannot be pruned, distilled or re-quantized.
+NEEDS_SAVEDMODEL = {"prune", "distill", "quantize"}
+PRODUCES = {"prune": "savedmodel", "distill": "savedmodel", "quantize": "tflite", "export": "tflite"}
 
 
 class Recipe(_Strict):
@@ -307,6 +321,10 @@ def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
         if not (p / "saved_model.pb").is_file():
             raise ConfigError(f"{at('source', 'savedmodel')}: source.savedmodel {src.savedmodel!r} is not a SavedModel "
                               f"directory (no saved_model.pb in {p})")
+    for key, value in (("import", src.import_), ("obs_norm", src.obs_norm)):
+        if value is not None and not loaded.resolve(value).exists():
+            raise ConfigError(f"{at('source', key)}: source.{key} {value!r} does not exist (looked for "
+                              f"{loaded.resolve(value)}): fix the path (relative paths start at the recipe's folder)")
     env_id = src.train.env if src.train is not None else src.env
     if env_id:
         _check_env_id(env_id, at("source", "train", "env") if src.train is not None else at("source", "env"))
@@ -578,6 +596,11 @@ def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bo
         return art.load(loaded.resolve(src.artifact)), None
     if src.savedmodel is not None:
         return art.load(loaded.resolve(src.savedmodel), env=env_spec(src.env or "", src.env_kwargs)), None
+    if src.import_ is not None:
+        from dqnc.importers import adopt
+
+        return adopt(loaded.resolve(src.import_), env_spec(src.env or "", src.env_kwargs),
+                     loaded.resolve(src.obs_norm) if src.obs_norm else None, log=log), None
     assert src.train is not None
     out = loaded.out_dir / "train"
     row = StageRow("train", "train", str(out))
@@ -652,6 +675,10 @@ def _run_stage(loaded: LoadedRecipe, state: _State, st: Any, inp: Any, active: b
         from dqnc import prune
 
         result = prune.run(PruneConfig(**options), inp, out, force=True)
+    elif st.stage == "distill":
+        from dqnc import distill
+
+        result = distill.run(DistillConfig(**options), inp, out, force=True, log=log)
     elif st.stage == "quantize":
         from dqnc import quantize
 
