@@ -1,0 +1,251 @@
+"""Loading a recipe: YAML with line numbers, --set overrides, validation and semantic checks,
+all before TensorFlow is imported."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dqnc.config import fields_at, first_error, read_text, unknown_key_message
+from dqnc.errors import ConfigError, UsageError
+from dqnc.recipe.schema import MAX_YAML_NODES, NEEDS_SAVEDMODEL, PRODUCES, STAGE_MODELS, Recipe
+
+
+def _compose(text: str, path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the YAML") from None
+
+
+def _to_python(node: Any, path: Path, lines: dict[tuple, int]) -> Any:
+    """Build plain data from YAML nodes, recording each key's line and capping the expanded size."""
+    import yaml
+
+    budget = [MAX_YAML_NODES]
+    constructor = yaml.SafeLoader("")
+
+    def build(n: Any, loc: tuple) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(f"{path}:{n.start_mark.line + 1}: the recipe expands to more than {MAX_YAML_NODES:,} "
+                              "YAML nodes (an alias bomb?): write it out without nested aliases")
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)) and n.tag not in (
+                "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap"):
+            raise ConfigError(f"{path}:{n.start_mark.line + 1}: unsupported YAML tag {n.tag!r}: recipes hold plain "
+                              "mappings, lists and scalars")
+        if isinstance(n, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for k, v in n.value:
+                key = constructor.construct_object(k, deep=True) if isinstance(k, yaml.ScalarNode) else None
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    raise ConfigError(f"{path}:{k.start_mark.line + 1}: mapping keys must be plain scalars")
+                if key in out:
+                    raise ConfigError(f"{path}:{k.start_mark.line + 1}: key {'.'.join(map(str, loc + (key,)))!r} appears twice")
+                lines[loc + (key,)] = k.start_mark.line + 1
+                out[key] = build(v, loc + (key,))
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            items = []
+            for i, v in enumerate(n.value):
+                lines[loc + (i,)] = v.start_mark.line + 1
+                items.append(build(v, loc + (i,)))
+            return items
+        try:
+            return constructor.construct_object(n, deep=True)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}:{n.start_mark.line + 1}: {str(e).splitlines()[0]}") from None
+
+    return build(node, ())
+
+
+def apply_sets(data: dict[str, Any], sets: list[str]) -> list[str]:
+    """Apply ``--set a.b=value`` overrides (``a`` may be a stage name); returns the paths set."""
+    import yaml
+
+    done = []
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not sep or not parts:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.9")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+        names = [s.get("name") for s in stages if isinstance(s, dict)]
+        target: Any = data
+        if parts[0] in names and len(parts) > 1:
+            target = stages[names.index(parts[0])]
+            parts = parts[1:]
+        elif parts[0] not in Recipe.model_fields:
+            close = difflib.get_close_matches(parts[0], [n for n in names if n] + list(Recipe.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"--set {item!r}: {parts[0]!r} is neither a stage name nor a recipe key{hint}")
+        for p in parts[:-1]:
+            nxt = target.get(p) if isinstance(target, dict) else None
+            if nxt is None:
+                nxt = {}
+                target[p] = nxt
+            if not isinstance(nxt, dict):
+                raise UsageError(f"--set {item!r}: {p!r} is not a mapping")
+            target = nxt
+        target[parts[-1]] = value
+        done.append(key)
+    return done
+
+
+@dataclass
+class LoadedRecipe:
+    path: Path
+    recipe: Recipe
+    data: dict[str, Any]
+    out_dir: Path
+    source_kind: str
+    sets: list[str] = field(default_factory=list)
+
+    def resolve(self, p: str) -> Path:
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else (self.path.parent / q)
+
+
+def load(path: str | Path, sets: list[str] | None = None) -> LoadedRecipe:
+    """Parse and validate a recipe completely (schema, chain, env ids, paths); never imports TF."""
+    path = Path(path)
+    text = read_text(path, "recipe")
+    node = _compose(text, path)
+    if node is None:
+        raise ConfigError(f"{path}: the recipe is empty: it needs at least 'source' and 'stages' (see `dqnc recipe schema`)")
+    lines: dict[tuple, int] = {}
+    data = _to_python(node, path, lines)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: a recipe is a mapping with 'source' and 'stages', not a {type(data).__name__}")
+    set_paths = apply_sets(data, sets or [])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_recipe_error(e, path, lines, data, set_paths)) from None
+    loaded = LoadedRecipe(path, recipe, data, Path(), "savedmodel", set_paths)
+    out = loaded.resolve(recipe.out_dir) if recipe.out_dir else path.parent / "runs" / path.stem
+    loaded.out_dir = Path(os.path.normpath(out))
+    _check_semantics(loaded, lines)
+    return loaded
+
+
+def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data: dict[str, Any], sets: list[str]) -> str:
+    err = first_error(e)
+    loc = list(err["loc"])
+    # Discriminated unions put the stage type into the location: stages.0.prune.sparsity
+    if len(loc) >= 3 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] in STAGE_MODELS:
+        model: Any = STAGE_MODELS[loc[2]]
+        del loc[2]
+    else:
+        model = None
+    loc_t = tuple(loc)
+    key_path = ".".join(str(p) for p in loc_t) or "(top level)"
+    line = None
+    for n in range(len(loc_t), 0, -1):
+        if loc_t[:n] in lines:
+            line = lines[loc_t[:n]]
+            break
+    where = f"{path}:{line}" if line else str(path)
+    if any(key_path.endswith(s.split(".")[-1]) for s in sets) and sets:
+        where += " (after --set)"
+    if err["type"] == "extra_forbidden":
+        fields = list(model.model_fields) if model is not None and len(loc_t) == 3 else fields_at(Recipe, loc_t[:-1])
+        return unknown_key_message(where, key_path, str(loc_t[-1]), fields)
+    if err["type"] == "union_tag_invalid" or (err["type"] == "union_tag_not_found"):
+        return (f"{where}: {key_path}: 'stage' must be one of {', '.join(STAGE_MODELS)}"
+                + (f" (got {err.get('input', {}).get('stage')!r})" if isinstance(err.get("input"), dict) else ""))
+    if err["type"] == "missing" and loc_t == ("source",):
+        return (f"{where}: missing key 'source': add one of source: {{artifact: PATH}}, "
+                "{savedmodel: PATH, env: ID} or {train: {env: ID}}")
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and err["type"] not in ("missing", "value_error") and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return f"{where}: {key_path}: {msg}"
+
+
+def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
+    r, path = loaded.recipe, loaded.path
+
+    def at(*loc: Any) -> str:
+        return f"{path}:{lines[loc]}" if loc in lines else str(path)
+
+    src = r.source
+    if src.artifact is not None:
+        p = loaded.resolve(src.artifact)
+        if not p.exists():
+            raise ConfigError(f"{at('source', 'artifact')}: source.artifact {src.artifact!r} does not exist "
+                              f"(looked for {p}): fix the path (relative paths start at the recipe's folder)")
+        from dqnc.artifact import MANIFEST, TFLITE
+
+        if not (p / MANIFEST).is_file():
+            raise ConfigError(f"{at('source', 'artifact')}: source.artifact {src.artifact!r} is not a dqnc artifact "
+                              "(no manifest.json): for a bare Keras SavedModel use 'savedmodel' and 'env'")
+        loaded.source_kind = "tflite" if (p / TFLITE).is_file() else "savedmodel"
+    if src.savedmodel is not None:
+        p = loaded.resolve(src.savedmodel)
+        if not (p / "saved_model.pb").is_file():
+            raise ConfigError(f"{at('source', 'savedmodel')}: source.savedmodel {src.savedmodel!r} is not a SavedModel "
+                              f"directory (no saved_model.pb in {p})")
+    for key, value in (("import", src.import_), ("obs_norm", src.obs_norm)):
+        if value is not None and not loaded.resolve(value).exists():
+            raise ConfigError(f"{at('source', key)}: source.{key} {value!r} does not exist (looked for "
+                              f"{loaded.resolve(value)}): fix the path (relative paths start at the recipe's folder)")
+    env_id = src.train.env if src.train is not None else src.env
+    if env_id:
+        _check_env_id(env_id, at("source", "train", "env") if src.train is not None else at("source", "env"))
+    kinds = {"source": loaded.source_kind}
+    if src.train is not None:
+        kinds["train"] = "savedmodel"
+    prev = "train" if src.train is not None else "source"
+    later = [s.name for s in r.stages]
+    for i, st in enumerate(r.stages):
+        if st.name in kinds:
+            raise ConfigError(f"{at('stages', i, 'name')}: stage name {st.name!r} is used twice (or is reserved): "
+                              "give each stage its own name")
+        if st.input is not None and st.input not in kinds:
+            why = "comes later" if st.input in later else "is not a stage name"
+            raise ConfigError(f"{at('stages', i, 'input')}: stage {st.name!r} reads input {st.input!r}, which {why}: "
+                              f"use one of {', '.join(kinds)}")
+        inp = st.input or prev
+        kind = kinds[inp]
+        if st.stage in NEEDS_SAVEDMODEL and kind != "savedmodel":
+            raise ConfigError(f"{at('stages', i)}: stage {st.name!r} ({st.stage}) reads {inp!r}, a TFLite model; "
+                              f"{st.stage} needs a SavedModel: put {st.stage} before quantize/export, or read an earlier stage")
+        kinds[st.name] = PRODUCES.get(st.stage, kind)
+        prev = st.name if st.stage != "eval" else inp
+    if loaded.out_dir.exists() and not loaded.out_dir.is_dir():
+        raise ConfigError(f"{at('out_dir')}: out_dir {str(loaded.out_dir)!r} is an existing file: choose a directory path")
+
+
+def _check_env_id(env_id: str, where: str) -> None:
+    if ":" in env_id:
+        import importlib.util
+
+        module = env_id.split(":", 1)[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"{where}: env {env_id!r}: module {module!r} cannot be imported: install it or fix the id")
+        return
+    import gymnasium as gym
+
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: unknown env id {env_id!r}{hint}: use a registered gymnasium id or 'module:Env-v0'")

@@ -1,0 +1,180 @@
+"""Run reports: per-stage rows, the 80-column table, gate lines, report.md and report.json."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from dqnc import __version__
+from dqnc.recipe.loader import LoadedRecipe
+
+
+@dataclass
+class StageRow:
+    name: str
+    stage: str
+    path: str | None = None
+    status: str = "pending"  # ran | cached | failed | skipped | pending
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class RunReport:
+    recipe: str
+    out_dir: str
+    rows: list[StageRow]
+    failures: list[str]
+    wall_seconds: float
+    dqnc_version: str = __version__
+    # False when --until stopped before the last stage: the recipe's gates were not checked, and
+    # the run is reported as incomplete, never as passed.
+    gates_checked: bool = True
+
+    @property
+    def verdict(self) -> str:
+        return "FAILED" if self.failures else "PASSED" if self.gates_checked else "INCOMPLETE"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "out_dir": self.out_dir, "dqnc_version": self.dqnc_version,
+                "wall_seconds": round(self.wall_seconds, 3), "passed": not self.failures and self.gates_checked,
+                "verdict": self.verdict, "gates_checked": self.gates_checked, "failures": self.failures,
+                "stages": [r.__dict__ for r in self.rows]}
+
+
+def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
+    m = a.manifest
+    ref = res.get("reference") or {}
+    lat = (res.get("latency_us") or {}).get("action") or {}
+    inv = (res.get("latency_us") or {}).get("invoke") or {}
+    return {
+        "size_bytes": res["size_bytes"],
+        "gzip_bytes": res["gzip_bytes"],
+        "sparsity": _sparsity_of(m),
+        "precision": (m.get("quantization") or {}).get("mode", "fp32"),
+        "mean_return": res["mean_return"],
+        "return_ci95": res.get("return_ci95"),
+        "std_return": res["std_return"],
+        "solved_share": res["solved_share"],
+        "regret": ref.get("regret", 0.0 if not ref else None),
+        "regret_p99": ref.get("regret_p99", 0.0 if not ref else None),
+        "agreement": ref.get("agreement", 1.0 if not ref else None),
+        "states": ref.get("states"),
+        "decisive_agreement": ref.get("decisive_agreement", 1.0 if not ref else None),
+        "decisive_states": ref.get("decisive_states"),
+        "decisive_share": ref.get("decisive_share"),
+        "return_drop_frac": ref.get("return_drop_frac", 0.0 if not ref else None),
+        "return_drop_frac_ci95": ref.get("return_drop_frac_ci95"),
+        "latency_p50_us": lat.get("p50"),
+        "latency_p99_us": lat.get("p99"),
+        "invoke_p50_us": inv.get("p50"),
+        "runtime": res.get("runtime"),
+        "episodes": res["episodes"],
+    }
+
+
+def _sparsity_of(manifest: dict[str, Any]) -> float | None:
+    m = manifest.get("metrics") or {}
+    if "sparsity" in m:
+        return float(m["sparsity"])
+    if "parent_sparsity" in m:
+        return float(m["parent_sparsity"])
+    return None if manifest.get("stage") == "export" else 0.0
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None:
+        return "-"
+    if kind == "bytes":
+        return f"{v:,}"
+    if kind == "pct":
+        return f"{100 * v:.1f}%"
+    if kind == "us":
+        return f"{v:.1f}"
+    if kind == "ret":
+        return f"{v:.1f}"
+    if kind == "regret":
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _ci(m: dict[str, Any]) -> str:
+    ci = m.get("return_ci95")
+    if m.get("mean_return") is None:
+        return "-"
+    if not ci or any(abs(c) == float("inf") for c in ci):
+        return f"{m['mean_return']:.1f}"
+    return f"{m['mean_return']:.1f}±{(ci[1] - ci[0]) / 2:.1f}"
+
+
+def _decisive(m: dict[str, Any]) -> str:
+    if m.get("decisive_agreement") is None:
+        return "-"
+    share = m.get("decisive_share")
+    return f"{100 * m['decisive_agreement']:.0f}%" + (f"/{100 * share:.0f}%" if share is not None else "")
+
+
+# (heading, metric key, format). One definition for the terminal table and report.md; it fits 80
+# columns: ``decisive`` is agreement on decisive states / their share of the states.
+COLUMNS = [("prec.", "precision", ""), ("bytes", "size_bytes", "bytes"), ("return±CI", "return_ci95", "ci"),
+           ("regret", "regret", "regret"), ("agree", "agreement", "pct"), ("decisive", "decisive_agreement", "dec"),
+           ("p50 us", "latency_p50_us", "us")]
+
+
+def table_rows(report: RunReport) -> list[list[str]]:
+    """Name, the COLUMNS, and status for each stage (gates are listed separately)."""
+    out = []
+    for row in report.rows:
+        cells = [row.name]
+        for _, key, kind in COLUMNS:
+            m = row.metrics
+            cells.append(_ci(m) if kind == "ci" else _decisive(m) if kind == "dec" else _fmt(m.get(key), kind))
+        cells.append(row.status + (f" {row.seconds:.0f}s" if row.status == "ran" and row.seconds >= 0.5 else ""))
+        out.append(cells)
+    return out
+
+
+def gate_lines(report: RunReport) -> list[tuple[bool, str]]:
+    return [(g["passed"], f"gate {g['gate']} ({g['scope']}) on {row.name}: measured {g['value']:.4g}, "
+             f"threshold {g['threshold']:g}: {'pass' if g['passed'] else 'FAIL'}")
+            for row in report.rows for g in row.gates]
+
+
+def markdown(report: RunReport) -> str:
+    head = ["name"] + [c[0] for c in COLUMNS] + ["status"]
+    lines = [f"## dqnc run `{report.recipe}`", "",
+             f"**{report.verdict}** in {report.wall_seconds:.1f} s "
+             f"(dqnc {report.dqnc_version}); outputs in `{report.out_dir}`", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cells in table_rows(report):
+        lines.append("| " + " | ".join(cells) + " |")
+    gates = [(row.name, g) for row in report.rows for g in row.gates]
+    if gates:
+        lines += ["", "| gate | on | threshold | measured | verdict |", "|---|---|---|---|---|"]
+        for name, g in gates:
+            lines.append(f"| {g['gate']} ({g['scope']}) | {name} | {g['threshold']:g} | {g['value']:.4g} | "
+                         f"{'pass' if g['passed'] else '**FAIL**'} |")
+    if not report.gates_checked:
+        lines += ["", "The recipe's gates were not checked: --until stopped the chain before its last stage."]
+    if report.failures:
+        lines += ["", "Failures:", ""] + [f"- {f}" for f in report.failures]
+    lines += ["", "return±CI: mean return and the half-width of its 95% confidence interval over the evaluation "
+              "episodes (held-out seeds). regret: the source policy's mean Q loss from each model's chosen actions, as "
+              "a fraction of its action spread (dqnc.fidelity). agree: greedy actions matching the source on every "
+              "state the model visits; decisive: agreement on states where the source's top-two Q gap is at least 1% "
+              "of its Q range / the share of such states."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_reports(loaded: LoadedRecipe, report: RunReport) -> None:
+    from dqnc.artifact import write_json_atomic
+
+    write_json_atomic(loaded.out_dir / "report.json", report.to_dict())
+    tmp = loaded.out_dir / f".report.md.tmp-{os.getpid()}"
+    tmp.write_text(markdown(report), encoding="utf-8")
+    os.replace(tmp, loaded.out_dir / "report.md")

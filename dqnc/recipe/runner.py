@@ -1,0 +1,263 @@
+"""Running a recipe: the source, each stage (cached by content hash), evaluations and gates."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dqnc import __version__
+from dqnc.config import DistillConfig, EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig
+from dqnc.errors import DqncError, GateFailed, UsageError
+from dqnc.recipe.cache import _cached, _digest, _Lock, _State, machine_fingerprint
+from dqnc.recipe.loader import LoadedRecipe
+from dqnc.recipe.report import RunReport, StageRow, _row_metrics, _write_reports
+
+Log = Callable[[str], None]
+
+
+def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str | None = None,
+        until: str | None = None, log: Log = lambda s: None) -> RunReport:
+    """Run the chain; always write the report. Raises GateFailed (exit 1) after writing it."""
+    from dqnc import artifact as art
+
+    r = loaded.recipe
+    started = time.perf_counter()
+    names = (["train"] if r.source.train is not None else []) + [s.name for s in r.stages]
+    for flag, value in (("--from", from_stage), ("--until", until)):
+        if value is not None and value not in names:
+            raise UsageError(f"{flag} {value!r} is not a stage of this recipe: use one of {', '.join(names)}")
+    if isinstance(force, set):
+        unknown = sorted(force - set(names))
+        if unknown:
+            raise UsageError(f"--force {unknown[0]!r} is not a stage of this recipe: use one of {', '.join(names)}")
+    out_dir = loaded.out_dir
+    art.ensure_writable_dir(out_dir, "out_dir")
+
+    rows: list[StageRow] = []
+    failures: list[str] = []
+    with _Lock(out_dir):
+        _save_effective(loaded)
+        state = _State(out_dir)
+        active = from_stage is None
+        stop_after = until
+
+        def forced(name: str) -> bool:
+            return force is True or (isinstance(force, set) and name in force)
+
+        # the source
+        try:
+            source, row = _resolve_source(loaded, state, forced("train"), active or from_stage == "train", log)
+        except (DqncError, KeyboardInterrupt) as e:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            rows.append(StageRow("train" if r.source.train is not None else "source", "train", status="failed", error=why))
+            _write_reports(loaded, RunReport(str(loaded.path), str(out_dir), rows, [why], time.perf_counter() - started))
+            raise
+        if row is not None:
+            rows.append(row)
+        outputs: dict[str, art.Artifact] = {"source": source}
+        if r.source.train is not None:
+            outputs["train"] = source
+        prev = "train" if r.source.train is not None else "source"
+        stopped = stop_after == "train" and bool(r.stages)
+        for i, st in enumerate(r.stages):
+            row = StageRow(st.name, st.stage)
+            rows.append(row)
+            if stopped:
+                row.status = "skipped"
+                continue
+            if from_stage == st.name:
+                active = True
+            inp = outputs[st.input or prev]
+            try:
+                if st.stage == "eval":
+                    row.path = str(inp.path)
+                    res = _evaluate(loaded, state, inp, source, st, log, f"[{i + 1}/{len(r.stages)}] {st.name}")
+                    row.metrics = _row_metrics(inp, res)
+                    row.status = "ran"
+                    _gate_row(row, res, st.gates, failures, f"stage {st.name!r}")
+                    outputs[st.name] = inp
+                else:
+                    art_out = _run_stage(loaded, state, st, inp, active, forced(st.name), row, log, i)
+                    outputs[st.name] = art_out
+                    prev = st.name
+            except GateFailed as e:
+                row.status, row.error = "failed", str(e)
+                failures.append(f"stage {st.name!r}: {e}")
+                state.save()
+                break
+            except DqncError as e:
+                row.status, row.error = "failed", str(e)
+                state.save()
+                _write_reports(loaded, RunReport(str(loaded.path), str(out_dir), rows, failures + [str(e)],
+                                                 time.perf_counter() - started))
+                raise
+            except KeyboardInterrupt:
+                row.status, row.error = "failed", "interrupted"
+                state.save()
+                _write_reports(loaded, RunReport(str(loaded.path), str(out_dir), rows, ["interrupted"],
+                                                 time.perf_counter() - started))
+                raise
+            if st.name == stop_after and i < len(r.stages) - 1:
+                stopped = True
+        state.save()
+        # Per-stage evaluations for the report (cached), then the recipe's gates on the last one.
+        if not failures:
+            for row in rows:
+                if row.stage == "eval" or row.status not in ("ran", "cached") or row.name not in outputs:
+                    continue
+                res = _evaluate(loaded, state, outputs[row.name], source, r.eval, log, f"eval {row.name}")
+                row.metrics.update(_row_metrics(outputs[row.name], res))
+                stage_cfg = next((s for s in r.stages if s.name == row.name), None)
+                if stage_cfg is not None and getattr(stage_cfg, "gates", None) is not None:
+                    _gate_row(row, res, stage_cfg.gates, failures, f"stage {row.name!r}")
+            last = next((row for row in reversed(rows) if row.status in ("ran", "cached") and row.stage != "eval"), None)
+            if last is not None and not stopped:
+                res = _evaluate(loaded, state, outputs[last.name], source, r.eval, log, None)
+                _gate_row(last, res, r.gates, failures, "recipe")
+            state.save()
+        report = RunReport(str(loaded.path), str(out_dir), rows, failures, time.perf_counter() - started,
+                           gates_checked=not stopped)
+        if stopped and not failures:
+            log(f"--until {stop_after}: later stages skipped; the recipe's gates were not checked")
+        _write_reports(loaded, report)
+    if failures:
+        raise GateFailed("; ".join(failures), report.to_dict())
+    return report
+
+
+def _save_effective(loaded: LoadedRecipe) -> None:
+    import yaml
+
+    data = loaded.recipe.model_dump(mode="json", exclude_none=True)
+    text = (f"# Effective recipe: {loaded.path} with --set {' '.join(loaded.sets) or '(none)'}, all defaults "
+            f"filled in (dqnc {__version__}).\n" + yaml.safe_dump(data, sort_keys=False))
+    tmp = loaded.out_dir / f".recipe.effective.yaml.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, loaded.out_dir / "recipe.effective.yaml")
+
+
+def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bool, log: Log) -> tuple[Any, StageRow | None]:
+    from dqnc import artifact as art
+    from dqnc.envs import env_spec
+
+    src = loaded.recipe.source
+    if src.artifact is not None:
+        return art.load(loaded.resolve(src.artifact)), None
+    if src.savedmodel is not None:
+        return art.load(loaded.resolve(src.savedmodel), env=env_spec(src.env or "", src.env_kwargs)), None
+    if src.import_ is not None:
+        from dqnc.importers import adopt
+
+        return adopt(loaded.resolve(src.import_), env_spec(src.env or "", src.env_kwargs),
+                     loaded.resolve(src.obs_norm) if src.obs_norm else None, log=log), None
+    assert src.train is not None
+    out = loaded.out_dir / "train"
+    row = StageRow("train", "train", str(out))
+    key = _digest({"stage": "train", "config": src.train.model_dump(mode="json"), "dqnc": __version__})
+    cached = _cached(state, "train", key, out)
+    if cached is not None and not force:
+        row.status = "cached"
+        log(f"[train] cached: {out}")
+        return cached, row
+    if not active:
+        raise UsageError(f"--from skips 'train' but {str(out)!r} holds no matching output: run without --from")
+    from dqnc import train
+
+    ckpt = out.with_name("train.ckpt")
+    resume = (ckpt / "state.json").is_file()
+    if resume:
+        stale = train.checkpoint_mismatch(ckpt, src.train)
+        if stale:
+            log(f"[train] discarding the checkpoint in {str(ckpt)!r}: {stale}")
+            import shutil
+
+            shutil.rmtree(ckpt, ignore_errors=True)
+            resume = False
+        else:
+            log(f"[train] resuming from the checkpoint in {str(ckpt)!r}")
+    log(f"[train] training {src.train.env} for up to {src.train.total_steps:,} steps ...")
+    t0 = time.perf_counter()
+    result = train.run(src.train, out, force=True, checkpoint_dir=ckpt, resume=resume)
+    row.seconds = time.perf_counter() - t0
+    row.status = "ran"
+    state.data["stages"]["train"] = {"key": key, "sha256": result.sha256}
+    state.save()
+    log(f"[train] done in {row.seconds:.1f} s")
+    return result, row
+
+
+def _run_stage(loaded: LoadedRecipe, state: _State, st: Any, inp: Any, active: bool, force: bool, row: StageRow,
+               log: Log, i: int) -> Any:
+    out = loaded.out_dir / st.name
+    row.path = str(out)
+    options = st.model_dump(mode="json", exclude={"name", "input", "stage", "gates"})
+    key = _digest({"stage": st.stage, "options": options, "input": inp.sha256, "dqnc": __version__})
+    label = f"[{i + 1}/{len(loaded.recipe.stages)}] {st.name} ({st.stage})"
+    cached = _cached(state, st.name, key, out)
+    if cached is not None and not force:
+        row.status = "cached"
+        log(f"{label}: cached")
+        return cached
+    if not active:
+        if out.exists():
+            raise UsageError(f"--from skips {st.name!r} but {str(out)!r} was made from another input or with other "
+                             "options (its cache key differs): start earlier, or run without --from")
+        raise UsageError(f"--from skips {st.name!r} but {str(out)!r} does not exist: start earlier")
+    log(f"{label}: running ...")
+    t0 = time.perf_counter()
+    if st.stage == "prune":
+        from dqnc import prune
+
+        result = prune.run(PruneConfig(**options), inp, out, force=True)
+    elif st.stage == "distill":
+        from dqnc import distill
+
+        result = distill.run(DistillConfig(**options), inp, out, force=True, log=log)
+    elif st.stage == "quantize":
+        from dqnc import quantize
+
+        result = quantize.run(QuantizeConfig(**options), inp, out, force=True)
+    else:
+        from dqnc import export
+
+        result = export.run(ExportConfig(**options), inp, out, force=True)
+    row.seconds = time.perf_counter() - t0
+    row.status = "ran"
+    state.data["stages"][st.name] = {"key": key, "sha256": result.sha256}
+    state.save()
+    log(f"{label}: done in {row.seconds:.1f} s")
+    return result
+
+
+def _evaluate(loaded: LoadedRecipe, state: _State, target: Any, source: Any, cfg: EvalConfig, log: Log,
+              label: str | None) -> dict[str, Any]:
+    from dqnc import evaluate
+
+    plain = EvalConfig(episodes=cfg.episodes, seed=cfg.seed, latency_samples=cfg.latency_samples)
+    reference = None if target.sha256 == source.sha256 else source
+    # Latency belongs to the machine that measured it: another machine re-evaluates.
+    key = _digest({"target": target.sha256, "reference": None if reference is None else reference.sha256,
+                   "eval": plain.model_dump(mode="json"), "dqnc": __version__, "machine": machine_fingerprint()})
+    cached = state.data["evals"].get(key)
+    if cached is not None:
+        return cached
+    if label:
+        log(f"{label}: evaluating {cfg.episodes} episodes ...")
+    res = evaluate.run(plain, target, reference)
+    state.data["evals"][key] = res
+    return res
+
+
+def _gate_row(row: StageRow, res: dict[str, Any], gates: Gates | None, failures: list[str], who: str) -> None:
+    from dqnc import evaluate
+
+    if gates is None or not any(v is not None for v in gates.model_dump().values()):
+        return
+    probe = dict(res, gates=[])
+    try:
+        evaluate._apply_gates(EvalConfig(gates=gates), probe)
+    except GateFailed as e:
+        failures.append(f"{who}: {e}")
+    row.gates += [dict(g, scope=who) for g in probe["gates"]]

@@ -1,0 +1,110 @@
+"""The recipe schema: source, stages and gates as pydantic models (also the JSON Schema)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dqnc.config import DistillConfig, EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig, TrainConfig
+
+MAX_YAML_NODES = 20_000  # a recipe is small; this stops alias bombs ("billion laughs") early
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """Where the chain starts: an artifact, a bare Keras SavedModel or a foreign model plus its env,
+    or training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    artifact: str | None = Field(None, description="a dqnc artifact directory (relative to the recipe)")
+    savedmodel: str | None = Field(None, description="a Keras SavedModel without a dqnc manifest (needs env)")
+    import_: str | None = Field(None, alias="import", description="a model made elsewhere (Keras 3 .keras/.h5, ONNX, "
+                                "SB3 .zip, CleanRL .cleanrl_model), imported and verified (needs env)")
+    obs_norm: str | None = Field(None, description="SB3 VecNormalize statistics for an import source")
+    env: str | None = Field(None, description="env id for savedmodel or import")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    train: TrainConfig | None = Field(None, description="train from scratch with these options (env required)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_defaults(cls, data: Any) -> Any:
+        # The env's tuned defaults apply under a recipe's train options, as they do for `dqnc train`.
+        if isinstance(data, dict) and isinstance(data.get("train"), dict) and isinstance(data["train"].get("env"), str):
+            from dqnc.config import train_defaults
+
+            data = {**data, "train": {**train_defaults(data["train"]["env"]), **data["train"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Source:
+        given = [k.rstrip("_") for k in ("artifact", "savedmodel", "import_", "train") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of artifact, savedmodel, import or train"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if (self.savedmodel is not None or self.import_ is not None) and not self.env:
+            raise ValueError(f"{given[0]} needs env: the id of the env the model acts in")
+        if self.obs_norm is not None and self.import_ is None:
+            raise ValueError("obs_norm goes with an import source")
+        if self.train is None and self.env is None and self.env_kwargs:
+            raise ValueError("env_kwargs needs env")
+        return self
+
+
+class _StageBase(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="output folder name, unique in the recipe")
+    input: str | None = Field(None, description="stage whose output this stage reads [default: the previous one]")
+
+
+class PruneStage(_StageBase, PruneConfig):
+    stage: Literal["prune"]
+    gates: Gates | None = None
+
+
+class QuantizeStage(_StageBase, QuantizeConfig):
+    stage: Literal["quantize"]
+    gates: Gates | None = None
+
+
+class ExportStage(_StageBase, ExportConfig):
+    stage: Literal["export"]
+    gates: Gates | None = None
+
+
+class DistillStage(_StageBase, DistillConfig):
+    stage: Literal["distill"]
+    gates: Gates | None = None
+
+
+class EvalStage(_StageBase, EvalConfig):
+    stage: Literal["eval"]
+
+
+Stage = Annotated[Union[PruneStage, DistillStage, QuantizeStage, ExportStage, EvalStage], Field(discriminator="stage")]
+STAGE_MODELS: dict[str, type[BaseModel]] = {"prune": PruneStage, "distill": DistillStage, "quantize": QuantizeStage,
+                                            "export": ExportStage, "eval": EvalStage}
+# What each stage reads and writes: a TFLite model cannot be pruned, distilled or re-quantized.
+NEEDS_SAVEDMODEL = {"prune", "distill", "quantize"}
+PRODUCES = {"prune": "savedmodel", "distill": "savedmodel", "quantize": "tflite", "export": "tflite"}
+
+
+class Recipe(_Strict):
+    version: Literal[1] = 1
+    name: str | None = None
+    out_dir: str | None = Field(None, description="where stage outputs go [default: runs/<recipe file stem>]")
+    source: Source
+    stages: list[Stage] = Field(min_length=1)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation of every stage for the report")
+    gates: Gates = Field(default_factory=Gates, description="checked on the last stage's evaluation")
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "dqnc recipe"
+    return schema
