@@ -23,6 +23,7 @@ from rich.table import Table
 
 from dqnc import __version__
 from dqnc.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DqncError, GateFailed
+from dqnc import config as _cfg
 from dqnc.seeds import EVAL_SEED
 
 app = typer.Typer(
@@ -36,7 +37,7 @@ app = typer.Typer(
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
 _debug = {"on": os.environ.get("DQNC_DEBUG", "") not in ("", "0")}
-_ui = {"quiet": False}  # --quiet, on every command: no progress bars, spinners or progress lines
+_ui: dict[str, Any] = {"quiet": False}  # --quiet, on every command: no progress bars, spinners or progress lines
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ENV_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
@@ -104,6 +105,78 @@ def _guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_SCALARS = (int, float, bool, str)
+
+
+def _option_type(annotation: Any) -> tuple[type, bool]:
+    """The CLI type of a config field, and whether its text is YAML (lists, mappings)."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation in _SCALARS:
+        return annotation, False
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, False
+    if len(args) == 1 and args[0] in _SCALARS:  # X | None
+        return args[0], False
+    return str, True
+
+
+def _config_options(*classes: Any) -> Callable[[F], F]:
+    """Give a command a ``--flag`` for every field of its stage config(s) that it does not declare
+    itself, so a new config option reaches the CLI without being written twice. The values given
+    reach the command through :func:`_config_extra`; pydantic validates them with the rest."""
+    import inspect as _inspect
+
+    def deco(fn: F) -> F:
+        sig = _inspect.signature(fn, eval_str=True)
+        added: dict[str, tuple[Any, bool]] = {}
+        for cls in classes:
+            for name, field in cls.model_fields.items():
+                if name in sig.parameters or name in added or name in ("gates", "env"):
+                    continue
+                typ, yaml_text = _option_type(field.annotation)
+                help_ = (field.description or name.replace("_", " ")) + (" (YAML, e.g. [16, 16])" if yaml_text else "")
+                flag = f"--{name.replace('_', '-')}"
+                decl = (f"{flag}/--no-{name.replace('_', '-')}",) if typ is bool else (flag,)
+                added[name] = (_inspect.Parameter(
+                    name, _inspect.Parameter.KEYWORD_ONLY, default=None,
+                    annotation=Annotated[Optional[typ], typer.Option(*decl, help=help_, show_default=False,
+                                                                     rich_help_panel="More options")]), yaml_text)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            extra = {}
+            for name, (_, yaml_text) in added.items():
+                value = kwargs.pop(name, None)
+                if value is not None:
+                    extra[name] = _parse_yaml_option(name, value) if yaml_text else value
+            _ui["config_extra"] = extra
+            return fn(*args, **kwargs)
+
+        params = list(sig.parameters.values()) + [p for p, _ in added.values()]
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+def _parse_yaml_option(name: str, text: str) -> Any:
+    import yaml
+
+    from dqnc.errors import UsageError
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UsageError(f"--{name.replace('_', '-')}: {text!r} is not valid YAML: pass e.g. '[16, 16]'") from None
+
+
+def _config_extra() -> dict[str, Any]:
+    """Config options given through the flags that :func:`_config_options` added."""
+    return dict(_ui.get("config_extra") or {})
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dqnc {__version__}")
@@ -141,6 +214,7 @@ def _parse_hidden(text: str | None) -> list[int] | None:
 
 @app.command()
 @_guard
+@_config_options(_cfg.TrainConfig)
 def train(
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="gymnasium env id, or 'module:Env-v0'.")] = None,
     env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, e.g. '{\"continuous\": false}'.")] = None,
@@ -182,7 +256,7 @@ def train(
         train_freq=train_freq, gradient_steps=gradient_steps, target_update_interval=target_update_interval,
         tau=tau, eps_end=eps_end, eps_fraction=eps_fraction, eval_freq=eval_freq, eval_episodes=eval_episodes,
         confirm_episodes=confirm_episodes, early_stop=early_stop, env=env,
-        env_kwargs=_parse_env_kwargs(env_kwargs),
+        env_kwargs=_parse_env_kwargs(env_kwargs), **_config_extra(),
     )
     cfg = build_train_config(env, file_values, overrides, source=str(config) if config else "options")
     out = out if out is not None else Path("runs") / f"{cfg.env.replace(':', '_').replace('/', '_')}-seed{cfg.seed}"
@@ -262,6 +336,7 @@ def _parse_layer_sparsity(items: list[str] | None) -> dict[str, float]:
 
 @app.command()
 @_guard
+@_config_options(_cfg.PruneConfig)
 def prune(
     path: Annotated[Path, typer.Argument(help="SavedModel artifact (or Keras SavedModel with --env) to prune.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-prunedNN].")] = None,
@@ -300,7 +375,7 @@ def prune(
                                   unit_rounds=unit_rounds, seed=seed)
     if keep_dense is not None:
         values["keep_dense"] = tuple(keep_dense)
-    cfg = validate(PruneConfig, values, "options")
+    cfg = validate(PruneConfig, {**values, **_config_extra()}, "options")
     source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, f"{'units' if structure == 'units' else 'pruned'}{round(100 * sparsity)}")
     with _spinner(f"pruning to {100 * sparsity:.0f}% ({finetune})", as_json):
@@ -335,6 +410,7 @@ def fidelity_line(c: dict[str, Any]) -> str:
 
 @app.command()
 @_guard
+@_config_options(_cfg.QuantizeConfig)
 def quantize(
     path: Annotated[Path, typer.Argument(help="SavedModel artifact to convert.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-MODE].")] = None,
@@ -368,7 +444,8 @@ def quantize(
                                         check_states=check_states, seed=seed, max_regret=max_regret,
                                         max_return_drop=max_return_drop, check_episodes=check_episodes,
                                         min_agreement=min_agreement, min_decisive_agreement=min_decisive_agreement,
-                                        max_q_rel_error=max_q_rel_error, strip_strings=strip_strings), "options")
+                                        max_q_rel_error=max_q_rel_error, strip_strings=strip_strings,
+                                        **_config_extra()), "options")
     source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, mode)
     with _spinner(f"quantizing ({mode})", as_json):
@@ -395,6 +472,7 @@ def quantize(
 
 @app.command()
 @_guard
+@_config_options(_cfg.ExportConfig)
 def export(
     path: Annotated[Path, typer.Argument(help="Artifact to bundle (.tflite artifact, or SavedModel -> fp32 TFLite).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory [default: PATH-bundle].")] = None,
@@ -415,7 +493,7 @@ def export(
     from dqnc.export import run as run_export
 
     cfg = validate(ExportConfig, {"c_name": c_name, "target": target, "check_states": check_states, "seed": seed,
-                                  "max_action_mismatch": max_action_mismatch}, "options")
+                                  "max_action_mismatch": max_action_mismatch, **_config_extra()}, "options")
     source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, "bundle")
     with _spinner(f"exporting for {target}", as_json):
@@ -461,6 +539,7 @@ def export(
 
 @app.command("import")
 @_guard
+@_config_options(_cfg.ImportConfig)
 def import_cmd(
     model: Annotated[Path, typer.Argument(help="Keras 3 .keras/.h5, tf_keras SavedModel/.h5, Keras 3 export() SavedModel, .onnx, SB3 DQN .zip, or CleanRL .cleanrl_model / state_dict.")],
     env: Annotated[str, typer.Option("--env", "-e", help="gymnasium env id the network acts in.")],
@@ -480,7 +559,8 @@ def import_cmd(
 
     spec = _env_arg(env, env_kwargs)
     cfg = validate(ImportConfig, dict(env=env, env_kwargs=spec.kwargs, obs_norm=str(obs_norm) if obs_norm else None,
-                                      format=fmt, activation=activation, check_states=check_states, seed=seed), "options")
+                                      format=fmt, activation=activation, check_states=check_states, seed=seed,
+                                      **_config_extra()), "options")
     out = out or _default_out(model, "imported")
     with _spinner(f"importing {model}", as_json):
         result = run_import(cfg, model, out, force=force, command=_argv(), spec=spec)
@@ -520,11 +600,13 @@ class _spinner:
 
 @app.command()
 @_guard
+@_config_options(_cfg.DistillConfig)
 def distill(
     path: Annotated[Path, typer.Argument(help="Parent policy artifact (any stage), or a Keras SavedModel with --env.")],
     hidden: Annotated[str, typer.Option(help="Student hidden widths, e.g. 16,16; or 'auto': the narrowest of --widths meeting --max-return-drop.")] = "16,16",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-student-WIDTHS].")] = None,
     env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
+    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
     max_return_drop: Annotated[float, typer.Option(min=0, help="--hidden auto: allowed validation return drop, a fraction of the parent's (0.01 = 1%).")] = 0.01,
     widths: Annotated[str, typer.Option(help="--hidden auto: the widths to try, narrowest first.")] = "4,6,8,12,16,24,32,48,64",
     depth: Annotated[int, typer.Option(min=1, max=8, help="--hidden auto: hidden layers of the searched students.")] = 2,
@@ -544,8 +626,9 @@ def distill(
     shape: Any = "auto" if hidden.strip().lower() == "auto" else _parse_hidden(hidden)
     cfg = validate(DistillConfig, dict(hidden=shape, widths=_parse_hidden(widths), depth=depth,
                                        max_return_drop=max_return_drop, states=states, steps=steps,
-                                       dagger_rounds=dagger_rounds, dagger_steps=dagger_steps, seed=seed), "options")
-    source = art.load(path, env=_env_arg(env, None))
+                                       dagger_rounds=dagger_rounds, dagger_steps=dagger_steps, seed=seed,
+                                       **_config_extra()), "options")
+    source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, "student-" + ("auto" if shape == "auto" else "x".join(map(str, shape))))
     log = None if as_json else (lambda msg: stderr.print(msg, highlight=False, markup=False))
     with _spinner(f"distilling ({hidden})", as_json):

@@ -128,3 +128,69 @@ def test_eval_of_a_bare_savedmodel_needs_env_and_checks_shapes(trained):
         assert r.exit_code == 0, r.output
         r = _run("eval", copy, "-n", "2", "--env", "Acrobot-v1")
         assert r.exit_code == 2 and "does not fit" in r.output
+
+
+COMMAND_CONFIGS = {"train": "TrainConfig", "prune": "PruneConfig", "distill": "DistillConfig",
+                   "quantize": "QuantizeConfig", "export": "ExportConfig", "import": "ImportConfig",
+                   "eval": "EvalConfig"}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_CONFIGS))
+def test_every_config_option_is_a_cli_flag(command):
+    """One home per option: a field added to a stage config reaches the CLI without a second edit."""
+    import typer.main
+
+    from dqnc import config
+
+    cls = getattr(config, COMMAND_CONFIGS[command])
+    params = {p.name for p in typer.main.get_command(app).commands[command].params}
+    fields = set(cls.model_fields) - {"gates"} | (set(config.Gates.model_fields) if command == "eval" else set())
+    assert not sorted(fields - params), f"dqnc {command} lacks flags for {sorted(fields - params)}"
+
+
+def test_config_flags_reach_the_config(tmp_path, monkeypatch):
+    """A derived flag (--eps-start) and a YAML one (--keep-dense) land in the validated config."""
+    from dqnc import prune as prune_stage
+    from dqnc import train as train_stage
+
+    seen = {}
+
+    def fake_train(cfg, out, **kw):
+        seen["train"] = cfg
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_stage, "run", fake_train)
+    r = runner.invoke(app, ["train", "--env", "CartPole-v1", "--eps-start", "0.5", "--no-double-dqn", "-o",
+                            str(tmp_path / "x")])
+    assert r.exit_code == 130 and seen["train"].eps_start == 0.5 and seen["train"].double_dqn is False
+    r = runner.invoke(app, ["train", "--env", "CartPole-v1", "--eps-start", "2"])
+    assert r.exit_code == 2 and "--eps-start" in r.output
+
+
+@pytest.mark.parametrize("command", ["train", "prune", "distill", "quantize", "export", "eval", "inspect", "import",
+                                     "run", "version"])
+def test_every_command_has_quiet_and_env_kwargs_where_it_has_env(command):
+    import typer.main
+
+    params = {p.name for p in typer.main.get_command(app).commands[command].params}
+    assert "quiet" in params
+    if "env" in params:
+        assert "env_kwargs" in params
+
+
+def test_version_json_parses():
+    r = runner.invoke(app, ["version", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["dqnc"]
+
+
+def test_an_internal_error_exits_3_with_one_line(monkeypatch):
+    from dqnc import artifact
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(artifact, "library_versions", boom)
+    r = runner.invoke(app, ["version"])
+    assert r.exit_code == 3
+    assert "internal error: ZeroDivisionError: a bug" in r.output and "--debug" in r.output
+    assert "Traceback" not in r.output

@@ -374,3 +374,33 @@ def test_cli_defaults_are_the_config_defaults(command):
         if default is None or isinstance(field_default, (tuple, dict)):
             continue  # None = "the config's default"; tuples/dicts are built from repeatable options
         assert default == field_default, f"--{name.replace('_', '-')}: CLI {default!r} vs config {field_default!r}"
+
+
+@pytest.mark.parametrize("which", ["trained", "pruned", "int8", "bundle"])
+def test_inspect_works_on_every_artifact_kind(which, request):
+    """`dqnc inspect` used to fail on every .tflite artifact and bundle ("cannot load the SavedModel")."""
+    path = request.getfixturevalue(which)
+    r = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["layers"] and info["params"] > 0 and 0.0 <= info["sparsity"] < 1.0
+    if which in ("int8", "bundle"):
+        assert "FULLY_CONNECTED" in info["ops"] and info["quantization"]["mode"] == "int8"
+    assert info["outputs"] == {"trained": "q_values", "pruned": "action_scores", "int8": "action_scores",
+                               "bundle": "action_scores"}[which]
+
+
+def test_keep_dense_typo_is_refused(trained, tmp_path):
+    r = runner.invoke(app, ["prune", str(trained), "-o", str(tmp_path / "p"), "--keep-dense", "dense_9"])
+    assert r.exit_code == 2 and "no Dense layer named 'dense_9'" in r.output and not (tmp_path / "p").exists()
+
+
+def test_quantize_check_refuses_with_regret_numbers(pruned, tmp_path):
+    from dqnc.errors import GateFailed
+
+    cfg = quantize.QuantizeConfig(calibration_states=200, check_states=200, min_agreement=1.0, max_regret=0.0)
+    with pytest.raises(GateFailed, match="regret") as e:
+        quantize.run(cfg, art.load(pruned), tmp_path / "q")
+    check = e.value.result["check"]
+    assert check["states"] == 200 and 0 <= check["decisive_states"] <= 200 and "decisive_share" in check
+    assert not (tmp_path / "q").exists()
