@@ -42,15 +42,17 @@ ZOO_DQN: dict[str, dict[str, Any]] = {
 }
 
 
-def evaluate(model: DQN, env_id: str, episodes: int) -> np.ndarray:
-    """Greedy returns of ``episodes`` episodes; episode i is reset with seed i, as `dqnc eval` does."""
+def evaluate(model: DQN, env_id: str, episodes: int, first_seed: int = 10_000) -> np.ndarray:
+    """Greedy returns of ``episodes`` episodes; episode i is reset with seed ``first_seed + i``, as
+    `dqnc eval --seed FIRST_SEED` does (10,000: dqnc's held-out range), so both tools are judged
+    on the same start states."""
     # A plain (non-vectorized) env, so each episode's reset seed is exactly i and no auto-reset
     # of a VecEnv starts the next episode from an unseeded state.
     env = gym.make(env_id)
     returns = np.empty(episodes, dtype=np.float64)
     try:
         for i in range(episodes):
-            obs, _ = env.reset(seed=i)
+            obs, _ = env.reset(seed=first_seed + i)
             total, done = 0.0, False
             while not done:
                 action, _ = model.predict(obs, deterministic=True)
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=100, help="greedy evaluation episodes")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads(N); default: torch's own choice (one per core)")
+    p.add_argument("--episode-seed", type=int, default=10_000, help="first evaluation episode seed")
+    p.add_argument("--eval-callback", action="store_true",
+                   help="like dqnc: an EvalCallback (every 2,500 steps, 20 episodes on their own seeds) keeps "
+                        "the best model, which is the one evaluated")
     p.add_argument("--save", default=None,
                    help="save the trained model here (.zip); the harness uses it so that both tools "
                         "end their training process with a model on disk")
@@ -89,13 +95,31 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     # An env id (not an env object) lets SB3 build its usual Monitor + DummyVecEnv, as the zoo does.
     model = DQN("MlpPolicy", args.env, seed=args.seed, verbose=0, device="cpu", **hp)
-    model.learn(total_timesteps=n_timesteps)
+    callback = None
+    if args.eval_callback:
+        import tempfile
+
+        from stable_baselines3.common.callbacks import EvalCallback
+        from stable_baselines3.common.env_util import make_vec_env
+
+        best_dir = tempfile.mkdtemp(prefix="sb3-best-")
+        # Its own episode seeds (dqnc's train_eval range), never the final evaluation's.
+        eval_env = make_vec_env(args.env, n_envs=1, seed=200_000_000 + args.seed * 100_000)
+        callback = EvalCallback(eval_env, n_eval_episodes=20, eval_freq=2500, deterministic=True,
+                                best_model_save_path=best_dir, verbose=0)
+    model.learn(total_timesteps=n_timesteps, callback=callback)
+    if callback is not None and callback.best_model_save_path:
+        import os
+
+        best = os.path.join(callback.best_model_save_path, "best_model.zip")
+        if os.path.isfile(best):
+            model = DQN.load(best, device="cpu")
     if args.save:
         model.save(args.save)
     train_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    returns = evaluate(model, args.env, args.episodes)
+    returns = evaluate(model, args.env, args.episodes, args.episode_seed)
     eval_s = time.perf_counter() - t1
 
     threshold = gym.spec(args.env).reward_threshold
@@ -108,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         "eval_seconds": round(eval_s, 3),
         # In-process only (misses interpreter start-up); the harness replaces it with its own clock.
         "wall_seconds": round(time.perf_counter() - _T_START, 3),
-        "env_steps": int(model.num_timesteps),
-        "steps_per_second": round(model.num_timesteps / max(train_s, 1e-9), 1),
+        "env_steps": n_timesteps,
+        "steps_per_second": round(n_timesteps / max(train_s, 1e-9), 1),
         "episodes": args.episodes,
+        "episode_seed": args.episode_seed,
+        "eval_callback": args.eval_callback,
         "mean_return": mean,
         "std_return": float(returns.std()),
         "reward_threshold": threshold,

@@ -72,7 +72,8 @@ def run_dqnc(env: str, seed: int, steps: int | None, episodes: int) -> Row:
             cmd += ["--total-steps", str(steps)]
         train, wall = run_json(cmd)
         m = train["metrics"]
-        ev, eval_wall = run_json([*dqnc_command(), "eval", str(out), "--json", "-n", str(episodes)])
+        ev, eval_wall = run_json([*dqnc_command(), "eval", str(out), "--json", "-n", str(episodes),
+                                  "--seed", "10000", "--latency-samples", "0"])
     threshold = ev.get("reward_threshold")
     row.update(
         # The train process ends with the artifact on disk; that is the time a user waits.
@@ -97,7 +98,8 @@ def run_sb3(sb3_python: Path, env: str, seed: int, steps: int | None, episodes: 
     """Train SB3 DQN with the zoo config (sb3_train.py), which also runs the greedy evaluation."""
     with tempfile.TemporaryDirectory(prefix="sb3-bench-") as tmp:
         cmd = [str(sb3_python), str(HERE / "sb3_train.py"), "--env", env, "--seed", str(seed),
-               "--episodes", str(episodes), "--save", str(Path(tmp) / "model.zip")]
+               "--episodes", str(episodes), "--episode-seed", "10000", "--eval-callback",
+               "--save", str(Path(tmp) / "model.zip")]
         if steps is not None:
             cmd += ["--steps", str(steps)]
         if torch_threads is not None:
