@@ -91,7 +91,8 @@ def _tflite_layers(artifact: Artifact) -> tuple[list[dict[str, Any]], list[str]]
         if o["op_name"] not in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D") or len(o["inputs"]) < 2:
             continue
         w_idx = o["inputs"][1]
-        name = tensors[w_idx]["name"] if w_idx in tensors else str(w_idx)
+        # Stripped models (quantize's default) carry no tensor names: name layers by position.
+        name = (tensors[w_idx]["name"] if w_idx in tensors else "") or f"{o['op_name'].lower()}_{len(layers)}"
         if w_idx in densified:  # sparse encoding: the stored values are the nonzeros
             shape = [int(v) for v in tensors[w_idx]["shape"]]
             size = int(np.prod(shape))
