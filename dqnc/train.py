@@ -355,6 +355,9 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, state: _State, q: Any, target
     tmp = parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    # An interrupt before the first update leaves the optimizer unbuilt; its slots must be in the
+    # checkpoint all the same, or the resume (which builds them) cannot match it.
+    optimizer.build(q.trainable_variables)
     ckpt = t.train.Checkpoint(q=q, target=target, optimizer=optimizer, counter=update.counter)
     ckpt.write(str(tmp / "tf" / "ckpt"))
     buffer.save(tmp / "buffer.npz")

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 import sys
 import time
 from pathlib import Path
@@ -164,12 +165,45 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_until(cond, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Poll ``cond()`` (no fixed sleeps: a slow machine just waits longer, a fast one goes on)."""
     t0 = time.monotonic()
-    while not path.exists():
+    while not cond():
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() - t0 < timeout, f"{path} never appeared"
-        time.sleep(0.1)
+        assert time.monotonic() - t0 < timeout, f"{what} never happened"
+        time.sleep(0.05)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    _wait_until(path.exists, proc, f"{path} appearing", timeout)
+
+
+def _working(proc: subprocess.Popen, cpu_seconds: float) -> Callable[[], bool]:
+    """True once the child has TensorFlow loaded and has spent ``cpu_seconds`` of CPU beyond that
+    import's cost: it is inside the stage's own work."""
+    clock = os.sysconf("SC_CLK_TCK")
+    loaded_at: list[float] = []
+
+    def cond() -> bool:
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / clock
+            loaded = "tensorflow" in Path(f"/proc/{proc.pid}/maps").read_text()
+        except OSError:
+            return False
+        if loaded and not loaded_at:
+            loaded_at.append(cpu)
+        return bool(loaded_at) and cpu - loaded_at[0] >= cpu_seconds
+
+    return cond
+
+
+def _events_grew(logdir: Path) -> Callable[[], bool]:
+    """True once a TensorBoard events file holds a scalar (the first training call has run)."""
+    def cond() -> bool:
+        files = list(logdir.glob("events.out.tfevents.*"))
+        return bool(files) and files[0].stat().st_size > 200
+    return cond
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -177,8 +211,7 @@ def test_interrupted_training_exits_130_keeps_a_checkpoint_and_resumes(tmp_path,
     args = ["train", "--env", "CartPole-v1", "-o", "out", "--total-steps", "400000", "--no-early-stop", "-q",
             "--hidden", "32,32", "--logdir", "tb", "--eval-freq", "2000"]
     proc = _start(args, tmp_path)
-    _wait_for(tmp_path / "tb", proc)  # the training loop has started
-    time.sleep(1.0)
+    _wait_until(_events_grew(tmp_path / "tb"), proc, "a first training scalar")  # inside the loop
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -201,8 +234,7 @@ def test_interrupted_prune_and_quantize_leave_no_output(tmp_path, trained, prune
     src = pruned if command == "quantize" else trained
     extra = ["--calibration-states", "5000000"] if command == "quantize" else ["--states", "50000", "--epochs", "200"]
     proc = _start([command, str(src), "-o", "out", *extra], tmp_path)
-    time.sleep(9)  # past the TensorFlow import, into the work
-    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    _wait_until(_working(proc, 6.0), proc, "the stage's work starting")  # past the TF import (~4 s of CPU), into the work
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -215,10 +247,16 @@ def test_interrupted_run_exits_130_and_a_rerun_resumes(tmp_path):
                                                    "hidden": [32, 32], "eval_freq": 2000}},
             "stages": [{"name": "fp32", "stage": "export"}], "eval": {"episodes": 2, "latency_samples": 0}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
-    proc = _start(["run", "r.yaml"], tmp_path)
-    time.sleep(10)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "dqnc", "run", "r.yaml"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=sink, text=True)
+        started = _working(proc, 6.0)  # TensorFlow is imported after the message: its import costs ~4 s of CPU
+        # The recipe has said it is training, and the child has done real work since.
+        _wait_until(lambda: "[train] training" in log.read_text() and started(), proc, "training starting")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    err = log.read_text()
     assert proc.returncode == 130, err
     assert not (tmp_path / "out" / "train").exists()
     ckpt = tmp_path / "out" / "train.ckpt"
