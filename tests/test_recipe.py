@@ -35,7 +35,7 @@ def _fast_recipe(source: Path, out: str = "out") -> dict:
         "stages": [
             {"name": "pruned", "stage": "prune", "sparsity": 0.5, **FAST_PRUNE},
             {"name": "int8", "stage": "quantize", **FAST_QUANT},
-            {"name": "bundle", "stage": "export"},
+            {"name": "bundle", "stage": "export", "check_states": 500},
         ],
         "eval": {"episodes": 3, "latency_samples": 20},
     }
@@ -320,3 +320,20 @@ def test_readme_main_recipe_runs_end_to_end_then_from_cache(tmp_path):
     assert second.returncode == 0
     assert time.perf_counter() - t0 < 10
     assert [s["status"] for s in json.loads(second.stdout)["stages"]][:3] == ["cached"] * 3
+
+
+def test_evaluations_are_not_reused_on_another_machine(tmp_path, trained, monkeypatch):
+    """Latency belongs to the machine that measured it: the evaluation cache key includes it."""
+    from dqnc import evaluate
+    from dqnc.recipe import runner
+
+    p = _write(tmp_path, _fast_recipe(trained))
+    recipe.run(recipe.load(p))
+    calls = []
+    real = evaluate.run
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recipe.run(recipe.load(p))
+    assert calls == [], "same machine: every evaluation comes from the cache"
+    monkeypatch.setattr(runner, "machine_fingerprint", lambda: "another-host|x86_64|other cpu|64")
+    recipe.run(recipe.load(p))
+    assert len(calls) >= 3, "another machine re-measures"
