@@ -177,6 +177,13 @@ def _config_extra() -> dict[str, Any]:
     return dict(_ui.get("config_extra") or {})
 
 
+# Options shared by several commands, written once.
+EnvOption = Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")]
+EnvKwargsOption = Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")]
+ForceOption = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dqnc {__version__}")
@@ -340,8 +347,8 @@ def _parse_layer_sparsity(items: list[str] | None) -> dict[str, float]:
 def prune(
     path: Annotated[Path, typer.Argument(help="SavedModel artifact (or Keras SavedModel with --env) to prune.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-prunedNN].")] = None,
-    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
-    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
+    env: EnvOption = None,
+    env_kwargs: EnvKwargsOption = None,
     sparsity: Annotated[float, typer.Option(help="Target sparsity of the pruned kernels, in [0, 1).")] = 0.8,
     schedule: Annotated[str, typer.Option(help="polynomial (masks tighten gradually) or constant.")] = "polynomial",
     distribution: Annotated[str, typer.Option(help="uniform, or erk (small layers stay denser).")] = "uniform",
@@ -359,8 +366,8 @@ def prune(
     importance: Annotated[str, typer.Option(help="--structure units: taylor (first-order loss change, Molchanov et al. 2017) or magnitude.")] = "taylor",
     unit_rounds: Annotated[int, typer.Option(min=1, max=20, help="--structure units: removal rounds, each fine-tuned by distillation.")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Magnitude-prune a policy (TFMOT) while fine-tuning it to act like its parent."""
     from dqnc import artifact as art
@@ -414,8 +421,8 @@ def fidelity_line(c: dict[str, Any]) -> str:
 def quantize(
     path: Annotated[Path, typer.Argument(help="SavedModel artifact to convert.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-MODE].")] = None,
-    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
-    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
+    env: EnvOption = None,
+    env_kwargs: EnvKwargsOption = None,
     mode: Annotated[str, typer.Option(help="int8 (full integer), int16x8, float16, dynamic or fp32.")] = "int8",
     float_io: Annotated[bool, typer.Option("--float-io", help="Keep float32 input/output (int8/int16x8 inside).")] = False,
     target: Annotated[str, typer.Option(help="mcu (TFLite Micro too: dense encoding) or linux (sparse encoding allowed).")] = "mcu",
@@ -431,8 +438,8 @@ def quantize(
     max_q_rel_error: Annotated[Optional[float], typer.Option(min=0, help="Also refuse above this p99 Q error (fraction of the Q range).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=999, help="Seed of the calibration, selection and check rollouts.")] = 0,
     strip_strings: Annotated[bool, typer.Option("--strip-strings/--keep-strings", help="Drop tensor names and signatures from the .tflite (smaller; runtimes address tensors by index).")] = True,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Convert a policy to TFLite (int8 by default), calibrated on its own rollouts and checked against it."""
     from dqnc import artifact as art
@@ -476,8 +483,8 @@ def quantize(
 def export(
     path: Annotated[Path, typer.Argument(help="Artifact to bundle (.tflite artifact, or SavedModel -> fp32 TFLite).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory [default: PATH-bundle].")] = None,
-    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
-    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
+    env: EnvOption = None,
+    env_kwargs: EnvKwargsOption = None,
     target: Annotated[str, typer.Option(help="mcu (verified on TensorFlow Lite Micro; C deliverables) or linux (LiteRT/tflite-runtime only).")] = "mcu",
     check_states: Annotated[int, typer.Option(min=1, help="Held-out states run through TFLM and LiteRT (target mcu).")] = 10_000,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the verification rollouts.")] = 0,
@@ -550,8 +557,8 @@ def import_cmd(
     activation: Annotated[Optional[str], typer.Option(help="Hidden activation of a bare state_dict (CleanRL records none) [default: relu].")] = None,
     check_states: Annotated[int, typer.Option(min=16, help="Rollout states the import is checked on.")] = 2000,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the check rollouts.")] = 0,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Import a Q-network made elsewhere as an fp32 artifact, checked against the source to 1e-5 of its Q range."""
     from dqnc.config import ImportConfig, validate
@@ -605,8 +612,8 @@ def distill(
     path: Annotated[Path, typer.Argument(help="Parent policy artifact (any stage), or a Keras SavedModel with --env.")],
     hidden: Annotated[str, typer.Option(help="Student hidden widths, e.g. 16,16; or 'auto': the narrowest of --widths meeting --max-return-drop.")] = "16,16",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact [default: PATH-student-WIDTHS].")] = None,
-    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
-    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
+    env: EnvOption = None,
+    env_kwargs: EnvKwargsOption = None,
     max_return_drop: Annotated[float, typer.Option(min=0, help="--hidden auto: allowed validation return drop, a fraction of the parent's (0.01 = 1%).")] = 0.01,
     widths: Annotated[str, typer.Option(help="--hidden auto: the widths to try, narrowest first.")] = "4,6,8,12,16,24,32,48,64",
     depth: Annotated[int, typer.Option(min=1, max=8, help="--hidden auto: hidden layers of the searched students.")] = 2,
@@ -615,8 +622,8 @@ def distill(
     dagger_rounds: Annotated[int, typer.Option(min=0, max=10, help="Extra rounds on states the student visits.")] = 4,
     dagger_steps: Annotated[int, typer.Option(min=1, help="Minibatch steps per DAgger round.")] = 1500,
     seed: Annotated[int, typer.Option(min=0, max=999, help="Random seed (weights, minibatches, rollout episodes).")] = 0,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output artifact.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Teach a small dense student MLP the parent's policy (policy distillation + DAgger)."""
     from dqnc import artifact as art
@@ -746,8 +753,8 @@ def _render_report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
 @_guard
 def eval_cmd(
     path: Annotated[Path, typer.Argument(help="Artifact directory, bundle, SavedModel or .tflite file.")],
-    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
-    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
+    env: EnvOption = None,
+    env_kwargs: EnvKwargsOption = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Greedy episodes to run.")] = 100,
     seed: Annotated[int, typer.Option(min=0, help="Episode i is reset with seed SEED+i; the default starts dqnc's held-out range (no stage rolls out from it).")] = EVAL_SEED,
     reference: Annotated[Optional[Path], typer.Option("--reference", "-r", help="Parent policy: report action agreement, Q error and return drop against it.")] = None,
@@ -854,8 +861,8 @@ def _render_eval(r: dict[str, Any], as_json: bool) -> None:
 @_guard
 def inspect(
     path: Annotated[Path, typer.Argument(help="Artifact directory, SavedModel or .tflite file.")],
-    env: Annotated[Optional[str], typer.Option("--env", "-e", help="Env id, for a model without a dqnc manifest.")] = None,
-    env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON, with --env.")] = None,
+    env: EnvOption = None,
+    env_kwargs: EnvKwargsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Summarize an artifact: stage, env, layers, parameters, sparsity, sizes."""
