@@ -700,6 +700,11 @@ def sweep_cmd(
         result = sweep.run_sweep(path, trials, sweep_dir, address=address, max_parallel=max_parallel or spec.max_parallel,
                                  trial_timeout=trial_timeout or spec.trial_timeout, retry_errors=retry_errors,
                                  on_event=progress)
+    except KeyboardInterrupt:
+        from dqnc.errors import Interrupted
+
+        raise Interrupted(f"interrupted: {progress.finished} of {len(trials)} trials are in "
+                          f"{sweep_dir / sweep.JOURNAL}; run the same command again to resume") from None
     finally:
         progress.stop()
     sweep.write_outputs(result, path, pick or spec.pick)

@@ -68,13 +68,50 @@ def _stage_seed_keys(data: dict[str, Any]) -> list[str]:
     return [f"{s['name']}.seed" for s in data.get("stages") or [] if isinstance(s, dict) and s.get("stage") in SEED_STAGES]
 
 
+def _flow(value: Any) -> str:
+    """A value as --set reads it back (YAML): [8,8], int8, 0.5; a string YAML would retype is quoted."""
+    import yaml
+
+    if isinstance(value, str):
+        try:
+            plain = yaml.safe_load(value) == value and "," not in value
+        except yaml.YAMLError:
+            plain = False
+        return value if plain else json.dumps(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _check_stage_keys(data: dict[str, Any], keys: list[str]) -> None:
+    import difflib
+
+    from dqnc.recipe.schema import STAGE_MODELS
+
+    stages = {s.get("name"): s.get("stage") for s in data.get("stages") or [] if isinstance(s, dict)}
+    for key in keys:
+        parts = key.split(".")
+        model = STAGE_MODELS.get(str(stages.get(parts[0])))
+        if model is not None and len(parts) > 1 and parts[1] not in model.model_fields:
+            close = difflib.get_close_matches(parts[1], list(model.model_fields), n=1)
+            hint = f" (did you mean {parts[0]}.{close[0]}?)" if close else ""
+            raise UsageError(f"--grid {key!r}: stage {parts[0]!r} ({stages[parts[0]]}) has no option {parts[1]!r}{hint}")
+
+
 def expand(recipe_text: str, data: dict[str, Any], grid: dict[str, list[Any]], seeds: int = 1,
            samples: int | None = None, sample_seed: int = 0) -> list[Trial]:
     """The trials: the grid's cross product (or ``samples`` of it), times ``seeds`` seeds.
 
     A trial's id hashes the recipe text and its overrides, so the journal of an edited recipe
     never answers for the new one."""
+    import copy
+
+    from dqnc.recipe import apply_sets
+
     keys = list(grid)
+    try:  # a key that names nothing fails every trial: say so now (a bad value fails only its trials)
+        apply_sets(copy.deepcopy(data), [f"{k}=0" for k in keys])
+    except UsageError as e:
+        raise UsageError(str(e).replace("--set", "--grid").replace("=0'", "=...'")) from None
+    _check_stage_keys(data, keys)
     combos = [list(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     if samples is not None and samples < len(combos):
         combos = random.Random(sample_seed).sample(combos, samples)
@@ -85,7 +122,7 @@ def expand(recipe_text: str, data: dict[str, Any], grid: dict[str, list[Any]], s
     trials = []
     for combo in combos:
         for seed in range(seeds):
-            sets = [f"{k}={json.dumps(v)}" for k, v in combo]
+            sets = [f"{k}={_flow(v)}" for k, v in combo]
             if seeds > 1:
                 sets += [f"{k}={seed}" for k in seed_keys if k not in grid]
             tid = hashlib.sha256(json.dumps([digest, sets]).encode()).hexdigest()[:10]
@@ -376,6 +413,11 @@ def markdown(result: SweepResult) -> str:
     errors = [r for r in result.trials if r.get("error")]
     if errors:
         lines += ["", "Errors:", ""] + [f"- `{r['id']}` ({' '.join(r['sets'])}): {r['error']}" for r in errors]
+    # A stage's own check (e.g. quantize's regret limit) stops the chain before anything is measured.
+    unmeasured = [r for r in result.trials if r["status"] == "failed" and not (r.get("metrics") or {})]
+    if unmeasured:
+        lines += ["", "Failed before a measurement:", ""] + [
+            f"- `{r['id']}` ({' '.join(r['sets'])}): {'; '.join(r.get('failures') or [])}" for r in unmeasured]
     if result.pick is not None:
         how = ("passes every gate" if result.picked_passes
                else "no trial passes every gate; this, the closest, misses " + "; ".join(miss_lines(result.pick)))

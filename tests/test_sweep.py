@@ -62,7 +62,7 @@ def test_sweep_records_every_trial_shares_the_cache_and_marks_the_front(swept):
     _, sw, r = swept
     d = json.loads((sw / "sweep.json").read_text())
     status = {" ".join(t["sets"]): t["status"] for t in d["trials"]}
-    assert status == {'int8.mode="int8"': "failed", 'int8.mode="int16x8"': "failed", 'int8.mode="int3"': "error"}
+    assert status == {"int8.mode=int8": "failed", "int8.mode=int16x8": "failed", "int8.mode=int3": "error"}
     bad = next(t for t in d["trials"] if t["status"] == "error")
     assert "int3" in bad["error"]
     # Two different worker processes ran the two measured trials (max_calls=1).
@@ -117,6 +117,10 @@ def test_grid_parsing_and_expansion():
     assert all(any(s.startswith("s.seed=") for s in t.sets) for t in trials)
     assert [t.id for t in sweep.expand("text", data, {"q.mode": ["int8"]})] != [t.id for t in sweep.expand("edited", data, {"q.mode": ["int8"]})]
     assert len(sweep.expand("text", data, {"s.hidden": [[8], [16], [32]]}, samples=2)) == 2
+    with pytest.raises(UsageError, match=r"--grid 's.hiden'.*no option 'hiden' \(did you mean s.hidden\?\)"):
+        sweep.expand("text", data, {"s.hiden": [1]})
+    with pytest.raises(UsageError, match=r"--grid 'x.mode=...'.*neither a stage name"):
+        sweep.expand("text", data, {"x.mode": [1]})
     with pytest.raises(UsageError, match="--seeds"):
         sweep.expand("text", {"stages": [{"name": "q", "stage": "quantize"}]}, {}, seeds=2)
 
