@@ -71,8 +71,10 @@ def sequential(out: Path) -> float:
 
 def interrupt_and_resume(out: Path, address: str, after: int) -> dict[str, Any]:
     """Ctrl-C the sweep once ``after`` trials are journaled; resume; count what ran again."""
+    # SIGINT back to its default in the child: a background job inherits it ignored (no Ctrl-C at all).
     proc = subprocess.Popen(sweep_cmd(out, "--address", address), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     journal = out / "journal.jsonl"
     while proc.poll() is None:
         if journal.is_file() and len(journal.read_text().splitlines()) >= after:

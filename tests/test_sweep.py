@@ -174,3 +174,40 @@ def test_recipe_sweep_section_validates(tmp_path, trained):
     p.write_text(yaml.safe_dump(data))
     r = runner.invoke(app, ["sweep", str(p)])
     assert r.exit_code == 2 and "sweep.grid.int8.mode is empty" in r.output
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from dqnc.recipe.cache import SharedCache
+root, key, me = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+cache = SharedCache(root)
+with cache.writer(key):
+    if not (root / key).is_dir():
+        src = root.parent / f"work-{me}"
+        src.mkdir()
+        (src / "a").write_text(me)
+        time.sleep(0.5)  # a slow stage: the other process must wait, not compute it again
+        (src / "b").write_text(me)
+        cache.publish(key, src)
+        print("computed")
+    else:
+        print("reused " + (root / key / "a").read_text() + (root / key / "b").read_text())
+"""
+
+
+def test_shared_cache_has_one_writer_per_entry(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "cache"), "k" * 64, str(i)], env=env,
+                              stdout=subprocess.PIPE, text=True) for i in range(3)]
+    outs = sorted(p.communicate(timeout=30)[0].strip() for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == "computed" and len(outs) == 3
+    # The two others waited and saw the whole entry (both files from the one writer), never half.
+    winner = (tmp_path / "cache" / ("k" * 64) / "a").read_text()
+    assert outs[1:] == [f"reused {winner}{winner}"] * 2
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name]
