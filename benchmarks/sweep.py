@@ -3,8 +3,8 @@ front, interrupt + resume, best.yaml reproduced, and a separately started Ray cl
 
 Run from the repository root with dqnc's python (2 cores: ~10 minutes):
 
-    python benchmarks/sweep.py                 # local Ray + sequential baseline + best.yaml check
-    python benchmarks/sweep.py --cluster       # also: `ray start --head`, --address, Ctrl-C and resume
+    python benchmarks/sweep.py                          # local Ray, sequential baseline, best.yaml
+    python benchmarks/sweep.py --parts cluster          # `ray start --head`, --address, Ctrl-C, resume
 
 The sweep is recipes/cartpole.yaml with student.hidden in [8,8],[16,16],[32,32] x int8.mode in
 int8,int16x8 x 2 distill seeds = 12 trials. The sequential baseline runs the same 12 trials in one
@@ -42,9 +42,9 @@ def sweep_cmd(out: Path, *extra: str) -> list[str]:
             "--out", str(out), "--json", *extra]
 
 
-def run_sweep(out: Path, *extra: str) -> tuple[dict[str, Any], float, int]:
+def run_sweep(out: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], float, int]:
     t0 = time.perf_counter()
-    proc = subprocess.run(sweep_cmd(out, *extra), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(sweep_cmd(out, *extra), capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"dqnc sweep exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -69,11 +69,11 @@ def sequential(out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def interrupt_and_resume(out: Path, address: str, after: int) -> dict[str, Any]:
+def interrupt_and_resume(out: Path, address: str, after: int, env: dict[str, str]) -> dict[str, Any]:
     """Ctrl-C the sweep once ``after`` trials are journaled; resume; count what ran again."""
     # SIGINT back to its default in the child: a background job inherits it ignored (no Ctrl-C at all).
     proc = subprocess.Popen(sweep_cmd(out, "--address", address), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     journal = out / "journal.jsonl"
     while proc.poll() is None:
@@ -82,10 +82,13 @@ def interrupt_and_resume(out: Path, address: str, after: int) -> dict[str, Any]:
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     t0 = time.perf_counter()
-    code = proc.wait(timeout=120)
+    err = proc.communicate(timeout=120)[1]
+    code = proc.returncode
     stop_s = time.perf_counter() - t0
+    if not journal.is_file():
+        raise RuntimeError(f"the sweep against {address} exited {code} before any trial finished:\n{err[-2000:]}")
     before = [json.loads(x)["id"] for x in journal.read_text().splitlines() if x.strip()]
-    d, wall, rc = run_sweep(out, "--address", address)
+    d, wall, rc = run_sweep(out, "--address", address, env=env)
     lines = [json.loads(x)["id"] for x in journal.read_text().splitlines() if x.strip()]
     return {"exit_code_on_interrupt": code, "stop_seconds": round(stop_s, 1), "journaled_before": len(before),
             "resumed": d["trials_resumed"], "ran_after_resume": len(lines) - len(before),
@@ -97,65 +100,100 @@ def table_key(d: dict[str, Any]) -> dict[str, Any]:
     return {t["id"]: {k: (t.get("metrics") or {}).get(k) for k in SAME} | {"status": t["status"]} for t in d["trials"]}
 
 
+PARTS = ("local", "sequential", "best", "cluster")
+
+
+def start_cluster(port: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`ray start --head --block` on this machine with a token made for it (Ray >= 2.59 requires
+    token auth on local clusters); stopped by terminating this one process."""
+    import secrets
+
+    ray = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.Popen([str(ray), "start", "--head", "--block", f"--port={port}", f"--num-cpus={os.cpu_count()}",
+                             "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while subprocess.run([str(ray), "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True).returncode:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("the Ray cluster did not come up")
+        time.sleep(2)
+    return proc, env
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-sweep")
     ap.add_argument("--out", type=Path, default=RESULTS / "sweep.json")
-    ap.add_argument("--cluster", action="store_true", help="also a `ray start --head` cluster: --address, Ctrl-C, resume")
-    ap.add_argument("--no-sequential", action="store_true")
+    ap.add_argument("--parts", default="local,sequential,best",
+                    help=f"comma-separated, of {','.join(PARTS)} (cluster: `ray start --head`, --address, Ctrl-C, resume); "
+                    "later parts reuse the local sweep of an earlier run")
     args = ap.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
-    doc: dict[str, Any] = {"when": utc_now(), "machine": machine_line(machine_info(None)), "recipe": str(RECIPE.relative_to(ROOT)),
-                           "grid": GRID, "seeds": SEEDS, "command": " ".join(sweep_cmd(Path("OUT")))}
+    parts = [p for p in args.parts.split(",") if p]
+    doc: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    doc.update({"when": utc_now(), "machine": machine_line(machine_info(None)), "recipe": str(RECIPE.relative_to(ROOT)),
+                "grid": GRID, "seeds": SEEDS, "command": " ".join(sweep_cmd(Path("OUT")))})
 
-    log("sweep on a local Ray (this machine's cores) ...")
-    local, wall, rc = run_sweep(args.work / "local")
-    doc["local"] = {"wall_seconds": round(wall, 1), "exit_code": rc, "counts": local["counts"],
-                    "stage_runs": local["stage_runs"], "trial_seconds_sum": local["trial_seconds_sum"],
-                    "pick": local["pick"], "pareto": local["pareto"]}
-    log(f"sweep: {wall:.1f} s, {local['counts']}, stages {local['stage_runs']}")
+    if "local" in parts:
+        shutil.rmtree(args.work / "local", ignore_errors=True)
+        log("sweep on a local Ray (this machine's cores) ...")
+        local, wall, rc = run_sweep(args.work / "local")
+        doc["local"] = {"wall_seconds": round(wall, 1), "exit_code": rc, "counts": local["counts"],
+                        "stage_runs": local["stage_runs"], "trial_seconds_sum": local["trial_seconds_sum"],
+                        "pick": local["pick"], "pareto": local["pareto"]}
+        log(f"sweep: {wall:.1f} s, {local['counts']}, stages {local['stage_runs']}")
+        write_json(args.out, doc)
+    local = json.loads((args.work / "local" / "sweep.json").read_text())
+    doc.setdefault("local", {"wall_seconds": local["wall_seconds"], "counts": local["counts"],
+                             "stage_runs": local["stage_runs"], "trial_seconds_sum": local["trial_seconds_sum"],
+                             "pick": local["pick"], "pareto": local["pareto"]})
 
-    if not args.no_sequential:
+    if "sequential" in parts:
+        shutil.rmtree(args.work / "sequential", ignore_errors=True)
         log("the same trials one after another in one process ...")
         seq = sequential(args.work / "sequential")
         doc["sequential_seconds"] = round(seq, 1)
-        doc["ratio_sequential_over_sweep"] = round(seq / wall, 2)
-        log(f"sequential: {seq:.1f} s (ratio {seq / wall:.2f})")
+        doc["ratio_sequential_over_sweep"] = round(seq / doc["local"]["wall_seconds"], 2)
+        log(f"sequential: {seq:.1f} s (ratio {doc['ratio_sequential_over_sweep']:.2f})")
+        write_json(args.out, doc)
 
     pick = local["pick"]
-    if pick is not None:
+    if "best" in parts and pick is not None:
         log("dqnc run best.yaml ...")
+        shutil.rmtree(args.work / "local" / "best", ignore_errors=True)
         proc = subprocess.run([*dqnc_command(), "run", str(args.work / "local" / "best.yaml"), "--json", "--quiet"],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
         rep = json.loads(proc.stdout.splitlines()[-1])
         rows = [r for r in rep["stages"] if "size_bytes" in (r.get("metrics") or {})]
         row = next(t for t in local["trials"] if t["id"] == pick["id"])
-        doc["best_yaml"] = {"exit_code": proc.returncode, "trial": pick["id"],
-                            "sweep_row": {k: row["metrics"].get(k) for k in SAME},
-                            "dqnc_run_row": {k: rows[-1]["metrics"].get(k) for k in SAME}}
+        mine, theirs = {k: row["metrics"].get(k) for k in SAME}, {k: rows[-1]["metrics"].get(k) for k in SAME}
+        doc["best_yaml"] = {"exit_code": proc.returncode, "trial": pick["id"], "same_row": mine == theirs,
+                            "sweep_row": mine, "dqnc_run_row": theirs}
+        log(f"best.yaml: exit {proc.returncode}, same row: {mine == theirs}")
+        write_json(args.out, doc)
 
-    if args.cluster:
-        ray = Path(sys.executable).parent / "ray"
+    if "cluster" in parts:
+        shutil.rmtree(args.work / "cluster", ignore_errors=True)
         port = "6390"
-        log("ray start --head ...")
-        subprocess.run([str(ray), "start", "--head", f"--port={port}", f"--num-cpus={os.cpu_count()}",
-                        "--include-dashboard=false"], check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+        log("ray start --head --block ...")
+        cluster, env = start_cluster(port)
         try:
-            address = f"127.0.0.1:{port}"
-            log("sweep against it, Ctrl-C after 4 trials, resume ...")
-            res = interrupt_and_resume(args.work / "cluster", address, after=4)
-            same = table_key(res["sweep"]) == table_key(local)
-            diff = {k: (v, table_key(local).get(k)) for k, v in table_key(res["sweep"]).items() if v != table_key(local).get(k)}
-            doc["cluster"] = {k: v for k, v in res.items() if k != "sweep"} | {"same_table_as_local": same,
-                                                                             "differences": diff}
+            log("sweep against it with --address, Ctrl-C after 4 trials, resume ...")
+            res = interrupt_and_resume(args.work / "cluster", f"127.0.0.1:{port}", 4, env)
         finally:
-            subprocess.run([str(ray), "stop"], capture_output=True)
-    write_json(args.out, doc)
-    md = (args.work / "local" / "sweep.md").read_text()
-    print(json.dumps({k: v for k, v in doc.items()}, indent=1, default=str))
-    print(md)
+            cluster.terminate()
+            try:
+                cluster.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                cluster.kill()
+        a, b = table_key(res["sweep"]), table_key(local)
+        doc["cluster"] = {k: v for k, v in res.items() if k != "sweep"} | {
+            "same_table_as_local": a == b, "differences": {k: [v, b.get(k)] for k, v in a.items() if v != b.get(k)}}
+        log(f"cluster: {doc['cluster']}")
+        write_json(args.out, doc)
+    print(json.dumps(doc, indent=1, default=str))
+    print((args.work / "local" / "sweep.md").read_text())
 
 
 if __name__ == "__main__":

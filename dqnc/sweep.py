@@ -458,6 +458,8 @@ def plot(result: SweepResult, path: Path) -> None:
             if on_front and key == "mean_return":
                 order = sorted(range(len(x)), key=lambda i: x[i])
                 ax.plot([x[i] for i in order], [y[i] for i in order], "-", color=color, lw=1)
+                for r, xi, yi in zip(pts, x, y):
+                    ax.annotate(r["id"][:6], (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
         ax.set_xlabel("model bytes")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -96,6 +96,7 @@ def test_resume_runs_only_trials_missing_from_the_journal(swept):
     journal = sw / sweep.JOURNAL
     lines = journal.read_text().splitlines()
     dropped = json.loads(lines[0])["id"]
+    pids = {json.loads(x).get("pid") for x in lines}
     journal.write_text("\n".join(lines[1:]) + "\n" + lines[0][: len(lines[0]) // 2])  # and a line cut mid-write
     r = runner.invoke(app, ["sweep", str(p), "--grid", GRID[0], "--out", str(sw), "--json", "--quiet"])
     assert r.exit_code == 0, r.output
@@ -103,6 +104,8 @@ def test_resume_runs_only_trials_missing_from_the_journal(swept):
     assert d["trials_resumed"] == 2
     after = [json.loads(x) for x in journal.read_text().splitlines() if x.startswith("{") and x.endswith("}")]
     assert [e["id"] for e in after].count(dropped) == 1 and len(after) == 3
+    # max_calls=1: the same Ray hands the new trial a fresh worker, not an idle earlier one.
+    assert next(e for e in after if e["id"] == dropped)["pid"] not in pids
 
 
 def test_grid_parsing_and_expansion():
@@ -211,3 +214,14 @@ def test_shared_cache_has_one_writer_per_entry(tmp_path):
     winner = (tmp_path / "cache" / ("k" * 64) / "a").read_text()
     assert outs[1:] == [f"reused {winner}{winner}"] * 2
     assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name]
+
+
+def test_a_trial_over_its_timeout_is_stopped_and_recorded(ray_local, trained, tmp_path):
+    p = _recipe(tmp_path, trained)
+    data = yaml.safe_load(p.read_text())
+    trials = sweep.expand(p.read_text(), data, {"int8.mode": ["int8"]})
+    t0 = __import__("time").perf_counter()
+    res = sweep.run_sweep(p, trials, tmp_path / "sw", trial_timeout=2)
+    assert __import__("time").perf_counter() - t0 < 15  # stopped, not waited for
+    assert [t["status"] for t in res.trials] == ["timeout"] and "2 s" in res.trials[0]["error"]
+    assert res.front == [] and json.loads((tmp_path / "sw" / sweep.JOURNAL).read_text())["status"] == "timeout"
