@@ -294,7 +294,8 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+            # "local": a fresh instance even when a `ray start` cluster runs here (use --address for that one)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     except ConnectionError as e:
         raise UsageError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}; start it with "
                          "`ray start --head` or drop --address") from None

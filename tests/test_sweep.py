@@ -44,7 +44,7 @@ def _recipe(tmp: Path, source: Path) -> Path:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
     yield
     ray.shutdown()
 
