@@ -225,3 +225,20 @@ def test_a_trial_over_its_timeout_is_stopped_and_recorded(ray_local, trained, tm
     assert __import__("time").perf_counter() - t0 < 15  # stopped, not waited for
     assert [t["status"] for t in res.trials] == ["timeout"] and "2 s" in res.trials[0]["error"]
     assert res.front == [] and json.loads((tmp_path / "sw" / sweep.JOURNAL).read_text())["status"] == "timeout"
+
+
+def test_help_and_bad_grids_never_import_tensorflow_or_ray(tmp_path, trained):
+    import subprocess
+    import sys
+
+    p = _recipe(tmp_path, trained)
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom dqnc.cli import app\n"
+        "r = CliRunner().invoke(app, ['sweep', '--help'])\nassert r.exit_code == 0 and '--grid' in r.output, r.output\n"
+        f"r = CliRunner().invoke(app, ['sweep', {str(p)!r}, '--grid', 'int8.bogus=1,2'])\n"
+        "assert r.exit_code == 2 and \"has no option 'bogus'\" in r.output, r.output\n"
+        f"r = CliRunner().invoke(app, ['sweep', {str(p)!r}, '--grid', 'int8.mode'])\n"
+        "assert r.exit_code == 2 and 'KEY=V1,V2' in r.output, r.output\n"
+        "assert not {'tensorflow', 'ray'} & set(sys.modules), 'tensorflow or ray was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
