@@ -337,10 +337,10 @@ def run_sweep(recipe_path: Path, trials: list[Trial], sweep_dir: Path, *, addres
                     t, _t0 = pending.pop(ref)
                     try:
                         res = ray.get(ref)
-                    except Exception as e:  # the worker died (a crash in native code, OOM kill)
+                    except Exception as e:  # the worker died (native crash, OOM kill) or Ray could not run it
                         first = (str(e).strip().splitlines() or [""])[0][:300]
                         res = {"id": t.id, "sets": list(t.sets), "status": "error",
-                               "error": f"the trial's worker died: {type(e).__name__}: {first}",
+                               "error": f"the trial's Ray task failed (its worker died, or could not import dqnc): {type(e).__name__}: {first}",
                                "seconds": round(time.monotonic() - _t0, 3)}
                     journal.append(res)
                     done[t.id] = res
@@ -461,6 +461,10 @@ def plot(result: SweepResult, path: Path) -> None:
                 ax.plot([x[i] for i in order], [y[i] for i in order], "-", color=color, lw=1)
                 for r, xi, yi in zip(pts, x, y):
                     ax.annotate(r["id"][:6], (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        passing = [r for r in rows if r["status"] == "passed" and r["metrics"].get(key) is not None]
+        if passing:
+            ax.plot([r["metrics"]["size_bytes"] for r in passing], [r["metrics"][key] for r in passing], "o", ms=11,
+                    mfc="none", mec="tab:green", label="passes every gate")
         ax.set_xlabel("model bytes")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
