@@ -747,6 +747,84 @@ def _render_report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
                  soft_wrap=True)
 
 
+# --- sweep -------------------------------------------------------------------------------------
+
+@app.command("sweep")
+@_guard
+def sweep_cmd(
+    path: Annotated[Path, typer.Argument(help="Recipe YAML file (its optional sweep: section sets the defaults).")],
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="KEY=V1,V2,... searched over (repeatable; values "
+                                                      "are YAML: student.hidden=[8,8],[16,16]).")] = None,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Repeat each combination with seeds 0..N-1 "
+                                                 "on every prune/distill stage.")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="A running Ray cluster (also RAY_ADDRESS) "
+                                                   "[default: a local one with this machine's cores].")] = None,
+    pick: Annotated[Optional[str], typer.Option("--pick", help="smallest-passing: write best.yaml, the recipe of the "
+                                                "smallest trial that passes every gate (else the closest; exit 1).")] = None,
+    max_parallel: Annotated[Optional[int], typer.Option("--max-parallel", min=1, help="Trials in flight at once "
+                                                        "[default: the cluster's CPUs].")] = None,
+    trial_timeout: Annotated[Optional[float], typer.Option("--trial-timeout", min=1, help="Stop a trial after this "
+                                                           "many seconds and record it as timed out.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep folder [default: the recipe's out_dir "
+                                                "+ '-sweep'].")] = None,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Re-run trials the journal holds as errors "
+                                               "or timeouts.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print sweep.json's summary as one JSON object.")] = False,
+) -> None:
+    """Search a recipe's compression space on Ray: one trial per combination, a journal to resume, the Pareto front."""
+    from dqnc import recipe, sweep
+
+    loaded = recipe.load(path, [])
+    from dqnc.recipe.schema import Sweep
+
+    spec = loaded.recipe.sweep or Sweep()
+    space = {**spec.grid, **sweep.parse_grid(grid or [])}
+    if pick not in (None, "smallest-passing"):
+        raise typer.BadParameter(f"{pick!r}: the only rule is smallest-passing", param_hint="--pick")
+    trials = sweep.expand(path.read_text(encoding="utf-8"), loaded.data, space, seeds or spec.seeds, spec.samples,
+                          spec.sample_seed)
+    sweep_dir = out if out is not None else loaded.out_dir.with_name(loaded.out_dir.name + "-sweep")
+    progress = sweep.Progress(stderr, live=stderr.is_terminal, quiet=quiet)
+    try:
+        result = sweep.run_sweep(path, trials, sweep_dir, address=address, max_parallel=max_parallel or spec.max_parallel,
+                                 trial_timeout=trial_timeout or spec.trial_timeout, retry_errors=retry_errors,
+                                 on_event=progress)
+    except KeyboardInterrupt:
+        from dqnc.errors import Interrupted
+
+        raise Interrupted(f"interrupted: {progress.finished} of {len(trials)} trials are in "
+                          f"{sweep_dir / sweep.JOURNAL}; run the same command again to resume") from None
+    finally:
+        progress.stop()
+    sweep.write_outputs(result, path, pick or spec.pick)
+    d = result.to_dict()
+    if as_json:
+        _emit_json({k: v for k, v in d.items() if k != "trials"})
+    else:
+        from rich import box
+
+        head, rows = sweep.table(result)
+        t = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False,
+                  title=f"dqnc sweep {path} ({result.wall_seconds:.1f} s, {d['stage_runs']['cached']} stages from the "
+                  "shared cache)", title_justify="left")
+        for h in head:
+            t.add_column(h, no_wrap=h != "overrides", overflow="fold")
+        for r in rows:
+            t.add_row(*r)
+        stdout.print(t, crop=False)
+        stdout.print(f"front (*): most return for fewest bytes; sweep.md, sweep.json, pareto.png in {sweep_dir}",
+                     soft_wrap=True)
+    if d["pick"] is not None:
+        msg = f"best.yaml: trial {d['pick']['id']} ({' '.join(result.pick['sets'])})"
+        if d["pick"]["passes"]:
+            stderr.print(f"{msg}, the smallest that passes every gate: dqnc run {sweep_dir / 'best.yaml'}", soft_wrap=True)
+        else:
+            raise GateFailed(f"no trial passes every gate; {msg} is the closest and misses: " + "; ".join(d["pick"]["misses"]))
+    elif (pick or spec.pick) and result.pick is None:
+        raise GateFailed("no trial produced a measured model (every one errored): see sweep.md; nothing to pick")
+
+
 # --- eval --------------------------------------------------------------------------------------
 
 @app.command("eval")

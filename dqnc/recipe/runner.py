@@ -10,7 +10,7 @@ from typing import Any
 from dqnc import __version__
 from dqnc.config import DistillConfig, EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig
 from dqnc.errors import DqncError, GateFailed, UsageError
-from dqnc.recipe.cache import _cached, _digest, _Lock, _State, machine_fingerprint
+from dqnc.recipe.cache import SharedCache, _cached, _digest, _Lock, _State, machine_fingerprint, shared_writer
 from dqnc.recipe.loader import LoadedRecipe
 from dqnc.recipe.report import RunReport, StageRow, _row_metrics, _write_reports
 
@@ -18,8 +18,11 @@ Log = Callable[[str], None]
 
 
 def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str | None = None,
-        until: str | None = None, log: Log = lambda s: None) -> RunReport:
-    """Run the chain; always write the report. Raises GateFailed (exit 1) after writing it."""
+        until: str | None = None, log: Log = lambda s: None, shared_cache: SharedCache | None = None) -> RunReport:
+    """Run the chain; always write the report. Raises GateFailed (exit 1) after writing it.
+
+    ``shared_cache`` (a sweep's): stage outputs and evaluations another run already made with the
+    same key are copied from it instead of recomputed, and new ones are published to it."""
     from dqnc import artifact as art
 
     r = loaded.recipe
@@ -39,7 +42,7 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
     failures: list[str] = []
     with _Lock(out_dir):
         _save_effective(loaded)
-        state = _State(out_dir)
+        state = _State(out_dir, shared_cache)
         active = from_stage is None
         stop_after = until
 
@@ -163,12 +166,29 @@ def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bo
         return cached, row
     if not active:
         raise UsageError(f"--from skips 'train' but {str(out)!r} holds no matching output: run without --from")
+    with shared_writer(state, key):
+        hit = None if force or state.shared is None else state.shared.fetch(key, out)
+        if hit is not None:
+            row.status = "cached"
+            state.data["stages"]["train"] = {"key": key, "sha256": hit.sha256}
+            state.save()
+            log(f"[train] cached (shared): {out}")
+            return hit, row
+        result = _train(src.train, out, row, log)
+        if state.shared is not None:
+            state.shared.publish(key, out)
+    state.data["stages"]["train"] = {"key": key, "sha256": result.sha256}
+    state.save()
+    return result, row
+
+
+def _train(cfg: Any, out: Any, row: StageRow, log: Log) -> Any:
     from dqnc import train
 
     ckpt = out.with_name("train.ckpt")
     resume = (ckpt / "state.json").is_file()
     if resume:
-        stale = train.checkpoint_mismatch(ckpt, src.train)
+        stale = train.checkpoint_mismatch(ckpt, cfg)
         if stale:
             log(f"[train] discarding the checkpoint in {str(ckpt)!r}: {stale}")
             import shutil
@@ -177,15 +197,13 @@ def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bo
             resume = False
         else:
             log(f"[train] resuming from the checkpoint in {str(ckpt)!r}")
-    log(f"[train] training {src.train.env} for up to {src.train.total_steps:,} steps ...")
+    log(f"[train] training {cfg.env} for up to {cfg.total_steps:,} steps ...")
     t0 = time.perf_counter()
-    result = train.run(src.train, out, force=True, checkpoint_dir=ckpt, resume=resume)
+    result = train.run(cfg, out, force=True, checkpoint_dir=ckpt, resume=resume)
     row.seconds = time.perf_counter() - t0
     row.status = "ran"
-    state.data["stages"]["train"] = {"key": key, "sha256": result.sha256}
-    state.save()
     log(f"[train] done in {row.seconds:.1f} s")
-    return result, row
+    return result
 
 
 def _run_stage(loaded: LoadedRecipe, state: _State, st: Any, inp: Any, active: bool, force: bool, row: StageRow,
@@ -205,6 +223,22 @@ def _run_stage(loaded: LoadedRecipe, state: _State, st: Any, inp: Any, active: b
             raise UsageError(f"--from skips {st.name!r} but {str(out)!r} was made from another input or with other "
                              "options (its cache key differs): start earlier, or run without --from")
         raise UsageError(f"--from skips {st.name!r} but {str(out)!r} does not exist: start earlier")
+    with shared_writer(state, key):
+        hit = None if force or state.shared is None else state.shared.fetch(key, out)
+        if hit is not None:
+            row.status = "cached"
+            log(f"{label}: cached (shared)")
+            result = hit
+        else:
+            result = _compute_stage(st, options, inp, out, row, log, label)
+            if state.shared is not None:
+                state.shared.publish(key, out)
+    state.data["stages"][st.name] = {"key": key, "sha256": result.sha256}
+    state.save()
+    return result
+
+
+def _compute_stage(st: Any, options: dict[str, Any], inp: Any, out: Any, row: StageRow, log: Log, label: str) -> Any:
     log(f"{label}: running ...")
     t0 = time.perf_counter()
     if st.stage == "prune":
@@ -225,8 +259,6 @@ def _run_stage(loaded: LoadedRecipe, state: _State, st: Any, inp: Any, active: b
         result = export.run(ExportConfig(**options), inp, out, force=True)
     row.seconds = time.perf_counter() - t0
     row.status = "ran"
-    state.data["stages"][st.name] = {"key": key, "sha256": result.sha256}
-    state.save()
     log(f"{label}: done in {row.seconds:.1f} s")
     return result
 
@@ -243,9 +275,14 @@ def _evaluate(loaded: LoadedRecipe, state: _State, target: Any, source: Any, cfg
     cached = state.data["evals"].get(key)
     if cached is not None:
         return cached
-    if label:
-        log(f"{label}: evaluating {cfg.episodes} episodes ...")
-    res = evaluate.run(plain, target, reference)
+    with shared_writer(state, "eval-" + key):
+        res = state.shared.get_eval(key) if state.shared is not None else None
+        if res is None:
+            if label:
+                log(f"{label}: evaluating {cfg.episodes} episodes ...")
+            res = evaluate.run(plain, target, reference)
+            if state.shared is not None:
+                state.shared.put_eval(key, res)
     state.data["evals"][key] = res
     return res
 

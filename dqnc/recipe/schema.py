@@ -93,6 +93,29 @@ NEEDS_SAVEDMODEL = {"prune", "distill", "quantize"}
 PRODUCES = {"prune": "savedmodel", "distill": "savedmodel", "quantize": "tflite", "export": "tflite"}
 
 
+class Sweep(_Strict):
+    """What `dqnc sweep` searches: every trial is the recipe with one combination of overrides."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="--set key -> values; the trials are "
+                                       "their cross product, e.g. {student.hidden: [[8, 8], [16, 16]]}")
+    seeds: int = Field(1, ge=1, le=100, description="repeat each combination with seed 0..N-1 on every prune and "
+                       "distill stage")
+    samples: int | None = Field(None, ge=1, description="random search: run this many combinations drawn without "
+                                "replacement from the grid (seeded by sample_seed) instead of all of them")
+    sample_seed: int = Field(0, ge=0)
+    pick: Literal["smallest-passing"] | None = Field(None, description="write best.yaml with this rule")
+    max_parallel: int | None = Field(None, ge=1, description="trials in flight at once [default: the cluster's CPUs]")
+    trial_timeout: float | None = Field(None, gt=0, description="seconds before a trial is stopped and recorded as "
+                                        "timed out")
+
+    @model_validator(mode="after")
+    def _values(self) -> Sweep:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"sweep.grid.{key} is empty: give at least one value")
+        return self
+
+
 class Recipe(_Strict):
     version: Literal[1] = 1
     name: str | None = None
@@ -101,6 +124,7 @@ class Recipe(_Strict):
     stages: list[Stage] = Field(min_length=1)
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation of every stage for the report")
     gates: Gates = Field(default_factory=Gates, description="checked on the last stage's evaluation")
+    sweep: Sweep | None = Field(None, description="the search space of `dqnc sweep` (ignored by `dqnc run`)")
 
 
 def json_schema() -> dict[str, Any]:
