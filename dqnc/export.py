@@ -328,10 +328,11 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         metrics.update(tflm_compatible=True, tflm_check={**figures, "states_from": who, "tflite_micro": tflm_version},
                        tflm_arena_bytes={k: arena[k] for k in ("total", "head", "tail") if k in arena},
                        tflm_arena_shipped_bytes=arena["shipped"], tflm_flash_bytes=len(content))
-        extra_files["dqnc_policy.h"] = tflm_header(policy, preprocess, env.action_meanings, arena, ops, tflm_version)
+        names = env.action_meanings or [f"action {i}" for i in range(env.n_actions)]
+        extra_files["dqnc_policy.h"] = tflm_header(policy, preprocess, names, arena, ops, tflm_version)
         first_action = int(_first_max(raw_tflm[:1])[0])
         extra_files["main.cc"] = tflm_main(policy, cfg.c_name, states[0], first_action)
-        metrics["c_policy"] = c_policy_files(policy, content, env.action_meanings, preprocess, states, xq, raw_tflm,
+        metrics["c_policy"] = c_policy_files(policy, content, names, preprocess, states, xq, raw_tflm,
                                               extra_files)
     io = policy.io()
     io["output"]["meaning"] = (preprocess or {}).get("outputs", "q_values")
@@ -340,6 +341,8 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     observation = {
         "shape": list(env.obs_shape), "dtype": env.obs_dtype, "low": env.obs_low, "high": env.obs_high,
         "names": env.obs_names,
+        # Every runtime reads the observation in this layout, flattened row-major when fed as numbers.
+        "layout": env.obs_layout,
         "preprocess": "x = (obs - obs_mean) / obs_std, then quantize with input scale/zero point" if preprocess
         else "none (quantize with input scale/zero point if the input is integer)",
     }
@@ -356,7 +359,8 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
             parent=source, command=command,
             extra={"quantization": quantization, "io": io, "preprocess": preprocess, "observation": observation,
                    "actions": {"count": env.n_actions, "meanings": env.action_meanings, "tie_rule": "first maximum"},
-                   "usage": f"python {RUNNER} --obs " + ",".join(["0.0"] * env.obs_dim)},
+                   "usage": f"python {RUNNER} --obs " + (",".join(["0.0"] * env.obs_dim) if env.obs_dim <= 16 else
+                                                         f"V1,...,V{env.obs_dim} ({env.obs_layout} order)")},
         )
         sums = art.file_checksums(tmp)
         sums["manifest.json"] = art.sha256_file(tmp / art.MANIFEST)
