@@ -167,3 +167,16 @@ def test_conv_parent_distills_into_a_dense_student_on_flattened_images(conv_fp32
     assert m["check"]["regret"] <= 0.1
     student = q_function(out)
     assert student(np.zeros((2, 10, 10, 4), np.float32)).shape == (2, 3)
+
+
+def test_numpy_conv_forward_matches_keras_with_strides_and_several_layers():
+    from dqnc.nets_conv import ConvSpec, NumpyConvNet, build_conv_q_network
+    from dqnc.nets import dense_weights
+
+    spec = ConvSpec((12, 11, 3), 5, ((4, 3, 2), (6, 2, 1)), (7,), "relu", dueling=True)
+    model = build_conv_q_network(spec)
+    x = np.random.default_rng(1).random((9, 12, 11, 3)).astype(np.float32)
+    net = NumpyConvNet(dense_weights(model), [2, 1], spec.obs_shape, ["relu"] * 3)
+    np.testing.assert_allclose(net(x), model(x, training=False).numpy(), rtol=1e-4, atol=1e-5)
+    assert spec.feature_shapes() == [(5, 5, 4), (4, 4, 6)]
+    assert spec.params() == sum(int(np.prod(w.shape)) for w in dense_weights(model))
