@@ -211,8 +211,9 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
     tf().config.experimental.enable_op_determinism()  # the same seed gives the same pruned model
     teacher = load_keras_model(source.model_path)
     if any(type(l).__name__ == "Conv2D" for l in teacher.layers):
-        raise UsageError(f"{str(source.path)!r} is a conv net (Conv2D layers): dqnc prunes Dense Q-networks only so "
-                         "far; quantize it directly (dqnc quantize), or distill it into a dense student first")
+        from dqnc import prune_conv
+
+        return prune_conv.run(cfg, source, teacher, q_function(source, model=None), out, force=force, command=command)
     if mlp_weights(teacher) is None:
         kinds = sorted({type(l).__name__ for l in teacher.layers if type(l).__name__ not in ("Dense", "InputLayer")})
         raise UsageError(

@@ -148,10 +148,27 @@ def test_pixel_model_with_a_vector_env_is_a_one_line_error(conv_int8, conv_fp32,
         assert "reads 10x10x4 (HWC) images but env 'CartPole-v1' gives flat observations (4,)" in " ".join(r.output.split())
 
 
-def test_prune_of_a_conv_net_is_refused_with_the_reason(conv_fp32, tmp_path):
-    r = runner.invoke(app, ["prune", str(conv_fp32), "--sparsity", "0.5", "-o", str(tmp_path / "p")])
-    assert r.exit_code == 2, r.output
-    assert "Conv2D" in r.output
+def test_conv_net_prunes_to_the_target_and_quantizes(conv_fp32, tmp_path):
+    from dqnc import artifact as art
+    from dqnc import prune, quantize
+    from dqnc.config import PruneConfig
+    from dqnc.policy import load_keras_model, q_function
+
+    cfg = PruneConfig(sparsity=0.5, keep_dense=("last",), states=300, epochs=3, check_states=200)
+    pruned = prune.run(cfg, art.load(conv_fp32), tmp_path / "pruned")
+    layers = {l["name"]: l for l in pruned.manifest["metrics"]["layers"]}
+    assert layers["conv_0"]["sparsity"] == pytest.approx(0.5, abs=0.01)  # Conv2D kernels are pruned too
+    assert layers["dense_0"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert layers["q_values"]["sparsity"] == 0.0
+    assert pruned.manifest["metrics"]["check"]["regret"] <= 0.1
+    q = q_function(pruned)
+    x = np.random.default_rng(0).integers(0, 2, (5, 10, 10, 4)).astype(np.float32)
+    np.testing.assert_allclose(q(x), load_keras_model(pruned.model_path)(x).numpy(), rtol=1e-4, atol=1e-5)
+    q8 = quantize.run(quantize.QuantizeConfig(calibration_states=200, check_states=200, check_episodes=3), pruned,
+                      tmp_path / "int8")
+    assert q8.manifest["metrics"]["check"]["regret"] <= 0.05
+    r = runner.invoke(app, ["prune", str(conv_fp32), "--finetune", "rl", "-o", str(tmp_path / "rl")])
+    assert r.exit_code == 2 and "--finetune rl covers Dense MLPs" in r.output
 
 
 def test_conv_parent_distills_into_a_dense_student_on_flattened_images(conv_fp32, tmp_path):
