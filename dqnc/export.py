@@ -101,6 +101,11 @@ def mcu_refusal(quantization: dict[str, Any], content: bytes, litert: Any) -> st
     return None
 
 
+# int8 output steps within which TFLM and LiteRT may rank two actions differently for models whose
+# arithmetic dqnc does not recompute (conv nets): one requantization rounding per layer or two.
+NEAR_TIE_STEPS = 2
+
+
 def _first_max(raw: np.ndarray) -> np.ndarray:
     return raw.argmax(axis=1)  # numpy's argmax returns the first maximum: the tie rule shipped
 
@@ -143,6 +148,19 @@ def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: n
             figures.update(tflm_equals_double_rounding=tflm_exact,
                            litert_outputs_equal_single_rounding=int((single == raw_lite).all(axis=1).sum()))
             explained = tflm_exact
+        else:
+            # Conv nets: dqnc does not recompute TFLM's conv arithmetic, so a flip is accepted only
+            # as a near tie: every output within NEAR_TIE_STEPS int8 steps in both runtimes, and the
+            # two actions within that many steps of each other in both (measured on MinAtar
+            # Breakout: outputs differ by <= 2 steps, 36 of 40 flips are exact ties in LiteRT).
+            rows = np.flatnonzero(~same)
+            a_t, a_l = _first_max(raw_tflm)[rows], _first_max(raw_lite)[rows]
+            t, l = raw_tflm.astype(np.int64)[rows], raw_lite.astype(np.int64)[rows]
+            gaps = np.concatenate([l[np.arange(len(rows)), a_l] - l[np.arange(len(rows)), a_t],
+                                   t[np.arange(len(rows)), a_t] - t[np.arange(len(rows)), a_l]])
+            explained = bool(diff.max() <= NEAR_TIE_STEPS and gaps.max() <= NEAR_TIE_STEPS)
+            figures.update(int8_near_ties=int(len(rows)) if explained else 0, near_tie_steps=NEAR_TIE_STEPS,
+                           flip_gap_max_steps=int(gaps.max()))
     elif not same.all():
         # Float kernels sum in different orders: a flip is a float tie when TFLM's choice scores
         # within float32 rounding of LiteRT's best in LiteRT's own outputs.
