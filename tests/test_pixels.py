@@ -197,3 +197,35 @@ def test_numpy_conv_forward_matches_keras_with_strides_and_several_layers():
     np.testing.assert_allclose(net(x), model(x, training=False).numpy(), rtol=1e-4, atol=1e-5)
     assert spec.feature_shapes() == [(5, 5, 4), (4, 4, 6)]
     assert spec.params() == sum(int(np.prod(w.shape)) for w in dense_weights(model))
+
+
+@pytest.mark.parametrize("bump, accepted", [(1, True), (5, False)])
+def test_tflm_flips_on_conv_nets_pass_only_as_near_ties(conv_int8, monkeypatch, bump, accepted):
+    """A TFLM that ranks near-tied actions differently (by ``bump`` int8 steps) is accepted as
+    rounding only within NEAR_TIE_STEPS; larger differences stop the export."""
+    from dqnc import artifact as art
+    from dqnc import export, tflm
+    from dqnc.errors import GateFailed
+    from dqnc.runtime import Policy
+
+    a = art.load(conv_int8)
+    content = a.model_path.read_bytes()
+    lite = Policy.from_manifest(str(a.model_path), a.manifest)
+    ref = Policy.from_manifest(str(a.model_path), a.manifest)
+
+    class Shifted:
+        def invoke_quantized(self, x):  # LiteRT's outputs, the best dropped below the runner-up where close
+            out = np.array(ref.invoke_quantized(x), np.int64).reshape(-1)
+            order = np.argsort(-out, kind="stable")
+            if out[order[0]] - out[order[1]] <= 1 and out[order[1]] - bump >= -128:
+                out[order[0]] = out[order[1]] - bump  # lowered, not raised: the best may sit at 127
+            return out.astype(np.int8)[None]
+
+    monkeypatch.setattr(tflm, "policy", lambda *args, **kw: Shifted())
+    states = np.random.default_rng(0).integers(0, 2, (300, 10, 10, 4)).astype(np.float32)
+    if accepted:
+        _, figures, _, _ = export.verify_tflm(content, lite, a.manifest, states, max_mismatch=1.0)
+        assert figures["int8_near_ties"] == 300 - figures["actions_equal"] > 0
+    else:
+        with pytest.raises(GateFailed, match="more than the two runtimes' rounding explains"):
+            export.verify_tflm(content, lite, a.manifest, states, max_mismatch=1.0)
