@@ -539,7 +539,14 @@ def export(
                      f"flash {mcu['flash_bytes']:,} bytes, RAM {mcu['ram_bytes']:,} bytes; "
                      f"~{mcu['instructions_per_action']:,.0f} instructions per action (QEMU -icount: a proxy, not cycles)")
     stdout.print(f"model.tflite {m['size_bytes']:,} bytes ({m['gzip_bytes']:,} gzipped); try: "
-                 f"python {result.path / 'run_policy.py'} --obs {','.join(['0'] * source.env.obs_dim)}")
+                 f"python {result.path / 'run_policy.py'} --obs {_obs_example(source.env)}")
+
+
+def _obs_example(env: Any) -> str:
+    # Images are hundreds of numbers: name their count and order instead of printing them.
+    if env.obs_dim <= 16:
+        return ",".join(["0"] * env.obs_dim)
+    return f"V1,...,V{env.obs_dim} ({env.obs_dim} numbers, {env.obs_layout} order)"
 
 
 # --- import ------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ class TrainConfig(BaseModel):
     total_steps: int = Field(100_000, ge=1, description="env steps over all vectorized envs")
     num_envs: int = Field(1, ge=1, le=256)
     hidden: list[int] = Field(default_factory=lambda: [128, 128], min_length=1, max_length=8)
+    conv: list[list[int]] | None = Field(None, max_length=8, description="conv layers [filters, kernel, stride] "
+                                         "before the hidden layers, for image observations (HWC)")
     activation: Literal["relu", "tanh", "elu"] = "relu"
     dueling: bool = False
     double_dqn: bool = True
@@ -53,6 +55,9 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if any(h < 1 or h > 65536 for h in self.hidden):
             raise ValueError("hidden layer widths must be between 1 and 65536")
+        for layer in self.conv or []:
+            if len(layer) != 3 or not (1 <= layer[0] <= 4096 and 1 <= layer[1] <= 32 and 1 <= layer[2] <= 32):
+                raise ValueError(f"conv layer {layer} must be [filters 1..4096, kernel 1..32, stride 1..32]")
         return self
 
 
@@ -76,6 +81,15 @@ ENV_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden=[128, 128], eval_freq=10_000, eval_episodes=20,
     ),
 }
+# MinAtar (10x10xC images): Young & Tian's network (one 3x3 conv, 16 filters, then 128 units); the
+# schedule was tuned briefly on Breakout-v1 only (see BENCHMARKS.md) and is shared by the five games.
+_MINATAR = dict(
+    conv=[[16, 3, 1]], hidden=[128], total_steps=1_000_000, num_envs=8, lr=3e-4, batch_size=64,
+    buffer_size=100_000, learning_starts=5000, train_freq=64, gradient_steps=16, target_update_interval=250,
+    eps_fraction=0.1, eps_end=0.05, eval_freq=25_000, eval_episodes=20, confirm_episodes=20,
+)
+ENV_DEFAULTS.update({f"MinAtar/{game}-v1": dict(_MINATAR)
+                     for game in ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")})
 
 
 def train_defaults(env: str) -> dict[str, Any]:

@@ -137,8 +137,14 @@ def run(cfg: DistillConfig, source: art.Artifact, out: Path, *, force: bool = Fa
 
 
 def _params_of(source: art.Artifact) -> int | None:
-    hidden = (source.network or {}).get("hidden")
+    network = source.network or {}
+    hidden = network.get("hidden")
     if not hidden:
         return None
+    if network.get("conv"):
+        from dqnc.nets_conv import ConvSpec
+
+        return ConvSpec(tuple(source.env.obs_shape), source.env.n_actions,  # type: ignore[arg-type]
+                        tuple(tuple(c) for c in network["conv"]), tuple(hidden)).params()
     dims = [source.env.obs_dim, *hidden, source.env.n_actions]
     return int(sum(a * b + b for a, b in zip(dims, dims[1:])))

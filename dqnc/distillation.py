@@ -198,6 +198,7 @@ def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activation
     for r in range(rounds):
         student_q = NumpyMLP(norm.to_raw(weights()), activations)
         visited = collect_states(student_q, env, extra_states, base + DAGGER_SEED_STRIDE * (r + 1), s.epsilon / 2)
+        visited = visited.reshape(len(visited), -1)
         states = np.concatenate([states, visited])
         q_t = np.concatenate([q_t, teacher_q(visited)])
         n_steps = round_steps(len(states)) if callable(round_steps) else round_steps
@@ -209,6 +210,8 @@ def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activation
 def teacher_states(teacher_q: QFunction, env: EnvSpec, n: int, s: DistillSettings) -> tuple[np.ndarray, np.ndarray]:
     """States of the teacher's epsilon-greedy rollouts and its Q-values there."""
     states = collect_states(teacher_q, env, n, episode_seed("distill", s.seed), s.epsilon)
+    # Dense students read images flattened (HWC order); every teacher runtime accepts that order too.
+    states = states.reshape(len(states), -1)
     return states, np.asarray(teacher_q(states), np.float32)
 
 

@@ -24,6 +24,12 @@ ACTION_MEANINGS: dict[str, list[str]] = {
     "MountainCar-v0": ["accelerate left", "don't accelerate", "accelerate right"],
     "LunarLander-v3": ["do nothing", "fire left engine", "fire main engine", "fire right engine"],
 }
+# MinAtar's v1 ids use each game's minimal action set (n, l, u, r, d, f = no-op, left, up, right, down, fire).
+_MINATAR_ACTIONS = {"Asterix": "nlurd", "Breakout": "nlr", "Freeway": "nud", "Seaquest": "nlurdf",
+                    "SpaceInvaders": "nlrf"}
+_MINATAR_WORDS = {"n": "no-op", "l": "left", "u": "up", "r": "right", "d": "down", "f": "fire"}
+ACTION_MEANINGS.update({f"MinAtar/{game}-v1": [_MINATAR_WORDS[c] for c in codes]
+                        for game, codes in _MINATAR_ACTIONS.items()})
 
 # Names of the observation features, where the env documents them.
 OBS_NAMES: dict[str, list[str]] = {
@@ -50,10 +56,21 @@ class EnvSpec:
     obs_names: list[str] | None = None
     reward_threshold: float | None = None
     max_episode_steps: int | None = None
+    # "flat" (vectors; any other shape is flattened for MLPs), "HWC" or "CHW" (3-D images).
+    obs_layout: str = "flat"
 
     @property
     def obs_dim(self) -> int:
         return int(np.prod(self.obs_shape))
+
+    @property
+    def is_image(self) -> bool:
+        return self.obs_layout in ("HWC", "CHW")
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The shape of one observation as rollouts feed it to a policy: images keep theirs."""
+        return self.obs_shape if self.obs_layout == "HWC" else (self.obs_dim,)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,10 +90,32 @@ def _finite(values: np.ndarray) -> list[float]:
     return [float(np.clip(v, -3.4e38, 3.4e38)) for v in np.asarray(values, np.float64).ravel()]
 
 
+def register_on_demand(env_id: str) -> None:
+    """Register the MinAtar ids (``MinAtar/Breakout-v1`` ...) the first time one is asked for."""
+    import gymnasium as gym
+
+    if not str(env_id).startswith("MinAtar/") or env_id in gym.registry:
+        return
+    try:
+        import minatar.gym
+    except ModuleNotFoundError:
+        raise EnvError(f"cannot make env {env_id!r}: the 'minatar' package is not installed; "
+                       "pip install 'dqnc[pixels]' (or minatar)") from None
+    minatar.gym.register_envs()
+
+
+def image_layout(shape: tuple[int, ...]) -> str:
+    """'HWC' or 'CHW' for a 3-D observation shape (channels are the short axis), else 'flat'."""
+    if len(shape) != 3:
+        return "flat"
+    return "CHW" if shape[0] < shape[-1] else "HWC"
+
+
 def make_env(env_id: str, kwargs: dict[str, Any] | None = None, render_mode: str | None = None) -> Any:
     """Make one env from a registered id or a ``module:Env-v0`` id, with a clear error."""
     import gymnasium as gym
 
+    register_on_demand(env_id)
     kwargs = dict(kwargs or {})
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
@@ -131,6 +170,7 @@ def env_spec(env_id: str, kwargs: dict[str, Any] | None = None) -> EnvSpec:
             obs_names=OBS_NAMES.get(base_id),
             reward_threshold=None if spec is None or spec.reward_threshold is None else float(spec.reward_threshold),
             max_episode_steps=None if spec is None else spec.max_episode_steps,
+            obs_layout=image_layout(tuple(obs_space.shape)),
         )
     finally:
         env.close()
@@ -171,14 +211,16 @@ def rollout(
     rec_q: list[list[np.ndarray]] = [[] for _ in range(episodes)]
     rngs = [np.random.default_rng([seed, i]) for i in range(episodes)]
     slot_ep = [-1] * n
-    obs = np.zeros((n, spec.obs_dim), np.float32)
+    # HWC images keep their shape (a conv net takes them as they are; an MLP flattens them itself).
+    shape = spec.batch_shape
+    obs = np.zeros((n, *shape), np.float32)
     next_ep = 0
 
     def start(slot: int) -> None:
         nonlocal next_ep
         slot_ep[slot] = next_ep
         o, _ = envs[slot].reset(seed=seed + next_ep)
-        obs[slot] = np.asarray(o, np.float32).ravel()
+        obs[slot] = np.asarray(o, np.float32).reshape(shape)
         next_ep += 1
 
     try:
@@ -199,7 +241,7 @@ def rollout(
                 o, r, term, trunc, _ = envs[slot].step(a)
                 returns[ep] += float(r)
                 lengths[ep] += 1
-                obs[slot] = np.asarray(o, np.float32).ravel()
+                obs[slot] = np.asarray(o, np.float32).reshape(shape)
                 if term or trunc:
                     if next_ep < episodes:
                         start(slot)

@@ -101,6 +101,11 @@ def mcu_refusal(quantization: dict[str, Any], content: bytes, litert: Any) -> st
     return None
 
 
+# int8 output steps within which TFLM and LiteRT may rank two actions differently for models whose
+# arithmetic dqnc does not recompute (conv nets): one requantization rounding per layer or two.
+NEAR_TIE_STEPS = 2
+
+
 def _first_max(raw: np.ndarray) -> np.ndarray:
     return raw.argmax(axis=1)  # numpy's argmax returns the first maximum: the tie rule shipped
 
@@ -143,6 +148,19 @@ def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: n
             figures.update(tflm_equals_double_rounding=tflm_exact,
                            litert_outputs_equal_single_rounding=int((single == raw_lite).all(axis=1).sum()))
             explained = tflm_exact
+        else:
+            # Conv nets: dqnc does not recompute TFLM's conv arithmetic, so a flip is accepted only
+            # as a near tie: every output within NEAR_TIE_STEPS int8 steps in both runtimes, and the
+            # two actions within that many steps of each other in both (measured on MinAtar
+            # Breakout: outputs differ by <= 2 steps, 36 of 40 flips are exact ties in LiteRT).
+            rows = np.flatnonzero(~same)
+            a_t, a_l = _first_max(raw_tflm)[rows], _first_max(raw_lite)[rows]
+            t, l = raw_tflm.astype(np.int64)[rows], raw_lite.astype(np.int64)[rows]
+            gaps = np.concatenate([l[np.arange(len(rows)), a_l] - l[np.arange(len(rows)), a_t],
+                                   t[np.arange(len(rows)), a_t] - t[np.arange(len(rows)), a_l]])
+            explained = bool(diff.max() <= NEAR_TIE_STEPS and gaps.max() <= NEAR_TIE_STEPS)
+            figures.update(int8_near_ties=int(len(rows)) if explained else 0, near_tie_steps=NEAR_TIE_STEPS,
+                           flip_gap_max_steps=int(gaps.max()))
     elif not same.all():
         # Float kernels sum in different orders: a flip is a float tie when TFLM's choice scores
         # within float32 rounding of LiteRT's best in LiteRT's own outputs.
@@ -328,10 +346,11 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         metrics.update(tflm_compatible=True, tflm_check={**figures, "states_from": who, "tflite_micro": tflm_version},
                        tflm_arena_bytes={k: arena[k] for k in ("total", "head", "tail") if k in arena},
                        tflm_arena_shipped_bytes=arena["shipped"], tflm_flash_bytes=len(content))
-        extra_files["dqnc_policy.h"] = tflm_header(policy, preprocess, env.action_meanings, arena, ops, tflm_version)
+        names = env.action_meanings or [f"action {i}" for i in range(env.n_actions)]
+        extra_files["dqnc_policy.h"] = tflm_header(policy, preprocess, names, arena, ops, tflm_version)
         first_action = int(_first_max(raw_tflm[:1])[0])
         extra_files["main.cc"] = tflm_main(policy, cfg.c_name, states[0], first_action)
-        metrics["c_policy"] = c_policy_files(policy, content, env.action_meanings, preprocess, states, xq, raw_tflm,
+        metrics["c_policy"] = c_policy_files(policy, content, names, preprocess, states, xq, raw_tflm,
                                               extra_files)
     io = policy.io()
     io["output"]["meaning"] = (preprocess or {}).get("outputs", "q_values")
@@ -340,6 +359,8 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     observation = {
         "shape": list(env.obs_shape), "dtype": env.obs_dtype, "low": env.obs_low, "high": env.obs_high,
         "names": env.obs_names,
+        # Every runtime reads the observation in this layout, flattened row-major when fed as numbers.
+        "layout": env.obs_layout,
         "preprocess": "x = (obs - obs_mean) / obs_std, then quantize with input scale/zero point" if preprocess
         else "none (quantize with input scale/zero point if the input is integer)",
     }
@@ -356,7 +377,8 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
             parent=source, command=command,
             extra={"quantization": quantization, "io": io, "preprocess": preprocess, "observation": observation,
                    "actions": {"count": env.n_actions, "meanings": env.action_meanings, "tie_rule": "first maximum"},
-                   "usage": f"python {RUNNER} --obs " + ",".join(["0.0"] * env.obs_dim)},
+                   "usage": f"python {RUNNER} --obs " + (",".join(["0.0"] * env.obs_dim) if env.obs_dim <= 16 else
+                                                         f"V1,...,V{env.obs_dim} ({env.obs_layout} order)")},
         )
         sums = art.file_checksums(tmp)
         sums["manifest.json"] = art.sha256_file(tmp / art.MANIFEST)

@@ -142,6 +142,8 @@ class NumpyMLP:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         x = np.asarray(obs, np.float32)
+        if x.ndim > 2:  # image observations (rollouts keep their shape): an MLP reads them flattened
+            x = x.reshape(len(x), -1)
         last = len(self.layers) - 1
         for i, (w, b) in enumerate(self.layers):
             x = x @ w

@@ -19,6 +19,7 @@ from dqnc.artifact import Artifact
 from dqnc.envs import EnvSpec, QFunction
 from dqnc.errors import ArtifactError
 from dqnc.nets import MLP_FILE, NumpyMLP, load_mlp
+from dqnc.nets_conv import CONV_FILE, load_conv
 
 
 def load_keras_model(path: Path) -> Any:
@@ -44,6 +45,21 @@ def _check_dims(obs_dim: int, n_actions: int, env: EnvSpec, where: str, in_desc:
             f"{where}: model output shape {out_desc} does not fit env {env.id!r} with {env.n_actions} actions: "
             "use the env the model was trained on"
         )
+
+
+def check_image_env(model_shape: tuple[int, ...], env: EnvSpec, where: str) -> None:
+    """A model that reads (H, W, C) images needs an env that gives exactly those images."""
+    if env.obs_layout != "HWC" or tuple(env.obs_shape) != tuple(model_shape):
+        raise ArtifactError(f"{where}: the model reads {'x'.join(map(str, model_shape))} (HWC) images but env "
+                            f"{env.id!r} gives {env.obs_layout} observations {tuple(env.obs_shape)}: "
+                            "use the image env the model was trained on")
+
+
+def _check_tflite_io(pol: Any, env: EnvSpec, where: str) -> None:
+    shape = tuple(int(d) for d in getattr(pol, "_in_shape", ())[1:])
+    if len(shape) == 3:
+        check_image_env(shape, env, where)
+    _check_dims(pol.obs_dim, pol.n_actions, env, where, (pol.obs_dim,), (pol.n_actions,))
 
 
 def check_io(model: Any, env: EnvSpec, where: str) -> None:
@@ -133,7 +149,7 @@ def runtime_q_function(artifact: Artifact, runtime: str) -> QFunction:
         pol = c_policy(artifact, content)
     else:
         raise UsageError(f"unknown runtime {runtime!r}: use litert, tflite-runtime, tflm or c")
-    _check_dims(pol.obs_dim, pol.n_actions, artifact.env, str(artifact.path), (pol.obs_dim,), (pol.n_actions,))
+    _check_tflite_io(pol, artifact.env, str(artifact.path))
     return pol
 
 
@@ -172,8 +188,17 @@ def q_function(artifact: Artifact, model: Any | None = None, runtime: str = "aut
         if not artifact.manifest.get("files"):  # no checksums vouch for this file
             probe_tflite(artifact.model_path)
         pol = tflite_policy(artifact.model_path, artifact.manifest)
-        _check_dims(pol.obs_dim, pol.n_actions, artifact.env, where, (pol.obs_dim,), (pol.n_actions,))
+        _check_tflite_io(pol, artifact.env, where)
         return pol
+    conv_file = artifact.path / CONV_FILE
+    if model is None and artifact.manifest.get("files", {}).get(CONV_FILE) and conv_file.is_file():
+        try:
+            net = load_conv(conv_file)
+        except (ValueError, OSError, KeyError) as e:
+            raise ArtifactError(f"{where}: {e}; re-create the artifact") from None
+        check_image_env(net.obs_shape, artifact.env, where)
+        _check_dims(net.obs_dim, net.n_actions, artifact.env, where, net.obs_shape, (net.n_actions,))
+        return net
     mlp_file = artifact.path / MLP_FILE
     if model is None and artifact.manifest.get("files", {}).get(MLP_FILE) and mlp_file.is_file():
         try:
@@ -184,6 +209,10 @@ def q_function(artifact: Artifact, model: Any | None = None, runtime: str = "aut
         _check_dims(w0.shape[0], wl.shape[1], artifact.env, where, (w0.shape[0],), (wl.shape[1],))
         return mlp
     model = model if model is not None else load_keras_model(artifact.model_path)
+    in_shape = tuple(int(d) if d is not None else -1 for d in model.input_shape[1:]) \
+        if not isinstance(model.input_shape, list) else ()
+    if len(in_shape) == 3:
+        check_image_env(in_shape, artifact.env, where)
     check_io(model, artifact.env, where)
     mlp_w = mlp_weights(model)
     if mlp_w is not None:
@@ -193,4 +222,4 @@ def q_function(artifact: Artifact, model: Any | None = None, runtime: str = "aut
 
     t = tf()
     call = t.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return lambda obs: call(t.convert_to_tensor(np.asarray(obs, np.float32).reshape(len(obs), -1))).numpy()
+    return lambda obs: call(t.convert_to_tensor(np.asarray(obs, np.float32).reshape(len(obs), *in_shape))).numpy()

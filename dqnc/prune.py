@@ -210,6 +210,10 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
     keras().utils.set_random_seed(cfg.seed)
     tf().config.experimental.enable_op_determinism()  # the same seed gives the same pruned model
     teacher = load_keras_model(source.model_path)
+    if any(type(l).__name__ == "Conv2D" for l in teacher.layers):
+        from dqnc import prune_conv
+
+        return prune_conv.run(cfg, source, teacher, q_function(source, model=None), out, force=force, command=command)
     if mlp_weights(teacher) is None:
         kinds = sorted({type(l).__name__ for l in teacher.layers if type(l).__name__ not in ("Dense", "InputLayer")})
         raise UsageError(

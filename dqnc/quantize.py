@@ -276,6 +276,8 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     if cfg.mode in ("int8", "int16x8"):
         calibration = collect_states(parent_q, spec, cfg.calibration_states, episode_seed("calibration", cfg.seed),
                                      cfg.calibration_epsilon)
+        # Rollouts keep image observations' shape; the converter and the rewrites take the model's.
+        calibration = calibration.reshape((len(calibration), *(int(d) for d in model.input_shape[1:])))
     sparsity = _sparsity(model)
     # TFLite Micro has no DENSIFY op and no sparse kernels (tflite-micro#491): auto is dense for mcu.
     sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and cfg.target == "linux" and sparsity >= 0.3)

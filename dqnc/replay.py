@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,14 +12,17 @@ class ReplayBuffer:
     """Fixed-capacity FIFO of transitions ``(obs, action, reward, next_obs, terminated)``.
 
     ``terminated`` is stored, not ``done``: a time-limit truncation still bootstraps.
+    Observations keep the shape and dtype they are given (``obs_dim`` may be a shape): image
+    observations are stored as bool/uint8 (1 byte a pixel, not 4) and sampled as float32.
     """
 
-    def __init__(self, capacity: int, obs_dim: int) -> None:
+    def __init__(self, capacity: int, obs_dim: int | tuple[int, ...], obs_dtype: Any = np.float32) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
-        self.obs = np.zeros((capacity, obs_dim), np.float32)
-        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
+        shape = (obs_dim,) if isinstance(obs_dim, int) else tuple(obs_dim)
+        self.obs = np.zeros((capacity, *shape), obs_dtype)
+        self.next_obs = np.zeros((capacity, *shape), obs_dtype)
         self.actions = np.zeros(capacity, np.int32)
         self.rewards = np.zeros(capacity, np.float32)
         self.terminated = np.zeros(capacity, np.float32)
@@ -46,7 +50,10 @@ class ReplayBuffer:
         if self.size == 0:
             raise ValueError("cannot sample from an empty buffer")
         idx = rng.integers(0, self.size, size=(num_batches, batch_size))
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminated[idx]
+        obs, next_obs = self.obs[idx], self.next_obs[idx]
+        if obs.dtype != np.float32:
+            obs, next_obs = obs.astype(np.float32), next_obs.astype(np.float32)
+        return obs, self.actions[idx], self.rewards[idx], next_obs, self.terminated[idx]
 
     def save(self, path: Path) -> None:
         n = self.size
@@ -57,7 +64,7 @@ class ReplayBuffer:
     def load(cls, path: Path, capacity: int) -> ReplayBuffer:
         with np.load(path) as d:
             n = len(d["actions"])
-            buf = cls(capacity, d["obs"].shape[1])
+            buf = cls(capacity, tuple(d["obs"].shape[1:]), d["obs"].dtype)
             buf.obs[:n], buf.next_obs[:n] = d["obs"], d["next_obs"]
             buf.actions[:n], buf.rewards[:n], buf.terminated[:n] = d["actions"], d["rewards"], d["terminated"]
             buf.size, buf.pos = n, int(d["pos"])

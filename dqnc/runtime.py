@@ -133,6 +133,8 @@ class Policy:
         return cls(model_path, obs_mean=pre.get("obs_mean"), obs_std=pre.get("obs_std"), **kwargs)
 
     def _quantize(self, obs: np.ndarray) -> np.ndarray:
+        if obs.shape[-1:] != (self.obs_dim,):  # images (HWC): the per-feature map is over the flat order
+            obs = obs.reshape(-1, self.obs_dim)
         if self._identity:
             return obs.astype(self.input_dtype, copy=False)
         x = obs * self._a

@@ -245,6 +245,13 @@ def _check_env_id(env_id: str, where: str) -> None:
         return
     import gymnasium as gym
 
+    from dqnc.envs import register_on_demand
+    from dqnc.errors import EnvError
+
+    try:
+        register_on_demand(env_id)  # MinAtar ids exist once minatar has registered them
+    except EnvError as e:
+        raise ConfigError(f"{where}: {e}") from None
     if env_id not in gym.registry:
         close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,214 @@
+"""Convolutional Q-networks for image observations (HWC), and their numpy forward pass.
+
+A conv net is ``Conv2D`` layers (``[filters, kernel, stride]``, valid padding, ReLU-family
+activation) then ``Flatten`` then Dense layers, as a plain tf_keras Sequential (TFMOT and the
+TFLite converter need one). A dueling head folds into one Dense layer exactly as for MLPs
+(:func:`dqnc.nets.dense_weights`). Acting and TF-free evaluation use :class:`NumpyConvNet`, which
+runs the same arithmetic on a whole batch of observations in a few numpy calls.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dqnc.errors import UsageError
+from dqnc.nets import _act
+
+CONV_FILE = "convnet.npz"
+
+# MinAtar's network (Young & Tian 2019): one 3x3 conv with 16 filters, stride 1, then 128 units.
+MINATAR_CONV: tuple[tuple[int, int, int], ...] = ((16, 3, 1),)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    obs_shape: tuple[int, int, int]
+    n_actions: int
+    conv: tuple[tuple[int, int, int], ...] = MINATAR_CONV
+    hidden: tuple[int, ...] = (128,)
+    activation: str = "relu"
+    dueling: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "obs_shape": list(self.obs_shape),
+            "obs_dim": int(np.prod(self.obs_shape)),
+            "n_actions": self.n_actions,
+            "conv": [list(c) for c in self.conv],
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "dueling": self.dueling,
+        }
+
+    def params(self) -> int:
+        """Weights and biases of the plain (dueling-folded) network."""
+        total, c = 0, self.obs_shape[2]
+        for (filters, kernel, _), _shape in zip(self.conv, self.feature_shapes()):
+            total += kernel * kernel * c * filters + filters
+            c = filters
+        dims = [int(np.prod(self.feature_shapes()[-1])), *self.hidden, self.n_actions]
+        return total + int(sum(a * b + b for a, b in zip(dims, dims[1:])))
+
+    def feature_shapes(self) -> list[tuple[int, int, int]]:
+        """The (H, W, C) after each conv layer; raises UsageError when an image gets too small."""
+        h, w, c = self.obs_shape
+        shapes = []
+        for i, (filters, kernel, stride) in enumerate(self.conv):
+            if kernel > h or kernel > w:
+                raise UsageError(f"conv layer {i} ({kernel}x{kernel}) does not fit its {h}x{w} input: "
+                                 "use smaller kernels or strides, or fewer conv layers")
+            h, w, c = (h - kernel) // stride + 1, (w - kernel) // stride + 1, filters
+            shapes.append((h, w, c))
+        return shapes
+
+
+def conv_spec_for(env: Any, conv: list[list[int]], hidden: list[int], activation: str, dueling: bool) -> ConvSpec:
+    """A ConvSpec for an env, or a one-line error when its observations are not HWC images."""
+    shape = tuple(env.obs_shape)
+    if env.obs_layout != "HWC":
+        kind = "CHW images" if env.obs_layout == "CHW" else f"{len(shape)}-D observations {shape}"
+        fix = ("move channels last in a wrapper (a 'module:Env-v0' id)" if env.obs_layout == "CHW"
+               else "drop 'conv' to train an MLP, or use an image env such as MinAtar/Breakout-v1")
+        raise UsageError(f"'conv' needs (height, width, channels) image observations; env {env.id!r} gives {kind}: {fix}")
+    spec = ConvSpec(shape, env.n_actions, tuple(tuple(int(v) for v in c) for c in conv), tuple(hidden), activation,
+                    dueling)
+    spec.feature_shapes()
+    return spec
+
+
+def _layers(spec: ConvSpec, init: bool) -> list[Any]:
+    from dqnc.keras import keras
+
+    k = keras()
+    scale = 2.0 if spec.activation == "relu" else 1.0
+
+    def kw() -> dict[str, Any]:
+        return {"kernel_initializer": k.initializers.VarianceScaling(scale=scale)} if init else {}
+
+    layers: list[Any] = []
+    for i, (filters, kernel, stride) in enumerate(spec.conv):
+        layers.append(k.layers.Conv2D(filters, kernel, strides=stride, padding="valid", activation=spec.activation,
+                                      name=f"conv_{i}", **kw()))
+    layers.append(k.layers.Flatten(name="flatten"))
+    for i, width in enumerate(spec.hidden):
+        layers.append(k.layers.Dense(width, activation=spec.activation, name=f"dense_{i}", **kw()))
+    return layers
+
+
+def build_conv_q_network(spec: ConvSpec, name: str = "q_network") -> Any:
+    """The trainable conv Q-network (Functional with a dueling head, else Sequential)."""
+    from dqnc.keras import keras
+    from dqnc.nets import DuelingCombine
+
+    k = keras()
+    inputs = k.Input(shape=spec.obs_shape, name="obs")
+    x = inputs
+    for layer in _layers(spec, init=True):
+        x = layer(x)
+    if not spec.dueling:
+        return k.Model(inputs, k.layers.Dense(spec.n_actions, name="q_values")(x), name=name)
+    value = k.layers.Dense(1, name="value")(x)
+    adv = k.layers.Dense(spec.n_actions, name="advantage")(x)
+    return k.Model(inputs, DuelingCombine(name="q_values")([value, adv]), name=name)
+
+
+def build_plain_conv(spec: ConvSpec, weights: list[np.ndarray] | None = None, name: str = "q_network") -> Any:
+    """The deployable Sequential conv net (dueling folded), optionally with given weights."""
+    from dqnc.keras import keras
+
+    k = keras()
+    model = k.Sequential([k.Input(shape=spec.obs_shape, name="obs"), *_layers(spec, init=False),
+                          k.layers.Dense(spec.n_actions, name="q_values")], name=name)
+    if weights is not None:
+        model.set_weights(weights)
+    return model
+
+
+def conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
+    """Valid-padding NHWC convolution as one tensordot over strided windows (no copies until then)."""
+    kh, kw = kernel.shape[:2]
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+    # win: [N, H', W', C, kh, kw]; kernel: [kh, kw, C, F]
+    out = np.tensordot(win, kernel.transpose(2, 0, 1, 3), axes=([3, 4, 5], [0, 1, 2]))
+    out += bias
+    return out.astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+class NumpyConvNet:
+    """Q-values of a plain conv net in numpy, for a batch ``[N, H, W, C]`` (or ``[N, H*W*C]``)."""
+
+    def __init__(self, weights: list[np.ndarray], strides: list[int], obs_shape: tuple[int, ...],
+                 activations: list[str]) -> None:
+        self.strides = [int(s) for s in strides]
+        self.obs_shape = tuple(int(s) for s in obs_shape)
+        self.activations = list(activations)
+        self.set_weights(weights)
+
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        self.layers = [(np.asarray(weights[i], np.float32), np.asarray(weights[i + 1], np.float32))
+                       for i in range(0, len(weights), 2)]
+        n_conv = sum(1 for w, _ in self.layers if w.ndim == 4)
+        if n_conv != len(self.strides) or len(self.activations) != len(self.layers) - 1:
+            raise ValueError(f"malformed conv net: {n_conv} conv kernels, {len(self.strides)} strides, "
+                             f"{len(self.layers)} layers, {len(self.activations)} activations")
+
+    @property
+    def obs_dim(self) -> int:
+        return int(np.prod(self.obs_shape))
+
+    @property
+    def n_actions(self) -> int:
+        return int(self.layers[-1][0].shape[1])
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        # OpenBLAS threads on a busy 2-core host make these small products ~100x slower (measured:
+        # 27 ms instead of 0.23 ms for 8 MinAtar observations); one thread is what a batch this size needs.
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            return self._forward(obs)
+
+    def _forward(self, obs: np.ndarray) -> np.ndarray:
+        x = np.asarray(obs, np.float32).reshape(-1, *self.obs_shape)
+        last = len(self.layers) - 1
+        for i, (w, b) in enumerate(self.layers):
+            if w.ndim == 4:
+                x = conv2d(x, w, b, self.strides[i])
+            else:
+                if x.ndim > 2:
+                    x = x.reshape(len(x), -1)
+                x = x @ w
+                x += b
+            if i < last:
+                x = _act(x, self.activations[i])
+        return x
+
+
+def save_conv(path: Any, weights: list[np.ndarray], spec: ConvSpec) -> None:
+    """Save a plain conv net beside its SavedModel so TF-free tools can run it in numpy."""
+    arrays = {f"p{i}": np.asarray(w, np.float32) for i, w in enumerate(weights)}
+    n_layers = len(weights) // 2
+    np.savez(path, activations=np.array([spec.activation] * (n_layers - 1)),
+             strides=np.array([c[2] for c in spec.conv], np.int64), obs_shape=np.array(spec.obs_shape, np.int64),
+             **arrays)
+
+
+def load_conv(path: Any) -> NumpyConvNet:
+    with np.load(path, allow_pickle=False) as d:
+        n = len([k for k in d.files if k.startswith("p")])
+        weights = [d[f"p{i}"] for i in range(n)]
+        activations = [str(a) for a in d["activations"]]
+        strides = [int(s) for s in d["strides"]]
+        obs_shape = tuple(int(s) for s in d["obs_shape"])
+    if n < 2 or n % 2:
+        raise ValueError(f"{path}: malformed conv net weights ({n} arrays)")
+    return NumpyConvNet(weights, strides, obs_shape, activations)

@@ -1,0 +1,147 @@
+"""Magnitude pruning of conv Q-networks (TFMOT on Conv2D and Dense kernels).
+
+The MLP path (:mod:`dqnc.prune`) distills in standardized input coordinates folded into the
+first Dense layer; a convolution cannot absorb per-pixel scaling, and MinAtar's 0/1 images need
+none. Here the student regresses the teacher's Q-values (standardized by one scalar, folded back
+into the dense output layer) on the teacher's epsilon-greedy states, image-shaped, while TFMOT's
+masks tighten; ``finetune: none`` is one-shot pruning. ``rl`` fine-tuning, ERK and unit
+pruning cover MLPs only and are refused with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dqnc import artifact as art
+from dqnc.config import PruneConfig
+from dqnc.errors import UsageError
+from dqnc.fidelity import actions_of, fidelity
+from dqnc.nets_conv import CONV_FILE, ConvSpec, NumpyConvNet, save_conv
+from dqnc.seeds import episode_seed
+
+_PRUNABLE = ("Conv2D", "Dense")
+
+
+def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
+    """The sparsity each Conv2D/Dense kernel must reach (0 for layers kept dense)."""
+    layers = [l for l in model.layers if type(l).__name__ in _PRUNABLE]
+    names = [l.name for l in layers]
+    unknown = sorted(set(cfg.layer_sparsity) - set(names))
+    if unknown:
+        raise UsageError(f"no Conv2D/Dense layer named {unknown[0]!r} in the model: layers are {', '.join(names)}")
+    aliases = {"first": names[0], "last": names[-1]}
+    typo = [n for n in cfg.keep_dense if aliases.get(n, n) not in names]
+    if typo:
+        raise UsageError(f"keep_dense: no layer named {typo[0]!r} in the model: use first, last or one of {', '.join(names)}")
+    kept = {aliases.get(n, n) for n in cfg.keep_dense}
+    targets = {n: (0.0 if n in kept else cfg.sparsity) for n in names}
+    targets.update(cfg.layer_sparsity)
+    return targets
+
+
+def _refuse_unsupported(cfg: PruneConfig) -> None:
+    if cfg.structure != "weights":
+        raise UsageError("--structure units removes hidden units of Dense MLPs; for a conv net use --structure weights")
+    if cfg.finetune == "rl":
+        raise UsageError("--finetune rl covers Dense MLPs so far; for a conv net use --finetune distill or none")
+    if cfg.distribution != "uniform":
+        raise UsageError("--distribution erk covers Dense MLPs so far; for a conv net use uniform (or --layer-sparsity)")
+
+
+def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, out: Path, *, force: bool = False,
+        command: list[str] | None = None) -> art.Artifact:
+    """Prune the conv net ``teacher`` (loaded from ``source``) and write the sparse artifact at ``out``."""
+    from dqnc.distillation import check_states
+    from dqnc.envs import collect_states
+    from dqnc.keras import keras, tfmot
+    from dqnc.nets import dense_weights
+
+    _refuse_unsupported(cfg)
+    if not isinstance(teacher_q, NumpyConvNet):
+        raise UsageError(f"{str(source.path)!r}: conv pruning needs a dqnc conv artifact (convnet.npz); "
+                         "re-create it with dqnc train")
+    k, sparsity_api = keras(), tfmot().sparsity.keras
+    targets = layer_targets(teacher, cfg)
+    if not any(v > 0 for v in targets.values()):
+        raise UsageError("nothing to prune: every layer is kept dense (check --keep-dense / --layer-sparsity)")
+
+    if cfg.finetune == "distill":
+        states = collect_states(teacher_q, source.env, cfg.states, episode_seed("distill", cfg.seed), cfg.epsilon)
+        q_t = teacher_q(states)
+        steps = cfg.epochs * int(np.ceil(len(states) / cfg.batch_size))
+    else:
+        states, q_t, steps = None, None, 1
+    ramp = max(1, int(steps * 0.6))
+    freq = max(1, ramp // 40)
+    end = freq * max(1, ramp // freq)
+
+    def schedule(target: float) -> Any:
+        if cfg.schedule == "constant" or cfg.finetune == "none":
+            return sparsity_api.ConstantSparsity(target, begin_step=0, frequency=1)
+        return sparsity_api.PolynomialDecay(0.0, target, begin_step=0, end_step=end, frequency=freq)
+
+    def wrap(layer: Any) -> Any:
+        new = layer.__class__.from_config(layer.get_config())
+        if type(layer).__name__ in _PRUNABLE and targets.get(layer.name, 0.0) > 0:
+            return sparsity_api.prune_low_magnitude(new, pruning_schedule=schedule(targets[layer.name]))
+        return new
+
+    from dqnc.prune import _strip_and_mask, _weights_for
+
+    student = k.models.clone_model(teacher, clone_function=wrap)
+    student.set_weights(_weights_for(student, teacher))
+    callbacks = [sparsity_api.UpdatePruningStep()]
+    history: list[float] = []
+    if states is not None and q_t is not None:
+        # One scalar scale for the targets, folded back into the (dense) output layer afterwards.
+        q_mean, q_std = float(q_t.mean()), float(max(q_t.std(), 1e-6))
+        last = student.layers[-1]
+        if hasattr(last, "pruning_vars"):
+            raise UsageError("keep the output layer dense for conv pruning (keep_dense: [last])")
+        w, b = last.get_weights()
+        last.set_weights([w / q_std, (b - q_mean) / q_std])
+        student.compile(optimizer=k.optimizers.Adam(cfg.lr), loss="mse")
+        fit = student.fit(states, (q_t - q_mean) / q_std, batch_size=cfg.batch_size, epochs=cfg.epochs, verbose=0,
+                          shuffle=True, callbacks=callbacks)
+        history = [float(v) for v in fit.history["loss"]]
+        w, b = last.get_weights()
+        last.set_weights([w * q_std, b * q_std + q_mean])
+    else:
+        student.compile(optimizer="sgd", loss="mse")
+        student.optimizer.learning_rate.assign(0.0)  # one zero-step fit applies the masks
+        x = np.zeros((1, *source.env.obs_shape), np.float32)
+        student.fit(x, teacher.predict(x, verbose=0), epochs=1, verbose=0, callbacks=callbacks)
+    plain = _strip_and_mask(student)
+
+    weights = dense_weights(plain)
+    net = source.network or {}
+    spec = ConvSpec(tuple(source.env.obs_shape), source.env.n_actions,  # type: ignore[arg-type]
+                    tuple(tuple(c) for c in net["conv"]), tuple(net["hidden"]), net.get("activation", "relu"))
+    student_q = NumpyConvNet(weights, [c[2] for c in spec.conv], spec.obs_shape, teacher_q.activations)
+    check = check_states(teacher_q, source.env, cfg.check_states, cfg.seed, cfg.epsilon)
+    stats = fidelity(teacher_q(check), actions_of(student_q(check)))
+    layers = []
+    for layer in plain.layers:
+        if type(layer).__name__ not in _PRUNABLE:
+            continue
+        kern = layer.get_weights()[0]
+        zeros = int(kern.size - np.count_nonzero(kern))
+        layers.append({"name": layer.name, "shape": list(kern.shape), "target": targets[layer.name],
+                       "sparsity": zeros / kern.size, "zeros": zeros, "params": int(kern.size)})
+    prunable = [l for l in layers if l["target"] > 0]
+    metrics = {
+        "sparsity": sum(l["zeros"] for l in layers) / sum(l["params"] for l in layers),
+        "prunable_sparsity": sum(l["zeros"] for l in prunable) / max(1, sum(l["params"] for l in prunable)),
+        "layers": layers,
+        "check": stats,
+        "loss_history": history[-5:],
+    }
+    with art.atomic_output(out, force) as tmp:
+        plain.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
+        save_conv(tmp / CONV_FILE, weights, spec)
+        art.write_manifest(tmp, stage="prune", env=source.env, network=dict(net), config=cfg.model_dump(mode="json"),
+                           metrics=metrics, parent=source, command=command)
+    return art.load(out)
