@@ -33,6 +33,9 @@ def sb3_part(out: Path, steps: int, seed: int) -> None:
     sys.path.insert(0, str(HERE))
     from sb3_train import ZOO_DQN
 
+    # One torch thread: on a 2-core machine shared with another job, 2 contended threads ran
+    # SB3 ~20x slower (see BENCHMARKS section 1).
+    torch.set_num_threads(1)
     cfg = dict(ZOO_DQN["CartPole-v1"])
     cfg.pop("n_timesteps")
     t0 = time.perf_counter()
