@@ -164,11 +164,14 @@ def test_conv_layers_and_wrong_env_are_refused_naming_what_is_supported(tmp_path
 
 # --- ONNX ---------------------------------------------------------------------------------------
 
-def _onnx_model(layers, fixed_batch: bool = False, extra_node=None, norm=None) -> bytes:
+def _onnx_model(layers, fixed_batch: bool = False, extra_node=None, norm=None, cast_to=None) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     batch = 1 if fixed_batch else "batch"
     nodes, inits, x = [], [], "observation"
+    if cast_to is not None:  # SB3's q_net, exported by torch.onnx, starts with a Cast to float
+        nodes.append(helper.make_node("Cast", [x], ["cast"], to=cast_to))
+        x = "cast"
     if norm is not None:  # (x - mean) / std, as a preprocessing wrapper exports
         inits += [numpy_helper.from_array(norm[0].astype(np.float32), "mean"),
                   numpy_helper.from_array(norm[1].astype(np.float32), "std")]
@@ -212,6 +215,21 @@ def test_onnx_gemm_matmul_graph_imports_exactly(tmp_path: Path, fixed_batch: boo
         x = acts[i](x) if i < 2 else x
     got = _artifact_q(res["path"], STATES)
     assert np.max(np.abs(got - x)) <= 1e-5 * (x.max() - x.min())
+
+
+def test_onnx_cast_to_float_imports_and_other_casts_are_refused(tmp_path: Path):
+    """Found with a real SB3 2.9.2 / torch 2.13 export (benchmarks/import_sb3.py): a leading Cast."""
+    from onnx import TensorProto
+
+    layers = _mlp([4, 8, 2], seed=10)
+    src = tmp_path / "sb3.onnx"
+    src.write_bytes(_onnx_model(layers, cast_to=TensorProto.FLOAT))
+    res = _import(str(src), "-o", str(tmp_path / "out"))
+    assert res["metrics"]["check"]["rel_error"] <= 1e-5
+    bad = tmp_path / "int.onnx"
+    bad.write_bytes(_onnx_model(layers, cast_to=TensorProto.INT64))
+    msg = _fails(["import", str(bad), "--env", ENV])
+    assert "Cast" in msg and "only a cast to float32" in msg
 
 
 def test_onnx_unsupported_op_is_named_with_the_supported_list(tmp_path: Path):

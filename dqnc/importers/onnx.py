@@ -4,7 +4,7 @@ Two independent readings of one graph: :func:`evaluate` runs the nodes in order 
 (the reference the import is checked against), and :func:`chain_ops` turns the same graph into
 dqnc's op chain by following the one tensor that flows from the observation to the Q-values.
 Supported: Gemm (any alpha/beta/transB), MatMul, Add/Sub/Mul/Div by constants, Relu, Tanh,
-Sigmoid, Elu (alpha 1), Clip, Flatten, Identity, Dropout, Reshape to ``[batch, n]``, Constant,
+Sigmoid, Elu (alpha 1), Clip, Flatten, Identity, Dropout, Cast to float32, Reshape to ``[batch, n]``, Constant,
 as torch.onnx exports SB3 and CleanRL MLPs (``[batch, n]`` or fixed ``[1, n]`` inputs, any names).
 """
 
@@ -19,7 +19,8 @@ from dqnc.errors import ArtifactError
 from dqnc.importers.common import Act, Affine, Clip, Op, ScaleShift, Source, UnsupportedModelError
 
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Tanh", "Sigmoid", "Elu", "Clip",
-                 "Flatten", "Identity", "Dropout", "Reshape", "Constant")
+                 "Flatten", "Identity", "Dropout", "Reshape", "Constant", "Cast")
+ONNX_FLOAT = 1  # TensorProto.FLOAT: the only Cast target that leaves float32 values unchanged
 _ACTS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Elu": "elu"}
 
 
@@ -119,6 +120,12 @@ def _run_node(node: Any, args: list[np.ndarray | None], what: str) -> np.ndarray
         return x.reshape(int(np.prod(x.shape[:axis])), -1)
     if op in ("Identity", "Dropout"):
         return x
+    if op == "Cast":
+        # SB3's q_net, exported by torch.onnx, casts the observation to float32 first.
+        if int(at.get("to", 0)) != ONNX_FLOAT:
+            raise UnsupportedModelError(f"{what}: Cast {node.name!r} to ONNX type {at.get('to')} is not supported "
+                                        "(only a cast to float32, which changes no value)")
+        return np.asarray(x, np.float32)
     if op == "Reshape":
         shape = [int(s) for s in np.asarray(args[1]).ravel()]
         if not at.get("allowzero", 0):
@@ -241,6 +248,10 @@ def chain_ops(graph: Graph) -> tuple[list[Op], list[dict[str, Any]]]:
             shape = [int(s) for s in np.asarray(arg(1)).ravel()]
             if len(shape) != 2 or shape[0] not in (-1, 0, 1) or shape[1] not in (-1, width):
                 raise UnsupportedModelError(f"{what}: Reshape {name!r} to {shape} is not a flatten to [batch, {width}]")
+        elif op == "Cast":
+            if int(at.get("to", 0)) != ONNX_FLOAT:
+                raise UnsupportedModelError(f"{what}: Cast {name!r} to ONNX type {at.get('to')} is not supported "
+                                            "(only a cast to float32, which changes no value)")
         elif op == "Flatten":
             if at.get("axis", 1) != 1:
                 raise UnsupportedModelError(f"{what}: Flatten {name!r} with axis {at.get('axis')} is not supported (axis 1 is)")
