@@ -27,7 +27,6 @@ import numpy as np
 
 from dqnc import artifact as art
 from dqnc.fidelity import actions_of, fidelity
-from dqnc.seeds import episode_seed
 from dqnc.config import PruneConfig
 from dqnc.distillation import Normalizer, Trainer, check_states, dagger, teacher_states
 from dqnc.errors import UsageError
@@ -77,7 +76,10 @@ def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
     return {n: targets[n] for n in names}
 
 
-def _wrap(model: Any, targets: dict[str, float], cfg: PruneConfig, steps: int) -> Any:
+def _wrap(model: Any, targets: dict[str, float], cfg: PruneConfig, steps: int,
+          prunable: tuple[str, ...] = ("Dense",)) -> Any:
+    """A clone of ``model`` whose ``prunable`` layers with a target are wrapped by TFMOT's
+    ``prune_low_magnitude`` on the stage's schedule (prune and prune_conv share it)."""
     from dqnc.keras import keras, tfmot
 
     k, sparsity_api = keras(), tfmot().sparsity.keras
@@ -97,7 +99,7 @@ def _wrap(model: Any, targets: dict[str, float], cfg: PruneConfig, steps: int) -
     def wrap(layer: Any) -> Any:
         new = layer.__class__.from_config(layer.get_config())
         target = targets.get(layer.name, 0.0)
-        if type(layer).__name__ == "Dense" and target > 0:
+        if type(layer).__name__ in prunable and target > 0:
             return sparsity_api.prune_low_magnitude(new, pruning_schedule=schedule(target))
         return new
 

@@ -74,25 +74,9 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, ou
         steps = cfg.epochs * int(np.ceil(len(states) / cfg.batch_size))
     else:
         states, q_t, steps = None, None, 1
-    ramp = max(1, int(steps * 0.6))
-    freq = max(1, ramp // 40)
-    end = freq * max(1, ramp // freq)
+    from dqnc.prune import _strip_and_mask, _wrap
 
-    def schedule(target: float) -> Any:
-        if cfg.schedule == "constant" or cfg.finetune == "none":
-            return sparsity_api.ConstantSparsity(target, begin_step=0, frequency=1)
-        return sparsity_api.PolynomialDecay(0.0, target, begin_step=0, end_step=end, frequency=freq)
-
-    def wrap(layer: Any) -> Any:
-        new = layer.__class__.from_config(layer.get_config())
-        if type(layer).__name__ in _PRUNABLE and targets.get(layer.name, 0.0) > 0:
-            return sparsity_api.prune_low_magnitude(new, pruning_schedule=schedule(targets[layer.name]))
-        return new
-
-    from dqnc.prune import _strip_and_mask, _weights_for
-
-    student = k.models.clone_model(teacher, clone_function=wrap)
-    student.set_weights(_weights_for(student, teacher))
+    student = _wrap(teacher, targets, cfg, steps, prunable=_PRUNABLE)
     callbacks = [sparsity_api.UpdatePruningStep()]
     history: list[float] = []
     if states is not None and q_t is not None:

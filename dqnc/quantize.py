@@ -17,6 +17,7 @@ and Q-error limits are optional: a model whose actions differ only on near-ties 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -352,8 +353,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         if not problems and cfg.check_episodes > 0:
             # Closed loop: the same start states for both, so the paired difference is what the
             # model loses, not which episodes it happened to get.
-            seed = episode_seed("check", cfg.seed) + CHECK_EPISODE_OFFSET
-            new_r = rollout(pol.q_values, spec, cfg.check_episodes, seed).returns
+            new_r = rollout(pol.q_values, spec, cfg.check_episodes, check_episode_seed).returns
             drop = return_drop(parent_returns(), new_r)
             stats.update(drop, check_episodes=cfg.check_episodes, mean_return=float(new_r.mean()),
                          parent_mean_return=float(parent_returns().mean()))
@@ -364,13 +364,11 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
                                 f"allowed {100 * cfg.max_return_drop:.2f}%)")
         return stats, problems
 
-    _parent_returns: list[np.ndarray] = []
+    check_episode_seed = episode_seed("check", cfg.seed) + CHECK_EPISODE_OFFSET
 
-    def parent_returns() -> np.ndarray:
-        if not _parent_returns:
-            _parent_returns.append(rollout(parent_q, spec, cfg.check_episodes,
-                                           episode_seed("check", cfg.seed) + CHECK_EPISODE_OFFSET).returns)
-        return _parent_returns[0]
+    @functools.cache
+    def parent_returns() -> np.ndarray:  # the parent's closed-loop episodes, rolled out once
+        return rollout(parent_q, spec, cfg.check_episodes, check_episode_seed).returns
 
     def build(sparse_: bool, sweeps: int) -> tuple[bytes, float, tuple[float, float] | None]:
         content_ = convert(models[sweeps], cfg.mode, calibration, cfg.float_io, sparse_, cfg.strip_strings)
