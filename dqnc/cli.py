@@ -362,7 +362,7 @@ def prune(
     temperature: Annotated[float, typer.Option(min=1e-6, help="Teacher softmax temperature (advantage-spread units).")] = 0.01,
     score_gain: Annotated[float, typer.Option(min=1.0, help="How much steeper the student's scores are near ties (int8 robustness).")] = 20.0,
     rl_steps: Annotated[int, typer.Option(min=1000, help="Env steps of RL fine-tuning (--finetune rl).")] = 20_000,
-    structure: Annotated[str, typer.Option(help="weights (zero single weights, same shape) or units (remove whole hidden units: a narrower dense network; --sparsity = share of units removed).")] = "weights",
+    structure: Annotated[str, typer.Option(help="weights (zero single weights, same shape), units (remove whole hidden units: a narrower dense network; --sparsity = share of units removed) or 2by4 (two zeros in every four consecutive input weights, 50%).")] = "weights",
     importance: Annotated[str, typer.Option(help="--structure units: taylor (first-order loss change, Molchanov et al. 2017) or magnitude.")] = "taylor",
     unit_rounds: Annotated[int, typer.Option(min=1, max=20, help="--structure units: removal rounds, each fine-tuned by distillation.")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
@@ -384,8 +384,11 @@ def prune(
         values["keep_dense"] = tuple(keep_dense)
     cfg = validate(PruneConfig, {**values, **_config_extra()}, "options")
     source = art.load(path, env=_env_arg(env, env_kwargs))
-    out = out or _default_out(path, f"{'units' if structure == 'units' else 'pruned'}{round(100 * sparsity)}")
-    with _spinner(f"pruning to {100 * sparsity:.0f}% ({finetune})", as_json):
+    if structure == "2by4":
+        sparsity = 0.5
+    out = out or _default_out(path, {"units": f"units{round(100 * sparsity)}", "2by4": "pruned2by4"}.get(
+        structure, f"pruned{round(100 * sparsity)}"))
+    with _spinner(f"pruning to {'2:4' if structure == '2by4' else f'{100 * sparsity:.0f}%'} ({finetune})", as_json):
         result = run_prune(cfg, source, out, force=force, command=_argv())
     m = result.manifest["metrics"]
     if as_json:
@@ -403,6 +406,8 @@ def prune(
                      f"{100 * c['decisive_agreement']:.1f}%)")
         stdout.print(f"saved {result.path}")
         return
+    if m.get("pattern"):
+        stdout.print(f"pattern {m['pattern']} holds in every pruned layer")
     stdout.print(f"overall sparsity {100 * m['sparsity']:.1f}% (pruned layers {100 * m['prunable_sparsity']:.1f}%); "
                  f"against the parent on {c['states']:,} held-out states: {fidelity_line(c)}")
     stdout.print(f"saved {result.path}")

@@ -231,9 +231,11 @@ class PruneConfig(_StageConfig):
     rl_steps: int = Field(20_000, ge=100, description="env steps of RL fine-tuning (finetune: rl)")
     seed: int = Field(0, ge=0, le=999)
     check_states: int = Field(2000, ge=16)
-    structure: Literal["weights", "units"] = Field(
+    structure: Literal["weights", "units", "2by4"] = Field(
         "weights", description="weights: zero single weights (TFMOT magnitude pruning, same shape); units: remove whole "
-        "hidden units, 'sparsity' being the share of each hidden layer's units removed (a narrower dense network)")
+        "hidden units, 'sparsity' being the share of each hidden layer's units removed (a narrower dense network); "
+        "2by4: TFMOT's 2:4 pattern, two zeros in every four consecutive input weights of each unit (50%, "
+        "'sparsity' unused; the layout sparse tensor cores and some NPUs accelerate)")
     importance: Literal["taylor", "magnitude"] = Field(
         "taylor", description="structure: units: rank units by the first-order Taylor estimate of the loss change "
         "(Molchanov et al. 2017) or by the norms of their incoming and outgoing weights")

@@ -33,6 +33,17 @@ from dqnc.errors import UsageError
 from dqnc.nets import MLP_FILE, NumpyMLP, save_mlp
 
 
+# TFMOT's m_by_n pattern: M zeros in every N consecutive input weights of a unit (2:4 sparsity).
+M_BY_N = (2, 4)
+
+
+def follows_m_by_n(kernel: np.ndarray, m_by_n: tuple[int, int] = M_BY_N) -> bool:
+    """Whether a Dense kernel ``[in, out]`` has at least M zeros in every N consecutive inputs of each unit."""
+    m, n = m_by_n
+    groups = kernel.T.reshape(kernel.shape[1], -1, n)
+    return bool(((groups == 0).sum(axis=-1) >= m).all())
+
+
 def _dense_layers(model: Any) -> list[Any]:
     return [l for l in model.layers if type(l).__name__ == "Dense"]
 
@@ -54,6 +65,12 @@ def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
                          f"{', '.join(names)}")
     kept = [aliases[n] if n in aliases else n for n in cfg.keep_dense]
     targets = {n: 0.0 for n in kept}
+    if cfg.structure == "2by4":  # the pattern fixes every pruned layer at 50%
+        for layer in dense:
+            if layer.name not in kept and layer.kernel.shape[0] % M_BY_N[1]:
+                raise UsageError(f"--structure 2by4 needs each pruned layer's inputs in groups of {M_BY_N[1]}: "
+                                 f"{layer.name} has {layer.kernel.shape[0]}; keep it dense (--keep-dense {layer.name})")
+        return {l.name: 0.0 if l.name in kept else 0.5 for l in dense}
     free = [l for l in dense if l.name not in kept and l.name not in cfg.layer_sparsity]
     targets.update(cfg.layer_sparsity)
     if cfg.distribution == "uniform" or not free:
@@ -100,7 +117,9 @@ def _wrap(model: Any, targets: dict[str, float], cfg: PruneConfig, steps: int,
         new = layer.__class__.from_config(layer.get_config())
         target = targets.get(layer.name, 0.0)
         if type(layer).__name__ in prunable and target > 0:
-            return sparsity_api.prune_low_magnitude(new, pruning_schedule=schedule(target))
+            # With m_by_n, TFMOT takes only the update timing from the schedule, not its sparsity.
+            m_by_n = M_BY_N if cfg.structure == "2by4" else None
+            return sparsity_api.prune_low_magnitude(new, pruning_schedule=schedule(target), sparsity_m_by_n=m_by_n)
         return new
 
     try:
@@ -281,7 +300,12 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
     check = check_states(teacher_q, source.env, cfg.check_states, cfg.seed, cfg.epsilon)
     student_q = NumpyMLP(weights, acts)
     stats = fidelity(teacher_q(check), actions_of(student_q(check)))
+    if cfg.structure == "2by4":
+        broken = [l.name for l in _dense_layers(plain) if targets[l.name] > 0 and not follows_m_by_n(l.get_weights()[0])]
+        if broken:  # TFMOT's masks hold by construction; a failure here is a bug, not bad input
+            raise RuntimeError(f"the 2:4 pattern does not hold in {', '.join(broken)} after pruning")
     metrics = {
+        "pattern": "2:4" if cfg.structure == "2by4" else None,
         "sparsity": total_zero / total,
         "prunable_sparsity": sum(l["zeros"] for l in prunable) / max(1, sum(l["params"] for l in prunable)),
         "layers": layers,

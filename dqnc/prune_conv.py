@@ -44,7 +44,7 @@ def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
 
 def _refuse_unsupported(cfg: PruneConfig) -> None:
     if cfg.structure != "weights":
-        raise UsageError("--structure units removes hidden units of Dense MLPs; for a conv net use --structure weights")
+        raise UsageError(f"--structure {cfg.structure} is for Dense MLPs; for a conv net use --structure weights")
     if cfg.finetune == "rl":
         raise UsageError("--finetune rl covers Dense MLPs so far; for a conv net use --finetune distill or none")
     if cfg.distribution != "uniform":

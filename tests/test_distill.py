@@ -156,3 +156,42 @@ def test_distill_cli_defaults_are_the_config_defaults():
         assert defaults[name] == getattr(cfg, name), name
     assert defaults["hidden"] == ",".join(map(str, cfg.hidden))
     assert defaults["widths"] == ",".join(map(str, cfg.widths))
+
+
+def test_2by4_pruning_keeps_two_of_every_four_inputs_and_the_policy(tmp_path):
+    from dqnc.cli import app
+    from dqnc.policy import load_keras_model
+    from dqnc.prune import follows_m_by_n
+
+    r = CliRunner().invoke(app, ["prune", str(SAMPLE), "--structure", "2by4", "--states", "2000", "--epochs", "4",
+                                 "--dagger-rounds", "1", "--check-states", "500", "-o", str(tmp_path / "p"), "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)["metrics"]
+    assert m["pattern"] == "2:4"
+    kernels = [l.get_weights()[0] for l in load_keras_model(tmp_path / "p" / "model").layers if l.get_weights()]
+    # first and last stay dense (the defaults); the hidden 128x128 layer follows 2:4 exactly, not just 50%
+    assert [follows_m_by_n(k) for k in kernels] == [False, True, False]
+    assert abs(np.mean(kernels[1] == 0) - 0.5) < 1e-9
+    rng = np.random.default_rng(0)
+    assert not follows_m_by_n(rng.normal(size=(128, 8)) * (rng.random((128, 8)) > 0.5))  # 50% at random is not 2:4
+    assert m["check"]["decisive_agreement"] >= 0.95, m["check"]
+    # At 50% the sparse encoding's indices outweigh the zeros: linux's auto encoding keeps the smaller dense file.
+    # (This 4-epoch student's int8 fidelity is not the point here, hence the loose regret limit.)
+    sizes = {}
+    for target in ("linux", "mcu"):
+        r = CliRunner().invoke(app, ["quantize", str(tmp_path / "p"), "--target", target, "--calibration-states", "300",
+                                     "--check-states", "300", "--max-regret", "0.2", "-o", str(tmp_path / target), "--json"])
+        assert r.exit_code == 0, r.output
+        sizes[target] = json.loads(r.stdout)["metrics"]
+    assert sizes["linux"]["sparsity_encoding"].startswith("dense (the sparse encoding was not smaller")
+    assert sizes["linux"]["size_bytes"] == sizes["mcu"]["size_bytes"]
+    # A layer whose inputs do not come in fours (Acrobot's 6 observations) is refused with the fix named.
+    from dqnc.errors import UsageError
+    from dqnc.nets import NetSpec, build_plain_mlp
+    from dqnc.prune import PruneConfig, layer_targets
+
+    acrobot = build_plain_mlp(NetSpec(obs_dim=6, n_actions=3, hidden=(8, 8)))
+    cfg = PruneConfig(structure="2by4", keep_dense=("last",))
+    with pytest.raises(UsageError, match="has 6; keep it dense"):
+        layer_targets(acrobot, cfg)
+    assert set(layer_targets(acrobot, PruneConfig(structure="2by4")).values()) == {0.0, 0.5}
