@@ -431,7 +431,7 @@ def quantize(
     mode: Annotated[str, typer.Option(help="int8 (full integer), int16x8, float16, dynamic or fp32.")] = "int8",
     float_io: Annotated[bool, typer.Option("--float-io", help="Keep float32 input/output (int8/int16x8 inside).")] = False,
     target: Annotated[str, typer.Option(help="mcu (TFLite Micro too: dense encoding) or linux (sparse encoding allowed).")] = "mcu",
-    sparse_encoding: Annotated[str, typer.Option(help="auto (dense for mcu; sparse for linux when >=30% zeros), on (linux only) or off.")] = "auto",
+    sparse_encoding: Annotated[str, typer.Option(help="auto (dense for mcu; sparse for linux when >=30% zeros and the file is smaller), on (linux only) or off.")] = "auto",
     output_range: Annotated[str, typer.Option(help="ranking (int8 output narrowed so near-tied actions stay apart) or full.")] = "ranking",
     calibration_states: Annotated[int, typer.Option(min=16, help="Rollout states to calibrate on.")] = 2000,
     check_states: Annotated[int, typer.Option(min=16, help="Held-out states the result is checked on.")] = 2000,

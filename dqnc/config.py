@@ -261,7 +261,7 @@ class QuantizeConfig(_StageConfig):
     sparse_encoding: Literal["auto", "on", "off"] = Field(
         "auto", description="store sparse kernels sparsely: smaller files, but TFLite Micro cannot run them "
         "and XNNPACK does not accelerate them; auto = dense for target mcu, sparse for target linux when at "
-        "least 30% of the weights are zero")
+        "least 30% of the weights are zero and the sparse file is the smaller")
     output_range: Literal["ranking", "full"] = Field(
         "ranking", description="int8 output scale: 'ranking' narrows it so near-tied actions stay apart (larger scores "
         "saturate) and also tries cross-layer equalization, each variant chosen by greedy agreement with the parent on "

@@ -48,20 +48,21 @@ def _dense_layers(model: Any) -> list[Any]:
     return [l for l in model.layers if type(l).__name__ == "Dense"]
 
 
-def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
-    """The sparsity each Dense layer's kernel must reach (0 for layers kept dense)."""
-    dense = _dense_layers(model)
+def layer_targets(model: Any, cfg: PruneConfig, kinds: tuple[str, ...] = ("Dense",)) -> dict[str, float]:
+    """The sparsity each kernel of a ``kinds`` layer must reach (0 for layers kept dense)."""
+    dense = [l for l in model.layers if type(l).__name__ in kinds]
     names = [l.name for l in dense]
+    what = "/".join(kinds)
     unknown = sorted(set(cfg.layer_sparsity) - set(names))
     if unknown:
-        raise UsageError(f"no Dense layer named {unknown[0]!r} in the model: layers are {', '.join(names)}")
+        raise UsageError(f"no {what} layer named {unknown[0]!r} in the model: layers are {', '.join(names)}")
     # 'first' and 'last' name the input and output layers of any model. Both stay dense by
     # default: they are small, the output layer decides the action, and TFLite's sparse int8
     # kernels mis-compute a sparse layer with few (e.g. 4) inputs (measured; see quantize).
     aliases = {"first": names[0], "last": names[-1]}
     typo = [n for n in cfg.keep_dense if aliases.get(n, n) not in names]
     if typo:
-        raise UsageError(f"keep_dense: no Dense layer named {typo[0]!r} in the model: use first, last or one of "
+        raise UsageError(f"keep_dense: no {what} layer named {typo[0]!r} in the model: use first, last or one of "
                          f"{', '.join(names)}")
     kept = [aliases[n] if n in aliases else n for n in cfg.keep_dense]
     targets = {n: 0.0 for n in kept}

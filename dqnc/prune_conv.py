@@ -25,23 +25,6 @@ from dqnc.seeds import episode_seed
 _PRUNABLE = ("Conv2D", "Dense")
 
 
-def layer_targets(model: Any, cfg: PruneConfig) -> dict[str, float]:
-    """The sparsity each Conv2D/Dense kernel must reach (0 for layers kept dense)."""
-    layers = [l for l in model.layers if type(l).__name__ in _PRUNABLE]
-    names = [l.name for l in layers]
-    unknown = sorted(set(cfg.layer_sparsity) - set(names))
-    if unknown:
-        raise UsageError(f"no Conv2D/Dense layer named {unknown[0]!r} in the model: layers are {', '.join(names)}")
-    aliases = {"first": names[0], "last": names[-1]}
-    typo = [n for n in cfg.keep_dense if aliases.get(n, n) not in names]
-    if typo:
-        raise UsageError(f"keep_dense: no layer named {typo[0]!r} in the model: use first, last or one of {', '.join(names)}")
-    kept = {aliases.get(n, n) for n in cfg.keep_dense}
-    targets = {n: (0.0 if n in kept else cfg.sparsity) for n in names}
-    targets.update(cfg.layer_sparsity)
-    return targets
-
-
 def _refuse_unsupported(cfg: PruneConfig) -> None:
     if cfg.structure != "weights":
         raise UsageError(f"--structure {cfg.structure} is for Dense MLPs; for a conv net use --structure weights")
@@ -64,7 +47,9 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, ou
         raise UsageError(f"{str(source.path)!r}: conv pruning needs a dqnc conv artifact (convnet.npz); "
                          "re-create it with dqnc train")
     k, sparsity_api = keras(), tfmot().sparsity.keras
-    targets = layer_targets(teacher, cfg)
+    from dqnc.prune import layer_targets
+
+    targets = layer_targets(teacher, cfg, kinds=_PRUNABLE)
     if not any(v > 0 for v in targets.values()):
         raise UsageError("nothing to prune: every layer is kept dense (check --keep-dense / --layer-sparsity)")
 
