@@ -81,8 +81,10 @@ def machine_info(sb3_python: Path | None = SB3_PYTHON, edge_python: Path | None 
                 break
     except OSError:
         pass
-    versions: dict[str, str | None] = {}
-    for pkg in ("dqnc", "tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert",
+    from dqnc import __version__  # the checkout being measured, not whatever dist metadata pip left
+
+    versions: dict[str, str | None] = {"dqnc": __version__}
+    for pkg in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert",
                 "gymnasium", "numpy"):
         try:
             versions[pkg] = md.version(pkg)
