@@ -735,7 +735,7 @@ def _render_report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
         return
     rows = [recipe.StageRow(**r) for r in d["stages"]]
     report = recipe.RunReport(d["recipe"], d["out_dir"], rows, d["failures"], d["wall_seconds"],
-                              gates_checked=d.get("gates_checked", True))
+                              gates_checked=d.get("gates_checked", True), fp32_tflite_bytes=d.get("fp32_tflite_bytes"))
     from rich import box
 
     # Cells never wrap or get cut: COLUMNS is sized for an 80-column CI log (Rich's width when
@@ -748,6 +748,9 @@ def _render_report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
     for cells in recipe.table_rows(report):
         table.add_row(*cells)
     stdout.print(table, crop=False)
+    size = report.size_line()
+    if size:
+        stdout.print(size, soft_wrap=True)
     for passed, line in recipe.gate_lines(report):
         stdout.print(("[green]" if passed else "[red]") + line + "[/]", soft_wrap=True)
     for failure in d["failures"]:

@@ -56,7 +56,7 @@ def _random_q(n_actions: int, seed: int) -> QFunction:
 
 def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) -> dict[str, Any]:
     """Evaluate ``source`` and return its metrics; raise GateFailed (carrying them) if a gate fails."""
-    from dqnc.inspection import disk_size, gzip_size
+    from dqnc.inspection import disk_size, gzip_size, param_count
     from dqnc.policy import q_function
 
     if reference is not None and reference.env.id != source.env.id:
@@ -89,6 +89,7 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
         "solved_share": None if threshold is None else float((r >= threshold).mean()),
         "size_bytes": disk_size(source.model_path),
         "gzip_bytes": gzip_size(source.model_path),
+        "params": param_count(source),
         "runtime": getattr(q_fn, "runtime", "numpy" if source.kind == "savedmodel" else "keras"),
         "load_seconds": round(load_s, 3),
         "eval_seconds": round(wall, 3),

@@ -108,6 +108,21 @@ def _tflite_layers(artifact: Artifact) -> tuple[list[dict[str, Any]], list[str]]
     return layers, sorted({o["op_name"] for o in ops})
 
 
+def param_count(artifact: Artifact) -> int | None:
+    """Weights and biases of an artifact's network, read without TensorFlow (None where only
+    loading the SavedModel could tell)."""
+    if artifact.kind == "tflite":
+        return sum(l["params"] for l in _tflite_layers(artifact)[0])
+    from dqnc.nets import MLP_FILE
+    from dqnc.nets_conv import CONV_FILE
+
+    for name in (MLP_FILE, CONV_FILE):  # dqnc's own SavedModels carry their weights as p0, p1, ...
+        if (artifact.path / name).is_file():
+            with np.load(artifact.path / name, allow_pickle=False) as d:
+                return int(sum(d[k].size for k in d.files if k.startswith("p")))
+    return None
+
+
 def summarize(artifact: Artifact) -> dict[str, Any]:
     ops: list[str] | None = None
     if artifact.kind == "tflite":

@@ -315,6 +315,12 @@ def test_readme_main_recipe_runs_end_to_end_then_from_cache(tmp_path):
     assert report["passed"] and [s["status"] for s in report["stages"]] == ["ran"] * 4
     bundle = report["stages"][-2]["metrics"]
     assert bundle["precision"] == "int8" and bundle["mean_return"] >= 475
+    # Bytes per parameter and the ratio to the source's fp32 TFLite file (16x16: 4*16+16+16*16+16+16*2+2).
+    assert bundle["params"] == 386 and bundle["bytes_per_param"] == pytest.approx(bundle["size_bytes"] / 386)
+    assert report["fp32_tflite_bytes"] > 15 * bundle["size_bytes"]
+    shown = subprocess.run(cmd[:-1], cwd=tmp_path, capture_output=True, text=True, timeout=120).stdout
+    assert (f"bundle: {bundle['size_bytes']:,} bytes, 386 parameters" in shown
+            and f"{report['fp32_tflite_bytes'] / bundle['size_bytes']:.1f}x smaller" in shown), shown
     t0 = time.perf_counter()
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0

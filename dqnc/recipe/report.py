@@ -30,6 +30,9 @@ class RunReport:
     failures: list[str]
     wall_seconds: float
     dqnc_version: str = __version__
+    # The recipe source converted to an fp32 TFLite file (quantize --mode fp32): the size every
+    # compressed stage is compared with.
+    fp32_tflite_bytes: int | None = None
     # False when --until stopped before the last stage: the recipe's gates were not checked, and
     # the run is reported as incomplete, never as passed.
     gates_checked: bool = True
@@ -42,7 +45,21 @@ class RunReport:
         return {"recipe": self.recipe, "out_dir": self.out_dir, "dqnc_version": self.dqnc_version,
                 "wall_seconds": round(self.wall_seconds, 3), "passed": not self.failures and self.gates_checked,
                 "verdict": self.verdict, "gates_checked": self.gates_checked, "failures": self.failures,
-                "stages": [r.__dict__ for r in self.rows]}
+                "fp32_tflite_bytes": self.fp32_tflite_bytes, "stages": [r.__dict__ for r in self.rows]}
+
+    def size_line(self) -> str | None:
+        """The last deployable stage's size: parameters, bytes per parameter, and the ratio to the
+        source's fp32 TFLite file."""
+        row = next((r for r in reversed(self.rows) if r.stage != "eval" and r.metrics.get("bytes_per_param")), None)
+        if row is None:
+            return None
+        m = row.metrics
+        line = (f"{row.name}: {m['size_bytes']:,} bytes, {m['params']:,} parameters "
+                f"({m['bytes_per_param']:.1f} bytes per parameter)")
+        if self.fp32_tflite_bytes:
+            line += (f", {self.fp32_tflite_bytes / m['size_bytes']:.1f}x smaller than the source's fp32 TFLite file "
+                     f"({self.fp32_tflite_bytes:,} bytes)")
+        return line
 
 
 def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
@@ -50,9 +67,15 @@ def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
     ref = res.get("reference") or {}
     lat = (res.get("latency_us") or {}).get("action") or {}
     inv = (res.get("latency_us") or {}).get("invoke") or {}
+    from dqnc.inspection import param_count
+
+    params = param_count(a)
     return {
         "size_bytes": res["size_bytes"],
         "gzip_bytes": res["gzip_bytes"],
+        "params": params,
+        # Only a .tflite file's bytes are the deployable size; a SavedModel directory's are not.
+        "bytes_per_param": res["size_bytes"] / params if params and a.kind == "tflite" else None,
         "sparsity": _sparsity_of(m),
         "precision": (m.get("quantization") or {}).get("mode", "fp32"),
         "mean_return": res["mean_return"],
@@ -159,6 +182,9 @@ def markdown(report: RunReport) -> str:
         for name, g in gates:
             lines.append(f"| {g['gate']} ({g['scope']}) | {name} | {g['threshold']:g} | {g['value']:.4g} | "
                          f"{'pass' if g['passed'] else '**FAIL**'} |")
+    size = report.size_line()
+    if size:
+        lines += ["", f"Size: {size}."]
     if not report.gates_checked:
         lines += ["", "The recipe's gates were not checked: --until stopped the chain before its last stage."]
     if report.failures:

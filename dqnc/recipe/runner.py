@@ -120,8 +120,10 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
                 res = _evaluate(loaded, state, outputs[last.name], source, r.eval, log, None)
                 _gate_row(last, res, r.gates, failures, "recipe")
             state.save()
+        fp32_bytes = _fp32_tflite_bytes(state, source)
+        state.save()
         report = RunReport(str(loaded.path), str(out_dir), rows, failures, time.perf_counter() - started,
-                           gates_checked=not stopped)
+                           gates_checked=not stopped, fp32_tflite_bytes=fp32_bytes)
         if stopped and not failures:
             log(f"--until {stop_after}: later stages skipped; the recipe's gates were not checked")
         _write_reports(loaded, report)
@@ -261,6 +263,24 @@ def _compute_stage(st: Any, options: dict[str, Any], inp: Any, out: Any, row: St
     row.status = "ran"
     log(f"{label}: done in {row.seconds:.1f} s")
     return result
+
+
+def _fp32_tflite_bytes(state: _State, source: Any) -> int | None:
+    """Bytes of the source as an fp32 TFLite file, as `dqnc quantize --mode fp32` writes it
+    (converted once per source and kept in the run state)."""
+    if source.kind == "tflite":
+        fp32 = (source.manifest.get("quantization") or {}).get("mode", "fp32") == "fp32"
+        return source.model_path.stat().st_size if fp32 else None
+    known = state.data.setdefault("fp32_tflite_bytes", {})
+    if source.sha256 not in known:
+        from dqnc.policy import load_keras_model
+        from dqnc.quantize import convert
+
+        try:
+            known[source.sha256] = len(convert(load_keras_model(source.model_path), "fp32", strip=True))
+        except DqncError:  # a source the converter refuses has no fp32 file to compare with
+            known[source.sha256] = None
+    return known[source.sha256]
 
 
 def _evaluate(loaded: LoadedRecipe, state: _State, target: Any, source: Any, cfg: EvalConfig, log: Log,
