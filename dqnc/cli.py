@@ -116,7 +116,7 @@ def _option_type(annotation: Any) -> tuple[type, bool]:
     if annotation in _SCALARS:
         return annotation, False
     if typing.get_origin(annotation) is typing.Literal:
-        return str, False
+        return (int if all(type(a) is int for a in typing.get_args(annotation)) else str), False
     if len(args) == 1 and args[0] in _SCALARS:  # X | None
         return args[0], False
     return str, True
