@@ -252,6 +252,19 @@ def uses_decode(content: bytes) -> bool:
     return any(getattr(c, "customCode", None) in (b"TFLM_DECODE", "TFLM_DECODE") for c in model.operatorCodes or [])
 
 
+def decode_refusal(path: Any, runtime: str | None) -> None:
+    """Raise UsageError (exit 2) if ``path`` is a LUT-compressed model, which ``runtime`` cannot run."""
+    from pathlib import Path
+
+    try:
+        compressed = uses_decode(Path(path).read_bytes())
+    except Exception:  # noqa: BLE001 - unreadable: the caller reports the file as damaged
+        return
+    if compressed:
+        raise UsageError(f"{str(path)!r} is LUT-compressed (TFLite Micro's DECODE op), which {runtime or 'LiteRT'} "
+                         "cannot run: use --runtime tflm, or the bundle's uncompressed model.tflite")
+
+
 def decode_lut(compressed: bytes) -> dict[int, np.ndarray]:
     """Read a LUT-compressed model back without TFLM: each DECODE op's output tensor index ->
     the int8 array its packed indices and value table stand for (per-tensor or per-channel)."""
@@ -307,8 +320,11 @@ def runtime_check(content: bytes, xq: np.ndarray, expected: np.ndarray) -> dict[
             if name == "tflm":
                 pol = tflm.policy(content)
             else:
-                pol = Policy(model_content=content, runtime=name)  # type: ignore[call-arg]
+                pol = Policy(model_content=content, runtime=name.replace("-", "_").replace("litert", "ai_edge_litert"))
             raw = np.stack([np.array(pol.invoke_quantized(x[None]), copy=True).reshape(-1) for x in xq])
+        except ImportError:
+            found[name] = "not installed"
+            continue
         except Exception as e:  # noqa: BLE001 - every failure means the same here: it did not run
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             found[name] = f"no: {text[:160]}"
