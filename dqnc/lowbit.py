@@ -33,8 +33,8 @@ import numpy as np
 
 from dqnc.errors import DqncError, UsageError
 
-# Fine-tuning runs at this fraction of the distillation step size: the network is trained already.
-FINETUNE_LR_SCALE = 0.3
+# DAgger rounds of the fine-tuning. It runs at the distillation's own step size: at 0.3x of it,
+# CartPole's 2-bit student kept a validation return of 64 (of 500); at 1x, 500 (20 episodes).
 DAGGER_ROUNDS = 2
 
 
@@ -129,9 +129,7 @@ def cluster(source: Any, model: Any, calibration: np.ndarray, bits: int, steps: 
     wrapped = keras().models.clone_model(plain, clone_function=wrap)
     before = _effective(wrapped)
     trainer = Trainer(wrapped, s, env.n_actions, jit=True)
-    s_lr = s.model_copy(update={"lr": s.lr * FINETUNE_LR_SCALE})
-    trainer.s = s_lr
-    res = dagger(trainer, lambda: _effective(wrapped), list(acts), teacher_q, norm, states, q_t, env, s_lr,
+    res = dagger(trainer, lambda: _effective(wrapped), list(acts), teacher_q, norm, states, q_t, env, s,
                  first_steps=steps, rounds=DAGGER_ROUNDS, round_steps=max(1, steps // 2),
                  extra_states=max(64, s.states // 4))
     stripped = cl.strip_clustering(wrapped)
