@@ -20,7 +20,8 @@ hold at most 16/4 int8 values), the LUT-compressed file (``model_lut.tflite``, T
 DECODE op) and the C policy (weights as packed indices plus per-layer tables for 4/2 bits).
 "Runtimes that ran it" are measured: export runs each form's int8 outputs on its verification
 states through TFLM (bit-identical required), LiteRT (loads and runs, or the reason it cannot)
-and the host-compiled C policy; tflite-runtime 2.14 runs in a separate numpy<2 venv
+and the host-compiled C policy (and, with arm-none-eabi-gcc and qemu-system-arm, policy.c on an
+emulated Cortex-M4: its flash bytes, text + rodata + data of policy.o); tflite-runtime 2.14 runs in a separate numpy<2 venv
 (benchmarks/.venv-edge, created on first use) on the same int8 inputs.
 
 Writes benchmarks/results/lowbit.json and prints a Markdown table.
@@ -126,8 +127,18 @@ def one(env: str, student: Path, work: Path, bits: int, episodes: int, edge_pyth
         runtimes_plain["tflite-runtime"] = edge_check(edge_python, bundle / "model.tflite", xq, raw)
         if lut:
             runtimes_lut["tflite-runtime"] = edge_check(edge_python, bundle / lut["file"], xq, raw)  # type: ignore[index]
+    m4 = None
+    from dqnc import mcu
+
+    if not mcu.missing_tools():
+        r = mcu.verify_bundle(bundle, n_vectors=200)
+        m4 = {"flash_bytes": r["flash_bytes"], "rodata_bytes": r["sections"]["rodata"], "text_bytes": r["sections"]["text"],
+              "actions_equal": r["actions_equal"], "vectors": r["vectors"],
+              "instructions_per_action": round(r["instructions_per_action"])}
+        runtimes_plain["c (Cortex-M4, QEMU)"] = "ran" if r["actions_equal"] == r["vectors"] else "differs"
     ref = ev["reference"]
     return {
+        "cortex_m4": m4,
         "env": env, "weight_bits": bits, "quantize_seconds": round(t_quant, 1),
         "tflite_bytes": m["size_bytes"], "lut_tflite_bytes": lut["bytes"] if lut else None,
         "tflm_arena_bytes": m["tflm_arena_bytes"]["total"], "lut_tflm_arena_bytes": lut["tflm_arena_bytes"]["total"] if lut else None,
@@ -148,13 +159,14 @@ def _ran(runtimes: dict[str, str] | None) -> str:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    head = ["env", "weights", ".tflite B", "LUT .tflite B", "policy.c weight B", "arena B (plain / LUT)",
+    head = ["env", "weights", ".tflite B", "LUT .tflite B", "policy.c weight B", "M4 policy.o flash B", "arena B (plain / LUT)",
             "runtimes: plain", "runtimes: LUT", "return (100 held-out) ± CI", "parent", "regret", "decisive agr."]
     rows = []
     for r in doc["rows"]:
         lo, hi = r["return_ci95"]
         rows.append([r["env"], f"{r['weight_bits']}-bit" if r["weight_bits"] < 8 else "int8", f"{r['tflite_bytes']:,}",
                      "-" if r["lut_tflite_bytes"] is None else f"{r['lut_tflite_bytes']:,}", f"{r['c_weight_bytes']:,}",
+                     "-" if not r.get("cortex_m4") else f"{r['cortex_m4']['flash_bytes']:,}",
                      f"{r['tflm_arena_bytes']:,}" + ("" if r["lut_tflm_arena_bytes"] is None else f" / {r['lut_tflm_arena_bytes']:,}"),
                      _ran(r["runtimes_plain"]), _ran(r["runtimes_lut"]),
                      f"{r['mean_return']:.1f} ({lo:.1f}..{hi:.1f})", f"{r['parent_mean_return']:.1f}",

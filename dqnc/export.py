@@ -12,6 +12,9 @@
                          MicroMutableOpResolver with exactly the model's ops
       main.cc            one observation through TFLM
       policy.h/.c        (int8 fully connected models) the same policy in dependency-free C99
+                         (weights as packed 4/2-bit indices + per-layer tables for --weight-bits 4|2)
+      model_lut.tflite   (--weight-bits 4|2) the model with TFLM look-up-table compression, and its
+      model_lut_data.*   C array: TFLM only (DECODE op), checked bit-identical to model.tflite on TFLM
 
 Target ``mcu`` refuses what TFLite Micro cannot run (sparse tensors, float16 or hybrid models, an
 op it lacks) and verifies the model in TFLM's own interpreter against LiteRT on held-out states

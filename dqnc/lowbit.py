@@ -9,12 +9,15 @@ a table of those values. dqnc gets there in three steps:
    Training runs in the coordinates the int8 model is built in (inputs standardized, as
    :func:`dqnc.quantize.prepare_for_integer` folds them; outputs scaled by one scalar), so nothing
    folded in afterwards multiplies a kernel by a per-row or per-column factor and splits a cluster.
+   TFMOT clusters Dense kernels per layer only (its ``cluster_per_channel`` applies to Conv2D),
+   and the students are dense, so ``preserve_sparsity`` has nothing to keep.
 2. **int8 with one scale per layer**: the converter quantizes Dense kernels per output channel by
-   default, which maps one cluster centroid to a different int8 value in every channel (measured:
-   140 distinct int8 values in a 16x16 layer). With per-layer (per-tensor) scales a centroid maps
-   to exactly one int8 value, so the int8 kernel has at most 2^bits values, and the per-channel
-   scale and zero-point arrays leave the file too (2,832 -> 2,472 bytes for CartPole's 16x16
-   student). :func:`snap` checks the count and, should a kernel ever exceed it, snaps it.
+   default, which maps one cluster centroid to a different int8 value in every channel (measured
+   on CartPole's 16x16 student clustered to 16 values: 33, 59 and 16 distinct int8 values in its
+   three kernels; to 4 values: 7, 6, 4). With one scale per kernel a centroid maps to exactly one
+   int8 value, so the int8 kernel has at most 2^bits values (16/16/16 and 4/4/4), and the
+   per-channel scale and zero-point arrays leave the file too (2,832 -> 2,096 bytes).
+   :func:`snap` checks the count and, should a kernel ever exceed it, snaps it.
 3. **Forms**: the plain int8 file (every runtime runs it; same size as int8), the LUT-compressed
    file (``tflite_micro.compression``: packed indices plus one value table per layer, decoded by
    TFLM's DECODE operator into the arena at start-up), and the C policy with packed indices and
@@ -223,8 +226,13 @@ LUT_SUFFIX = "_lut"
 def lut_compress(content: bytes, bits: int) -> bytes:
     """The model with every FULLY_CONNECTED kernel stored as ``bits``-wide indices plus one int8
     value table per layer (``tflite_micro.compression``; TFLM's DECODE op expands them)."""
-    from tflite_micro import compression
-    from tflite_micro.tensorflow.lite.micro.compression import spec
+    try:
+        from tflite_micro import compression
+        from tflite_micro.tensorflow.lite.micro.compression import spec
+
+        spec.PerTensor  # noqa: B018 - the per-tensor/per-channel spec API of late 2025 releases
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"LUT compression needs a newer tflite-micro ({e}): pip install -U tflite-micro") from None
 
     from dqnc.tflm import read_model
 

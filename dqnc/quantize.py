@@ -8,6 +8,10 @@ Modes:
 - ``dynamic``: int8 weights, float activations (no calibration);
 - ``fp32``: a plain float conversion (what ``export`` uses for SavedModel inputs).
 
+``weight_bits`` 4 or 2 (int8 only) first clusters every Dense kernel to 16 or 4 values,
+fine-tuned by distillation against the input policy, and quantizes each kernel with one scale, so
+its int8 weights take at most 2^bits values (see :mod:`dqnc.lowbit`).
+
 Sparse kernels keep their zeros (the converter's sparsity optimization). Before anything is
 written, the converted model is checked against its input (dqnc.fidelity's vocabulary): regret on
 held-out states the parent visits, and the return of closed-loop episodes on the same seeds; a
