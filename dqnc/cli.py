@@ -535,13 +535,13 @@ def export(
             packed = f" ({cp['weight_bytes']:,} of weights as {cp['weight_bits']}-bit indices + tables)" if cp.get("weight_bits", 8) < 8 else ""
             stdout.print(f"policy.c: {cp['const_data_bytes']:,} bytes of constants{packed}, {cp['activation_ram_bytes']} bytes of "
                          f"activations; {verified}")
+        elif cp:
+            stdout.print(f"no policy.c: {cp.get('reason')}")
         if m.get("lut"):
             lut = m["lut"]
             stdout.print(f"{lut['file']}: {lut['bytes']:,} bytes ({lut['weight_bits']}-bit LUT compression; arena "
                          f"{lut['tflm_arena_bytes']['total']:,} bytes); runs on: "
                          + ", ".join(k for k, v in lut["runtimes"].items() if v.startswith("ran")))
-        elif cp:
-            stdout.print(f"no policy.c: {cp.get('reason')}")
     else:
         stdout.print("target linux: not for TensorFlow Lite Micro (export with --target mcu for a microcontroller)")
     if mcu is not None:

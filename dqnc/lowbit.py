@@ -80,7 +80,8 @@ def _effective(model: Any) -> list[np.ndarray]:
 
 @dataclass
 class Clustered:
-    weights: list[np.ndarray]  # in the int8 model's coordinates (standardized inputs)
+    model: Any  # a plain tf_keras MLP in the int8 model's coordinates (standardized inputs)
+    weights: list[np.ndarray]
     preprocess: dict[str, Any]
     info: dict[str, Any]
 
@@ -153,7 +154,8 @@ def cluster(source: Any, model: Any, calibration: np.ndarray, bits: int, steps: 
             "distill_loss": s.distill_loss, "loss_history": [round(v, 5) for v in res.history[-3:]],
             "initial_distinct": [int(len(np.unique(a))) for a in before[0::2]]}
     pre = {"obs_mean": mean.tolist(), "obs_std": std.tolist(), "outputs": "action_scores"}
-    return Clustered([a.astype(np.float32) for a in out], pre, info)
+    out = [a.astype(np.float32) for a in out]
+    return Clustered(build_plain_mlp(spec, out), out, pre, info)
 
 
 # --- 2. int8 kernels with at most 2^bits values ------------------------------------------------

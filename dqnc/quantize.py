@@ -294,15 +294,10 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     clustered = None
     if calibration is not None and cfg.weight_bits < 8:
         from dqnc import lowbit
-        from dqnc.nets import NetSpec, build_plain_mlp
 
         clustered = lowbit.cluster(source, model, calibration, cfg.weight_bits, cfg.cluster_steps, cfg.seed, parent_q)
-        w = clustered.weights
-        acts = (mlp_weights(model) or ([], ["relu"]))[1]
-        spec_ = NetSpec(int(w[0].shape[0]), int(w[-2].shape[1]), tuple(int(a.shape[1]) for a in w[0:-2:2]),
-                        acts[0] if acts else "relu")
         # No equalization: it scales kernel rows by per-unit factors, which would split the clusters.
-        models[0], preprocess = build_plain_mlp(spec_, w), clustered.preprocess
+        models[0], preprocess = clustered.model, clustered.preprocess
     elif calibration is not None:
         models[0], preprocess = prepare_for_integer(model, calibration, outputs=source.outputs)
         hidden_acts = set((mlp_weights(model) or ([], []))[1])
