@@ -332,7 +332,7 @@ int dqnc_policy_act(const float obs[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]
                        f"#define DQNC_INDEX_MASK {2 ** weight_bits - 1}\n\n")
         weight_fields = ("  const uint8_t *w;      /* [out][in] packed indices into table */\n"
                          "  const int8_t *table;   /* the layer's int8 weight values */")
-        inner_loop = """      int32_t j = (int32_t)o * L->in_n;
+        inner_loop = """      uint32_t j = (uint32_t)o * (uint32_t)L->in_n; /* unsigned: / and % by a power of two are a shift and a mask */
       int32_t acc = L->bias[o];
       for (i = 0; i < L->in_n; ++i, ++j) {
         int32_t w = L->table[(L->w[j / DQNC_PER_BYTE] >> (8 - DQNC_WEIGHT_BITS * (1 + j % DQNC_PER_BYTE))) & DQNC_INDEX_MASK];
