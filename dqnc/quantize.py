@@ -437,7 +437,9 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
                                   "snapped_layers": snapped}
     with art.atomic_output(out, force) as tmp:
         (tmp / art.TFLITE).write_bytes(content)
-        art.write_manifest(tmp, stage="quantize", env=spec, network=source.network, config=cfg.model_dump(mode="json"),
+        # Clustering fine-tunes by distillation: the outputs are then action scores, whatever the source's were.
+        network = {**(source.network or {}), "outputs": "action_scores"} if clustered is not None else source.network
+        art.write_manifest(tmp, stage="quantize", env=spec, network=network, config=cfg.model_dump(mode="json"),
                            metrics=metrics, parent=source, command=command,
                            extra={"quantization": {"mode": cfg.mode, "float_io": cfg.float_io, **io,
                                                    **({"weight_bits": cfg.weight_bits} if clustered is not None else {})},
