@@ -116,7 +116,7 @@ def _option_type(annotation: Any) -> tuple[type, bool]:
     if annotation in _SCALARS:
         return annotation, False
     if typing.get_origin(annotation) is typing.Literal:
-        return str, False
+        return (int if all(type(a) is int for a in typing.get_args(annotation)) else str), False
     if len(args) == 1 and args[0] in _SCALARS:  # X | None
         return args[0], False
     return str, True
@@ -474,6 +474,10 @@ def quantize(
         stdout.print(f"closed loop, {c['check_episodes']} check episodes: mean return {c['mean_return']:.2f} vs parent "
                      f"{c['parent_mean_return']:.2f} (drop {c['return_drop']:+.2f}, 95% CI "
                      f"{c['return_drop_ci95'][0]:+.2f}..{c['return_drop_ci95'][1]:+.2f})")
+    if m.get("weight_bits"):
+        wb = m["weight_bits"]
+        stdout.print(f"{wb['weight_bits']}-bit weights: {wb['clusters']} clusters per Dense kernel, distinct int8 values per "
+                     f"layer {wb['distinct_int8_weights']}; fine-tuned {wb['finetune_steps']:,} steps on {wb['finetune_states']:,} states")
     if "saturated_share" in c:
         stdout.print(f"int8 rewrite: {m['equalization_sweeps']} equalization sweep(s), output range x{m['output_range_factor']:g} "
                      f"of the calibrated one ({100 * c['saturated_share']:.1f}% of checked states saturate)")
@@ -533,10 +537,16 @@ def export(
         if cp.get("written"):
             verified = (f"bit-identical to TFLM on {cp['states']:,} states" if cp.get("host_verified")
                         else f"not compiled here: {cp.get('reason')}")
-            stdout.print(f"policy.c: {cp['const_data_bytes']:,} bytes of constants, {cp['activation_ram_bytes']} bytes of "
+            packed = f" ({cp['weight_bytes']:,} of weights as {cp['weight_bits']}-bit indices + tables)" if cp.get("weight_bits", 8) < 8 else ""
+            stdout.print(f"policy.c: {cp['const_data_bytes']:,} bytes of constants{packed}, {cp['activation_ram_bytes']} bytes of "
                          f"activations; {verified}")
         elif cp:
             stdout.print(f"no policy.c: {cp.get('reason')}")
+        if m.get("lut"):
+            lut = m["lut"]
+            stdout.print(f"{lut['file']}: {lut['bytes']:,} bytes ({lut['weight_bits']}-bit LUT compression; arena "
+                         f"{lut['tflm_arena_bytes']['total']:,} bytes); runs on: "
+                         + ", ".join(k for k, v in lut["runtimes"].items() if v.startswith("ran")))
     else:
         stdout.print("target linux: not for TensorFlow Lite Micro (export with --target mcu for a microcontroller)")
     if mcu is not None:

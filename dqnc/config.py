@@ -283,11 +283,18 @@ class QuantizeConfig(_StageConfig):
                                           "(Q-value outputs only)")
     strip_strings: bool = Field(True, description="drop tensor names and signatures from the .tflite (runtimes address "
                                 "tensors by index; a 16x16 int8 policy shrinks by ~20%)")
+    weight_bits: Literal[8, 4, 2] = Field(
+        8, description="int8 weights per layer take at most 2^bits values: 4 or 2 cluster each Dense kernel (TFMOT "
+        "weight clustering, fine-tuned by distillation against the source) and quantize it with one scale per layer, "
+        "so export can store bits-wide indices plus a table (TFLite Micro LUT compression, packed policy.c)")
+    cluster_steps: int = Field(1500, ge=1, description="weight_bits 4|2: distillation steps fine-tuning the clusters")
 
     @model_validator(mode="after")
     def _check_target(self) -> QuantizeConfig:
         if self.target == "mcu" and self.sparse_encoding == "on":
             raise ValueError("sparse_encoding 'on' needs target 'linux': TFLite Micro cannot run sparse tensors")
+        if self.weight_bits < 8 and self.mode != "int8":
+            raise ValueError(f"weight_bits {self.weight_bits} needs mode 'int8' (clustered kernels are stored as int8)")
         return self
 
 

@@ -220,14 +220,41 @@ def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def pack_weights(weights: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's int8 weights ``[out, in]`` as ``bits``-wide indices packed into bytes (row-major,
+    the first index in the high bits, as TFLite Micro's LUT compression packs them) and the int8
+    value table (2^bits entries, unused ones 0). Raises ValueError if the layer holds more values."""
+    table = np.unique(np.asarray(weights, np.int8))
+    if len(table) > 2 ** bits:
+        raise ValueError(f"a layer holds {len(table)} distinct int8 weights, more than {2 ** bits} ({bits}-bit indices): "
+                         f"quantize with --weight-bits {bits}")
+    idx = np.searchsorted(table, np.asarray(weights, np.int8).ravel()).astype(np.uint8)
+    per_byte = 8 // bits
+    idx = np.concatenate([idx, np.zeros(-len(idx) % per_byte, np.uint8)]).reshape(-1, per_byte)
+    shifts = (8 - bits * (1 + np.arange(per_byte))).astype(np.uint8)
+    packed = np.bitwise_or.reduce(idx << shifts, axis=1).astype(np.uint8)
+    return packed, np.concatenate([table, np.zeros(2 ** bits - len(table), np.int8)])
+
+
+def unpack_weights(packed: np.ndarray, table: np.ndarray, shape: tuple[int, int], bits: int) -> np.ndarray:
+    """The inverse of :func:`pack_weights` (what policy.c computes weight by weight)."""
+    per_byte = 8 // bits
+    shifts = (8 - bits * (1 + np.arange(per_byte))).astype(np.uint8)
+    idx = ((np.asarray(packed, np.uint8)[:, None] >> shifts) & ((1 << bits) - 1)).ravel()[: shape[0] * shape[1]]
+    return np.asarray(table, np.int8)[idx].reshape(shape)
+
+
 def generate(mlp: IntegerMLP, scale_a: np.ndarray, offset_c: np.ndarray, action_names: list[str],
-             obs_mean: Any = None, obs_std: Any = None) -> tuple[str, str]:
+             obs_mean: Any = None, obs_std: Any = None, weight_bits: int = 8) -> tuple[str, str]:
     """``policy.h`` and ``policy.c`` for ``mlp``.
 
     ``scale_a``/``offset_c`` are the float32 input map ``q = round_half_even(obs * a + c)`` (the
     observation standardization and the input quantization folded together, as the Python runner
     computes it), so C and Python quantize every observation to the same int8 values.
+    ``weight_bits`` 4 or 2 stores each layer's weights as packed indices into a 16- or 4-entry
+    int8 table (:func:`pack_weights`); the arithmetic, and so every output, stays the same.
     """
+    packed_mode = weight_bits < 8
     n_in, n_out = mlp.obs_dim, mlp.n_actions
     width = max(int(l.weights.shape[0]) for l in mlp.layers)
     names = ", ".join(_c_string(n) for n in action_names)
@@ -280,18 +307,43 @@ int dqnc_policy_act(const float obs[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]
     arrays, table = [], []
     for k, layer in enumerate(mlp.layers):
         out_n, in_n = (int(s) for s in layer.weights.shape)
+        if packed_mode:
+            packed, values = pack_weights(layer.weights, weight_bits)
+            weights_c = (f"/* {weight_bits}-bit indices into k_t{k}, packed row-major, the first in the high bits */\n"
+                         f"static const uint8_t k_w{k}[{len(packed)}] = {{\n{_c_ints(packed)}\n}};\n"
+                         f"static const int8_t k_t{k}[{len(values)}] = {{\n{_c_ints(values)}\n}};\n")
+        else:
+            weights_c = f"static const int8_t k_w{k}[{out_n * in_n}] = {{\n{_c_ints(layer.weights)}\n}};\n"
         arrays.append(f"/* layer {k}: {in_n} -> {out_n} */\n"
-                      f"static const int8_t k_w{k}[{out_n * in_n}] = {{\n{_c_ints(layer.weights)}\n}};\n"
+                      f"{weights_c}"
                       f"static const int32_t k_b{k}[{out_n}] = {{\n{_c_ints(layer.bias, 8)}\n}};\n"
                       f"static const int32_t k_m{k}[{out_n}] = {{\n{_c_ints(layer.multiplier, 6)}\n}};\n"
                       f"static const int8_t k_s{k}[{out_n}] = {{\n{_c_ints(layer.shift)}\n}};\n")
-        table.append(f"  {{k_w{k}, k_b{k}, k_m{k}, k_s{k}, {in_n}, {out_n}, {layer.input_offset}, "
+        table.append(f"  {{k_w{k}, {f'k_t{k}, ' if packed_mode else ''}k_b{k}, k_m{k}, k_s{k}, {in_n}, {out_n}, {layer.input_offset}, "
                      f"{layer.output_offset}, {layer.act_min}, {layer.act_max}}},")
     stats = ""
     if obs_mean is not None and obs_std is not None:
         stats = ("/* The observation statistics folded into k_in_a/k_in_c (for reference):\n"
                  f" * mean = {{{', '.join(_c_float(v) for v in np.ravel(obs_mean))}}}\n"
                  f" * std  = {{{', '.join(_c_float(v) for v in np.ravel(obs_std))}}}\n */\n")
+    if packed_mode:
+        weight_decl = (f"/* Weights: {weight_bits}-bit indices into a per-layer int8 table of {2 ** weight_bits} values. */\n"
+                       f"#define DQNC_WEIGHT_BITS {weight_bits}\n#define DQNC_PER_BYTE {8 // weight_bits}\n"
+                       f"#define DQNC_INDEX_MASK {2 ** weight_bits - 1}\n\n")
+        weight_fields = ("  const uint8_t *w;      /* [out][in] packed indices into table */\n"
+                         "  const int8_t *table;   /* the layer's int8 weight values */")
+        inner_loop = """      uint32_t j = (uint32_t)o * (uint32_t)L->in_n; /* unsigned: / and % by a power of two are a shift and a mask */
+      int32_t acc = L->bias[o];
+      for (i = 0; i < L->in_n; ++i, ++j) {
+        int32_t w = L->table[(L->w[j / DQNC_PER_BYTE] >> (8 - DQNC_WEIGHT_BITS * (1 + j % DQNC_PER_BYTE))) & DQNC_INDEX_MASK];
+        acc += w * ((int32_t)x[i] + L->in_offset);
+      }"""
+    else:
+        weight_decl = ""
+        weight_fields = "  const int8_t *w;       /* [out][in], symmetric int8 */"
+        inner_loop = """      const int8_t *w = L->w + (int32_t)o * L->in_n;
+      int32_t acc = L->bias[o];
+      for (i = 0; i < L->in_n; ++i) acc += (int32_t)w[i] * ((int32_t)x[i] + L->in_offset);"""
     c = f"""/* Generated by dqnc export. See policy.h. */
 #include "policy.h"
 
@@ -300,8 +352,8 @@ const char *const dqnc_policy_action_names[DQNC_N_ACTIONS] = {{{names}}};
 {stats}static const float k_in_a[DQNC_OBS_DIM] = {{{', '.join(_c_float(v) for v in np.ravel(scale_a))}}};
 static const float k_in_c[DQNC_OBS_DIM] = {{{', '.join(_c_float(v) for v in np.ravel(offset_c))}}};
 
-typedef struct {{
-  const int8_t *w;       /* [out][in], symmetric int8 */
+{weight_decl}typedef struct {{
+{weight_fields}
   const int32_t *bias;   /* int32, scale = input scale * weight scale */
   const int32_t *mult;   /* per output channel: Q31 multiplier ... */
   const int8_t *shift;   /* ... and power-of-two exponent */
@@ -366,9 +418,7 @@ int dqnc_policy_act_int8(const int8_t input[DQNC_OBS_DIM], int8_t scores[DQNC_N_
   for (l = 0; l < DQNC_N_LAYERS; ++l) {{
     const dqnc_layer_t *L = &k_layers[l];
     for (o = 0; o < L->out_n; ++o) {{
-      const int8_t *w = L->w + (int32_t)o * L->in_n;
-      int32_t acc = L->bias[o];
-      for (i = 0; i < L->in_n; ++i) acc += (int32_t)w[i] * ((int32_t)x[i] + L->in_offset);
+{inner_loop}
       acc = requantize(acc, L->mult[o], L->shift[o]) + L->out_offset;
       if (acc < L->act_min) acc = L->act_min;
       if (acc > L->act_max) acc = L->act_max;
@@ -474,16 +524,24 @@ class CPolicy:
 
 
 def write(mlp: IntegerMLP, policy: Any, action_names: list[str], out_dir: Path,
-          obs_mean: Any = None, obs_std: Any = None) -> None:
+          obs_mean: Any = None, obs_std: Any = None, weight_bits: int = 8) -> None:
     """Write policy.h/policy.c into ``out_dir``; ``policy`` is the runtime.Policy whose input map is used."""
-    h, c = generate(mlp, policy._a, policy._c, action_names, obs_mean, obs_std)
+    h, c = generate(mlp, policy._a, policy._c, action_names, obs_mean, obs_std, weight_bits)
     (Path(out_dir) / HEADER).write_text(h, encoding="utf-8")
     (Path(out_dir) / SOURCE).write_text(c, encoding="utf-8")
 
 
-def sizes(mlp: IntegerMLP) -> dict[str, int]:
+def weight_bytes(mlp: IntegerMLP, weight_bits: int = 8) -> int:
+    """Flash bytes of the weights in policy.c: int8, or packed indices plus each layer's table."""
+    if weight_bits >= 8:
+        return int(sum(l.weights.size for l in mlp.layers))
+    return int(sum(-(-l.weights.size * weight_bits // 8) + 2 ** weight_bits for l in mlp.layers))
+
+
+def sizes(mlp: IntegerMLP, weight_bits: int = 8) -> dict[str, int]:
     """Bytes the C policy's data needs: constants (flash) and activations (RAM), code excluded."""
-    flash = sum(l.weights.size + 4 * l.bias.size + 4 * l.multiplier.size + l.shift.size for l in mlp.layers)
+    flash = weight_bytes(mlp, weight_bits) + sum(4 * l.bias.size + 4 * l.multiplier.size + l.shift.size for l in mlp.layers)
     flash += 8 * mlp.obs_dim  # the float input map
     width = max(int(l.weights.shape[0]) for l in mlp.layers)
-    return {"const_data_bytes": int(flash), "activation_ram_bytes": 2 * width}
+    return {"const_data_bytes": int(flash), "weight_bytes": weight_bytes(mlp, weight_bits),
+            "activation_ram_bytes": 2 * width}

@@ -12,6 +12,9 @@
                          MicroMutableOpResolver with exactly the model's ops
       main.cc            one observation through TFLM
       policy.h/.c        (int8 fully connected models) the same policy in dependency-free C99
+                         (weights as packed 4/2-bit indices + per-layer tables for --weight-bits 4|2)
+      model_lut.tflite   (--weight-bits 4|2) the model with TFLM look-up-table compression, and its
+      model_lut_data.*   C array: TFLM only (DECODE op), checked bit-identical to model.tflite on TFLM
 
 Target ``mcu`` refuses what TFLite Micro cannot run (sparse tensors, float16 or hybrid models, an
 op it lacks) and verifies the model in TFLM's own interpreter against LiteRT on held-out states
@@ -308,6 +311,10 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         from dqnc.policy import tflite_policy
 
         content = source.model_path.read_bytes()
+        if _lut_compressed(content):
+            raise UsageError(f"cannot export {str(source.model_path)!r}: it is LUT-compressed (TFLite Micro's DECODE op), "
+                             "which LiteRT and tflite-runtime cannot run or verify: export its uncompressed int8 parent "
+                             "(export --target mcu writes the LUT form beside it)")
         policy = tflite_policy(source.model_path, source.manifest)  # refuses a damaged file with a clear error
         quantization = source.manifest.get("quantization") or {"mode": "unknown"}
     else:
@@ -327,6 +334,7 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     metrics: dict[str, Any] = {"target": cfg.target, "size_bytes": len(content), "c_array_bytes": len(content),
                                "ops": ops, "tflm_compatible": False}
     extra_files: dict[str, str] = {}
+    extra_binary: dict[str, bytes] = {}
     if cfg.target == "mcu":
         reason = mcu_refusal(quantization, content, policy)
         if reason is None:
@@ -350,8 +358,11 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         extra_files["dqnc_policy.h"] = tflm_header(policy, preprocess, names, arena, ops, tflm_version)
         first_action = int(_first_max(raw_tflm[:1])[0])
         extra_files["main.cc"] = tflm_main(policy, cfg.c_name, states[0], first_action)
+        bits = int(quantization.get("weight_bits") or 8)
         metrics["c_policy"] = c_policy_files(policy, content, names, preprocess, states, xq, raw_tflm,
-                                              extra_files)
+                                              extra_files, weight_bits=bits)
+        if bits < 8:
+            metrics["lut"] = lut_files(content, bits, xq, raw_tflm, cfg.c_name, extra_binary, extra_files)
     io = policy.io()
     io["output"]["meaning"] = (preprocess or {}).get("outputs", "q_values")
     header = "model_data.h"
@@ -371,6 +382,8 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         (tmp / "model_data.cc").write_text(cc, encoding="utf-8")
         for name, text in extra_files.items():
             (tmp / name).write_text(text, encoding="utf-8")
+        for name, data in extra_binary.items():
+            (tmp / name).write_bytes(data)
         (tmp / RUNNER).write_text(Path(runtime.__file__).read_text(encoding="utf-8"), encoding="utf-8")
         art.write_manifest(
             tmp, stage="export", env=env, network=source.network, config=cfg.model_dump(mode="json"), metrics=metrics,
@@ -386,8 +399,62 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     return art.load(out)
 
 
+def _lut_compressed(content: bytes) -> bool:
+    from dqnc.lowbit import uses_decode
+
+    return uses_decode(content)
+
+
+LUT_TFLITE = "model_lut.tflite"
+
+
+def lut_files(content: bytes, bits: int, xq: np.ndarray, raw_tflm: np.ndarray, c_name: str,
+              binary: dict[str, bytes], files: dict[str, str]) -> dict[str, Any]:
+    """The LUT-compressed form of a clustered int8 model (``model_lut.tflite`` and its C array):
+    every kernel as ``bits``-wide indices plus a per-layer int8 table, expanded by TFLM's DECODE op.
+
+    Checked before shipping: dqnc's own reader decodes the file to the uncompressed kernels, and
+    TFLM's int8 outputs on every verification state equal those of the uncompressed model. Which
+    runtimes load and run it is measured, not assumed (LiteRT and tflite-runtime have no DECODE).
+    """
+    from dqnc import lowbit, tflm
+
+    lut = lowbit.lut_compress(content, bits)
+    plain, packed = tflm.read_model(content), tflm.read_model(lut)
+    originals = [lowbit._tensor_array(plain, i) for i in lowbit._fc_weight_tensors(plain)]
+    decoded = lowbit.decode_lut(lut)
+    fed = [decoded.get(i) for i in lowbit._fc_weight_tensors(packed)]
+    if len(fed) != len(originals) or any(d is None or not np.array_equal(d, o) for d, o in zip(fed, originals)):
+        raise VerificationError("the LUT-compressed model does not decode to the int8 kernels: a dqnc bug, please report it")
+    runtimes = lowbit.runtime_check(lut, xq, raw_tflm)
+    if runtimes["tflm"] != "ran":
+        raise VerificationError(f"TFLM's outputs for the LUT-compressed model differ from the uncompressed model's: "
+                                f"{runtimes['tflm']}")
+    arena = tflm.arena(lut)
+    h, cc = c_array(lut, c_name + lowbit.LUT_SUFFIX, "model_lut_data.h")
+    binary[LUT_TFLITE] = lut
+    files["model_lut_data.h"], files["model_lut_data.cc"] = h, cc
+    if "dqnc_policy.h" in files:
+        files["dqnc_policy.h"] = files["dqnc_policy.h"].replace("#endif  // DQNC_POLICY_TFLM_H_", f"""// model_lut_data.cc: the same model with {bits}-bit weight indices and one int8 table per layer
+// (LUT compression). TFLM's DECODE op expands the weights into the arena at start-up: less flash,
+// more RAM ({arena["total"]} bytes measured, shipped with the same margin).
+constexpr int kTensorArenaSizeLut = {arena["shipped"]};
+inline TfLiteStatus DqncRegisterOpsLut(tflite::MicroMutableOpResolver<2>& r) {{
+  if (r.AddFullyConnected() != kTfLiteOk) return kTfLiteError;
+  if (r.AddDecode() != kTfLiteOk) return kTfLiteError;
+  return kTfLiteOk;
+}}
+
+#endif  // DQNC_POLICY_TFLM_H_""")
+    return {"file": LUT_TFLITE, "bytes": len(lut), "uncompressed_bytes": len(content), "weight_bits": bits,
+            "decoded_equal": True, "states": int(len(xq)), "runtimes": runtimes,
+            "tflm_arena_bytes": {k: arena[k] for k in ("total", "head", "tail") if k in arena},
+            "tflm_arena_shipped_bytes": arena["shipped"]}
+
+
 def c_policy_files(policy: Any, content: bytes, names: list[str], preprocess: dict[str, Any] | None,
-                   states: np.ndarray, xq: np.ndarray, raw_tflm: np.ndarray, files: dict[str, str]) -> dict[str, Any]:
+                   states: np.ndarray, xq: np.ndarray, raw_tflm: np.ndarray, files: dict[str, str],
+                   weight_bits: int = 8) -> dict[str, Any]:
     """Generate policy.h/.c (into ``files``) where the model is an int8 FC chain, and check them:
     the integer arithmetic in numpy and, with a host C compiler, the compiled C must reproduce
     TFLM's int8 outputs exactly. Returns the manifest entry."""
@@ -401,9 +468,10 @@ def c_policy_files(policy: Any, content: bytes, names: list[str], preprocess: di
     if not (mlp.forward(xq) == raw_tflm).all():
         raise VerificationError("dqnc's integer arithmetic disagrees with TFLM's reference kernels: a dqnc bug, please report it")
     pre = preprocess or {}
-    h, c = cpolicy.generate(mlp, policy._a, policy._c, names, pre.get("obs_mean"), pre.get("obs_std"))
+    h, c = cpolicy.generate(mlp, policy._a, policy._c, names, pre.get("obs_mean"), pre.get("obs_std"), weight_bits)
     files[cpolicy.HEADER], files[cpolicy.SOURCE] = h, c
-    entry: dict[str, Any] = {"written": True, **cpolicy.sizes(mlp), "layers": len(mlp.layers)}
+    entry: dict[str, Any] = {"written": True, **cpolicy.sizes(mlp, weight_bits), "weight_bits": weight_bits,
+                             "layers": len(mlp.layers)}
     if cpolicy.host_compiler() is None:
         return {**entry, "host_verified": False, "reason": "no host C compiler (cc, gcc, clang) to check it with"}
     with tempfile.TemporaryDirectory(prefix="dqnc-cpolicy-") as d:

@@ -95,6 +95,9 @@ def tflite_policy(path: Path, manifest: dict[str, Any] | None = None, runtime: s
 
         raise UsageError(str(e)) from None
     except (ValueError, RuntimeError, OSError) as e:
+        from dqnc.lowbit import decode_refusal
+
+        decode_refusal(path, runtime)  # a LUT-compressed model is not damaged: say which runtime runs it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{str(path)!r} is not a valid TFLite model ({first[:200]}): re-create it with dqnc quantize or export") from None
 

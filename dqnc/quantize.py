@@ -8,6 +8,10 @@ Modes:
 - ``dynamic``: int8 weights, float activations (no calibration);
 - ``fp32``: a plain float conversion (what ``export`` uses for SavedModel inputs).
 
+``weight_bits`` 4 or 2 (int8 only) first clusters every Dense kernel to 16 or 4 values,
+fine-tuned by distillation against the input policy, and quantizes each kernel with one scale, so
+its int8 weights take at most 2^bits values (see :mod:`dqnc.lowbit`).
+
 Sparse kernels keep their zeros (the converter's sparsity optimization). Before anything is
 written, the converted model is checked against its input (dqnc.fidelity's vocabulary): regret on
 held-out states the parent visits, and the return of closed-loop episodes on the same seeds; a
@@ -43,8 +47,9 @@ def _sparsity(model: Any) -> float:
 
 
 def convert(model: Any, mode: str, calibration: np.ndarray | None = None, float_io: bool = False,
-            sparse: bool = False, strip: bool = False) -> bytes:
-    """Convert a tf_keras model to TFLite bytes in the given mode (``strip``: see :func:`strip_strings`)."""
+            sparse: bool = False, strip: bool = False, per_layer_weights: bool = False) -> bytes:
+    """Convert a tf_keras model to TFLite bytes in the given mode (``strip``: see :func:`strip_strings`;
+    ``per_layer_weights``: one int8 scale per Dense kernel instead of one per output channel)."""
     from dqnc.keras import tf
 
     t = tf()
@@ -55,6 +60,8 @@ def convert(model: Any, mode: str, calibration: np.ndarray | None = None, float_
     if sparse:
         opts.append(t.lite.Optimize.EXPERIMENTAL_SPARSITY)
     conv.optimizations = opts
+    if per_layer_weights:
+        conv._experimental_disable_per_channel_quantization_for_dense_layers = True
     if mode in ("int8", "int16x8"):
         if calibration is None or not len(calibration):
             raise UsageError(f"{mode} quantization needs calibration observations")
@@ -284,19 +291,26 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and cfg.target == "linux" and sparsity >= 0.3)
     preprocess: dict[str, Any] = {}
     models = {0: model}
-    if calibration is not None:
+    clustered = None
+    if calibration is not None and cfg.weight_bits < 8:
+        from dqnc import lowbit
+
+        clustered = lowbit.cluster(source, model, calibration, cfg.weight_bits, cfg.cluster_steps, cfg.seed, parent_q)
+        # No equalization: it scales kernel rows by per-unit factors, which would split the clusters.
+        models[0], preprocess = clustered.model, clustered.preprocess
+    elif calibration is not None:
         models[0], preprocess = prepare_for_integer(model, calibration, outputs=source.outputs)
         hidden_acts = set((mlp_weights(model) or ([], []))[1])
         if preprocess and cfg.mode == "int8" and cfg.output_range == "ranking" and hidden_acts == {"relu"}:
             # Equalized candidates are compared on agreement, which is what 'ranking' optimizes.
             models.update({k: prepare_for_integer(model, calibration, k, source.outputs)[0]
                            for k in EQUALIZE_SWEEPS if k})
-        if preprocess:
-            mean, std = np.asarray(preprocess["obs_mean"]), np.asarray(preprocess["obs_std"])
-            calibration = ((calibration - mean) / std).astype(np.float32)
+    if calibration is not None and preprocess:
+        mean, std = np.asarray(preprocess["obs_mean"]), np.asarray(preprocess["obs_std"])
+        calibration = ((calibration - mean) / std).astype(np.float32)
     check = collect_states(parent_q, spec, cfg.check_states, episode_seed("check", cfg.seed), cfg.calibration_epsilon)
     q_parent = parent_q(check)
-    centered = preprocess.get("outputs") == "centered_q_values" or (
+    centered = preprocess.get("outputs") == "centered_q_values" or clustered is not None or (
         preprocess.get("outputs") == "action_scores" and source.outputs == "action_scores")
 
     def policy(content: bytes) -> Policy:
@@ -370,8 +384,15 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
     def parent_returns() -> np.ndarray:  # the parent's closed-loop episodes, rolled out once
         return rollout(parent_q, spec, cfg.check_episodes, check_episode_seed).returns
 
+    snapped: list[int] = []
+
     def build(sparse_: bool, sweeps: int) -> tuple[bytes, float, tuple[float, float] | None]:
-        content_ = convert(models[sweeps], cfg.mode, calibration, cfg.float_io, sparse_, cfg.strip_strings)
+        content_ = convert(models[sweeps], cfg.mode, calibration, cfg.float_io, sparse_, cfg.strip_strings,
+                           per_layer_weights=clustered is not None)
+        if clustered is not None:
+            from dqnc import lowbit
+
+            content_, snapped[:] = lowbit.snap(content_, cfg.weight_bits)
         return narrow_output_range(content_, score) if narrow else (content_, 1.0, None)
 
     # int8 rounding decides near-tied actions almost at random, and which rewrite of the weights
@@ -419,10 +440,18 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
         "equalization_sweeps": sweeps,
         "notes": notes,
     }
+    if clustered is not None:
+        from dqnc import lowbit
+
+        metrics["weight_bits"] = {**clustered.info, "distinct_int8_weights": lowbit.distinct_weights(content),
+                                  "snapped_layers": snapped}
     with art.atomic_output(out, force) as tmp:
         (tmp / art.TFLITE).write_bytes(content)
-        art.write_manifest(tmp, stage="quantize", env=spec, network=source.network, config=cfg.model_dump(mode="json"),
+        # Clustering fine-tunes by distillation: the outputs are then action scores, whatever the source's were.
+        network = {**(source.network or {}), "outputs": "action_scores"} if clustered is not None else source.network
+        art.write_manifest(tmp, stage="quantize", env=spec, network=network, config=cfg.model_dump(mode="json"),
                            metrics=metrics, parent=source, command=command,
-                           extra={"quantization": {"mode": cfg.mode, "float_io": cfg.float_io, **io},
+                           extra={"quantization": {"mode": cfg.mode, "float_io": cfg.float_io, **io,
+                                                   **({"weight_bits": cfg.weight_bits} if clustered is not None else {})},
                                   "preprocess": preprocess or None})
     return art.load(out)
