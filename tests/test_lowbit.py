@@ -43,6 +43,7 @@ def w2_bundle(w2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_clustered_int8_kernels_hold_at_most_2_to_the_bits_values(trained, w2, tmp_path):
     from dqnc import artifact as art
+    from dqnc.recipe import report
 
     w4 = _quantize(trained, tmp_path / "w4", 4)
     for path, k in ((w4, 16), (w2, 4)):
@@ -53,6 +54,7 @@ def test_clustered_int8_kernels_hold_at_most_2_to_the_bits_values(trained, w2, t
         assert min(counts) >= 2  # clustered, not collapsed
         assert a.manifest["metrics"]["weight_bits"]["distinct_int8_weights"] == counts
         assert a.manifest["quantization"]["weight_bits"] == int(np.log2(k))
+        assert report._precision(a.manifest) == f"{int(np.log2(k))}-bit"  # the recipe report's precision column
         mlp = cpolicy.extract(content)
         assert not isinstance(mlp, str) and all(l.multiplier.size == l.weights.shape[0] for l in mlp.layers)
 

@@ -77,7 +77,7 @@ def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
         # Only a .tflite file's bytes are the deployable size; a SavedModel directory's are not.
         "bytes_per_param": res["size_bytes"] / params if params and a.kind == "tflite" else None,
         "sparsity": _sparsity_of(m),
-        "precision": (m.get("quantization") or {}).get("mode", "fp32"),
+        "precision": _precision(m),
         "mean_return": res["mean_return"],
         "return_ci95": res.get("return_ci95"),
         "std_return": res["std_return"],
@@ -97,6 +97,13 @@ def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
         "runtime": res.get("runtime"),
         "episodes": res["episodes"],
     }
+
+
+def _precision(manifest: dict[str, Any]) -> str:
+    """The mode, or "4-bit"/"2-bit" for int8 files whose kernels hold 16/4 values (weight_bits)."""
+    q = manifest.get("quantization") or {}
+    bits = int(q.get("weight_bits") or 8)
+    return f"{bits}-bit" if bits < 8 else q.get("mode", "fp32")
 
 
 def _sparsity_of(manifest: dict[str, Any]) -> float | None:
