@@ -388,7 +388,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
 
     def build(sparse_: bool, sweeps: int) -> tuple[bytes, float, tuple[float, float] | None]:
         content_ = convert(models[sweeps], cfg.mode, calibration, cfg.float_io, sparse_, cfg.strip_strings,
-                           per_layer_weights=clustered is not None)
+                           per_layer_weights=clustered is not None or cfg.weight_scales == "layer")
         if clustered is not None:
             from dqnc import lowbit
 

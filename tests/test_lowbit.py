@@ -144,3 +144,20 @@ def test_targets_that_cannot_run_a_form_are_refused_with_exit_2(w2_bundle, train
     assert r.exit_code == 2 and "weight_bits" in r.output
     r = runner.invoke(app, ["quantize", str(trained), "--weight-bits", "3", "-o", str(tmp_path / "z")])
     assert r.exit_code == 2
+
+
+def test_one_weight_scale_per_layer_drops_the_per_channel_arrays(trained, tmp_path):
+    """weight_scales: layer (plain int8) stores one scale per Dense kernel, and the file shrinks."""
+    from dqnc import artifact as art
+    from dqnc import quantize
+
+    out = {}
+    for scales in ("layer", "channel"):
+        cfg = quantize.QuantizeConfig(weight_scales=scales, calibration_states=300, check_states=300)
+        out[scales] = quantize.run(cfg, art.load(trained), tmp_path / scales)
+    layer, channel = (cpolicy.extract(out[k].model_path.read_bytes()) for k in ("layer", "channel"))
+    assert not isinstance(layer, str) and not isinstance(channel, str)
+    # one requantization multiplier per layer (repeated per output row), against one per channel
+    assert [np.unique(l.multiplier).size for l in layer.layers] == [1, 1, 1]
+    assert any(np.unique(l.multiplier).size > 1 for l in channel.layers)
+    assert out["layer"].model_path.stat().st_size < out["channel"].model_path.stat().st_size
