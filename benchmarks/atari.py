@@ -4,6 +4,7 @@ BENCHMARKS.md "Atari Breakout" (run with dqnc's python; needs the atari extra).
     python benchmarks/atari.py                      # 25k agent steps, ~10 min on 2 idle cores
     python benchmarks/atari.py --steps 50000        # a larger small budget
     python benchmarks/atari.py --skip-run           # re-measure the outputs of an earlier run
+    python benchmarks/atari.py --speed 8000         # training speed of the 10M-frame recipe's schedule
 
 1. `dqnc run recipes/atari-breakout.yaml --force --set ...` with the small-budget overrides below
    (train -> int8 -> export --target mcu, TFLM verified -> held-out greedy eval), in a child
@@ -83,6 +84,34 @@ def run_chain(steps: int, out_dir: Path) -> dict[str, Any]:
     return {"command": cmd, "exit_code": proc.returncode, "wall_seconds": round(wall, 1),
             "cpu_seconds": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1),
             "report": report}
+
+
+def speed(steps: int, out_dir: Path) -> dict[str, Any]:
+    """Training speed with the recipe's own (default) Atari schedule, for the 10M-frame estimate:
+    agent steps/s and CPU seconds per agent step once learning has started."""
+    from dqnc import train
+    from dqnc.config import build_train_config
+
+    marks: list[tuple[int, float, float]] = []
+
+    def progress(p: Any) -> None:
+        marks.append((p.step, time.perf_counter(), time.process_time()))
+
+    warmup = steps // 4
+    cfg = build_train_config("ALE/Breakout-v5", {}, dict(
+        total_steps=steps, learning_starts=warmup, buffer_size=steps, eval_freq=10 * steps, eval_episodes=1,
+        env_kwargs={"max_num_frames_per_episode": 2000}))
+    train.run(cfg, out_dir / "speed", force=True, progress=progress)
+    learn = [m for m in marks if m[0] >= warmup + cfg.train_freq]
+    (s0, w0, c0), (s1, w1, c1) = learn[0], learn[-1]
+    per_s = (s1 - s0) / (w1 - w0)
+    cpu_per_step = (c1 - c0) / (s1 - s0)
+    total = 2_500_000
+    return {"config": {k: getattr(cfg, k) for k in ("num_envs", "batch_size", "train_freq", "gradient_steps")},
+            "measured_steps": s1 - s0, "steps_per_second": round(per_s, 1),
+            "cpu_ms_per_agent_step": round(1000 * cpu_per_step, 2),
+            "hours_for_10M_frames": {"wall_at_measured_rate": round(total / per_s / 3600, 1),
+                                     "cpu": round(total * cpu_per_step / 3600, 1)}}
 
 
 def _chunked(q_fn: Any, states: np.ndarray, chunk: int = 500) -> np.ndarray:
@@ -166,8 +195,15 @@ def main() -> None:
     p.add_argument("--states", type=int, default=10_000, help="held-out states for the agreement")
     p.add_argument("--latency-samples", type=int, default=500)
     p.add_argument("--skip-run", action="store_true", help="measure the outputs of an earlier run")
+    p.add_argument("--speed", type=int, metavar="STEPS", help="only measure training speed with the recipe's "
+                   "Atari defaults over STEPS agent steps (a quarter of them before learning starts)")
     args = p.parse_args()
     out_dir = args.out_dir.resolve()
+    if args.speed:
+        doc_speed = {"date": utc_now(), **speed(args.speed, out_dir)}
+        write_json(RESULTS / "atari-speed.json", doc_speed)
+        print(json.dumps(doc_speed, indent=2))
+        return
     doc: dict[str, Any] = {"date": utc_now(), "steps": args.steps, "out_dir": str(out_dir)}
     if not args.skip_run:
         doc["chain"] = run_chain(args.steps, out_dir)

@@ -128,7 +128,7 @@ def test_chw_model_and_its_tflite_file_give_identical_actions(atari_fp32, atari_
     assert np.abs(q_lite - q_ref).max() <= 1e-4 * max(1.0, float(np.abs(q_ref).max()))
 
 
-def test_tiny_atari_conv_net_quantizes_exports_and_evaluates_on_litert_and_tflm(atari_int8, atari_fp32, tmp_path):
+def test_tiny_atari_conv_net_quantizes_exports_to_tflm_and_evaluates_on_litert(atari_int8, atari_fp32, tmp_path):
     from dqnc import artifact as art
     from dqnc import export
     from dqnc.tflm import op_names, read_model
@@ -142,17 +142,14 @@ def test_tiny_atari_conv_net_quantizes_exports_and_evaluates_on_litert_and_tflm(
     assert m["tflm_compatible"] is True and m["tflm_check"]["actions_equal"] >= 99
     obs = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert "CHW" in json.dumps(obs) and "FrameStackObservation" in json.dumps(obs)
-    results = {}
-    for rt in ("litert", "tflm"):
-        r = runner.invoke(app, ["eval", str(tmp_path / "bundle"), "-n", "2", "--json", "--runtime", rt,
-                                "--latency-samples", "10", "--reference", str(atari_fp32)])
-        assert r.exit_code == 0, r.output
-        results[rt] = json.loads(r.stdout)
-    # The same capped episodes (400 frames less the random no-ops at reset) on both runtimes.
-    assert results["litert"]["mean_length"] == results["tflm"]["mean_length"] <= 100
-    assert results["litert"]["reference"]["states"] == 2 * results["litert"]["mean_length"]
-    assert results["litert"]["reference"]["regret"] <= 0.05
-    assert results["litert"]["mean_return"] == results["tflm"]["mean_return"]
+    # TFLite Micro was fed the same CHW tensor as LiteRT (export's check above); eval on LiteRT:
+    r = runner.invoke(app, ["eval", str(tmp_path / "bundle"), "-n", "2", "--json", "--runtime", "litert",
+                            "--latency-samples", "10", "--reference", str(atari_fp32)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["mean_length"] <= 100  # the capped episodes: 400 frames less the random no-ops at reset
+    assert res["reference"]["states"] == 2 * res["mean_length"]
+    assert res["reference"]["regret"] <= 0.05 and res["latency_us"]["action"]["p50"] > 0
 
 
 def test_pixel_model_with_a_vector_env_and_2d_frames_are_one_line_errors(atari_int8, tmp_path):
