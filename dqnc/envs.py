@@ -157,6 +157,9 @@ def is_atari(env_id: str) -> bool:
 def resolve_env_kwargs(env_id: str, kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """The env kwargs with Atari's default wrappers filled in (idempotent; other ids unchanged)."""
     kw = dict(kwargs or {})
+    if not isinstance(kw.get(WRAPPERS_KEY, []), list):
+        raise EnvError(f"env {env_id!r}: env_kwargs 'wrappers' must be a list, got {type(kw[WRAPPERS_KEY]).__name__}: "
+                       "e.g. [{FrameStackObservation: {stack_size: 4}}]")
     if not is_atari(env_id):
         return kw
     if WRAPPERS_KEY not in kw:
@@ -225,8 +228,6 @@ def make_env(env_id: str, kwargs: dict[str, Any] | None = None, render_mode: str
     register_on_demand(env_id)
     kwargs = resolve_env_kwargs(env_id, kwargs)
     wrappers = kwargs.pop(WRAPPERS_KEY, None) or []
-    if not isinstance(wrappers, list):
-        raise EnvError(f"env {env_id!r}: env_kwargs 'wrappers' must be a list, got {type(wrappers).__name__}")
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     try:

@@ -81,6 +81,7 @@ def test_atari_env_with_standard_wrappers_gives_uint8_chw_frames_seeded_by_reset
     ({"frameskip": 4}, "would skip frames twice"),
     ({"wrappers": ["FrameStack"]}, "unknown wrapper 'FrameStack': did you mean 'FrameStackObservation'?"),
     ({"wrappers": [{"FrameStackObservation": {"stack_size": 0}}]}, "wrapper FrameStackObservation"),
+    ({"wrappers": 5}, "env_kwargs 'wrappers' must be a list, got int"),
 ])
 def test_bad_atari_wrappers_are_one_line_errors(kwargs, message, tmp_path):
     r = runner.invoke(app, ["train", "--env", ENV, "--env-kwargs", json.dumps(kwargs), "--out", str(tmp_path / "m")])
