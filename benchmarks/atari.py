@@ -1,7 +1,7 @@
 """Atari Breakout on a small budget: recipes/atari-breakout.yaml end to end, then the figures of
 BENCHMARKS.md "Atari Breakout" (run with dqnc's python; needs the atari extra).
 
-    python benchmarks/atari.py                      # 25k agent steps, ~10 min on 2 idle cores
+    python benchmarks/atari.py                      # 25k agent steps (BENCHMARKS.md: --steps 50000)
     python benchmarks/atari.py --steps 50000        # a larger small budget
     python benchmarks/atari.py --skip-run           # re-measure the outputs of an earlier run
     python benchmarks/atari.py --speed 8000         # training speed of the 10M-frame recipe's schedule
@@ -14,8 +14,8 @@ BENCHMARKS.md "Atari Breakout" (run with dqnc's python; needs the atari extra).
    barely trained greedy Breakout policy that never presses FIRE idles until its episode cap),
    from the held-out episode seeds 10,000+ that no stage rolls out from (dqnc.seeds).
 3. Sizes (int8 vs an fp32 TFLite conversion of the same parent) and per-action latency of the
-   84x84x4 network: LiteRT (one thread) int8 and fp32, the numpy forward, and TFLite Micro's
-   reference kernels (the bundle's runtime on the host).
+   84x84x4 network: LiteRT int8 and fp32, the numpy forward, and TFLite Micro's reference kernels
+   on the int8 file (its arena, and its actions against LiteRT's on 1,000 of the states).
 
 Writes benchmarks/results/atari.json and prints a Markdown table.
 """
@@ -49,7 +49,7 @@ def small_budget_sets(steps: int, out_dir: Path) -> list[str]:
         f"out_dir={out_dir}",
         f"source.train.total_steps={steps}",
         f"source.train.learning_starts={min(5000, steps // 5)}",
-        f"source.train.buffer_size={steps}",          # 25k transitions: 1.4 GB
+        f"source.train.buffer_size={steps}",          # every transition: 50k = 2.8 GB
         "source.train.gradient_steps=8",              # one gradient step per 8 agent steps
         "source.train.eps_fraction=0.4",
         f"source.train.eval_freq={steps}",
@@ -58,7 +58,7 @@ def small_budget_sets(steps: int, out_dir: Path) -> list[str]:
         "int8.calibration_states=2000",
         "int8.check_states=2000",
         "int8.check_episodes=4",
-        "bundle.check_states=1000",                   # TFLM reference kernels: ~15 ms a state
+        "bundle.check_states=1000",
         "eval.episodes=8",
         "eval.latency_samples=500",
         # A barely trained policy's return is near 0, so a relative return drop means nothing here.
@@ -67,8 +67,8 @@ def small_budget_sets(steps: int, out_dir: Path) -> list[str]:
     ]
 
 
-def run_chain(steps: int, out_dir: Path) -> dict[str, Any]:
-    cmd = [*dqnc_command(), "run", str(RECIPE), "--json", "--quiet", "--force"]
+def run_chain(steps: int, out_dir: Path, cached: bool = False) -> dict[str, Any]:
+    cmd = [*dqnc_command(), "run", str(RECIPE), "--json", "--quiet", *([] if cached else ["--force"])]
     for s in small_budget_sets(steps, out_dir):
         cmd += ["--set", s]
     log(" ".join(cmd))
@@ -136,6 +136,7 @@ def measure(out_dir: Path, n_states: int, latency_samples: int) -> dict[str, Any
     parent = art.load(out_dir / "train")
     int8 = art.load(out_dir / "int8")
     bundle = art.load(out_dir / "bundle")
+    from dqnc import tflm
     q_parent = q_function(parent)
     log(f"collecting {n_states:,} held-out states (parent, epsilon 0.05, episode seeds {EVAL_SEED:,}+)")
     t0 = time.perf_counter()
@@ -156,8 +157,8 @@ def measure(out_dir: Path, n_states: int, latency_samples: int) -> dict[str, Any
         "params": int(sum(w.size + b.size for w, b in q_parent.layers)),
         "sizes": {"int8_tflite_bytes": int8.model_path.stat().st_size, "fp32_tflite_bytes": len(fp32_bytes),
                   "savedmodel_bytes": sum(f.stat().st_size for f in parent.model_path.rglob("*") if f.is_file()),
-                  "tflm_arena_bytes": bundle.manifest["metrics"].get("tflm_arena_bytes"),
-                  "tflm_arena_shipped_bytes": bundle.manifest["metrics"].get("tflm_arena_shipped_bytes")},
+                  "bundle_target": bundle.manifest["metrics"].get("target"),
+                  "tflm_arena": tflm.arena(int8.model_path.read_bytes())},
     }
     out["sizes"]["int8_vs_fp32"] = round(out["sizes"]["fp32_tflite_bytes"] / out["sizes"]["int8_tflite_bytes"], 2)
     log("latency per action")
@@ -165,8 +166,14 @@ def measure(out_dir: Path, n_states: int, latency_samples: int) -> dict[str, Any
         "int8_litert": _latency(lite8, states, latency_samples),
         "fp32_tflite_litert": _latency(lite32, states, latency_samples),
         "fp32_numpy": _latency(q_parent, states, latency_samples),
-        "int8_tflm": _latency(q_function(bundle, runtime="tflm"), states, max(20, latency_samples // 10)),
+        "int8_tflm": _latency(q_function(int8, runtime="tflm"), states, max(20, latency_samples // 10)),
     }
+    # TFLite Micro's reference kernels against LiteRT on the same int8 file (what export --target
+    # mcu checks, with its 1% allowance for near-ties); 1,000 of the states (~11 ms each).
+    sub = states[:: max(1, len(states) // 1000)][:1000]
+    a_tflm = actions_of(_chunked(q_function(int8, runtime="tflm"), sub))
+    a_lite = actions_of(_chunked(lite8, sub))
+    out["tflm_vs_litert"] = {"states": int(len(sub)), "actions_equal": int((a_tflm == a_lite).sum())}
     return out
 
 
@@ -182,8 +189,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"| int8 (per-channel conv) | {s['int8_tflite_bytes']:,} | {100 * i8['agreement']:.2f}% / "
         f"{100 * i8['decisive_agreement']:.2f}% of {i8['decisive_states']:,} | {i8['regret']:.4f} "
         f"| {lat['int8_litert']['p50']:.0f} us LiteRT |",
-        f"| int8 bundle on TFLM (host, reference kernels) | {s['int8_tflite_bytes']:,}; arena "
-        f"{s['tflm_arena_shipped_bytes']:,} | - | - | {lat['int8_tflm']['p50']:.0f} us TFLM |",
+        f"| int8 on TFLM (host, reference kernels) | {s['int8_tflite_bytes']:,}; arena "
+        f"{s['tflm_arena']['shipped']:,} | {m['tflm_vs_litert']['actions_equal']:,} of {m['tflm_vs_litert']['states']:,} "
+        f"actions equal LiteRT's | - | {lat['int8_tflm']['p50']:.0f} us TFLM |",
     ]
     return "\n".join(rows)
 
@@ -195,6 +203,7 @@ def main() -> None:
     p.add_argument("--states", type=int, default=10_000, help="held-out states for the agreement")
     p.add_argument("--latency-samples", type=int, default=500)
     p.add_argument("--skip-run", action="store_true", help="measure the outputs of an earlier run")
+    p.add_argument("--cached", action="store_true", help="re-use the recipe's cached stages (no --force)")
     p.add_argument("--speed", type=int, metavar="STEPS", help="only measure training speed with the recipe's "
                    "Atari defaults over STEPS agent steps (a quarter of them before learning starts)")
     args = p.parse_args()
@@ -206,7 +215,7 @@ def main() -> None:
         return
     doc: dict[str, Any] = {"date": utc_now(), "steps": args.steps, "out_dir": str(out_dir)}
     if not args.skip_run:
-        doc["chain"] = run_chain(args.steps, out_dir)
+        doc["chain"] = run_chain(args.steps, out_dir, args.cached)
         log(f"chain: exit {doc['chain']['exit_code']}, {doc['chain']['wall_seconds']} s wall, "
             f"{doc['chain']['cpu_seconds']} CPU s")
     train_manifest = json.loads((out_dir / "train" / "manifest.json").read_text())
