@@ -27,7 +27,7 @@ class TrainConfig(BaseModel):
     num_envs: int = Field(1, ge=1, le=256)
     hidden: list[int] = Field(default_factory=lambda: [128, 128], min_length=1, max_length=8)
     conv: list[list[int]] | None = Field(None, max_length=8, description="conv layers [filters, kernel, stride] "
-                                         "before the hidden layers, for image observations (HWC)")
+                                         "before the hidden layers, for image observations (HWC or CHW)")
     activation: Literal["relu", "tanh", "elu"] = "relu"
     dueling: bool = False
     double_dqn: bool = True
@@ -90,9 +90,22 @@ _MINATAR = dict(
 )
 ENV_DEFAULTS.update({f"MinAtar/{game}-v1": dict(_MINATAR)
                      for game in ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")})
+# Atari (ALE/*-v5 through dqnc.envs.ATARI_WRAPPERS: uint8 (4, 84, 84) CHW): the Nature DQN network
+# (Mnih et al. 2015) and its schedule as CleanRL's dqn_atari runs it with Adam (lr 1e-4, batch 32,
+# one gradient step per 4 agent steps, target copy every 1,000 agent steps, epsilon 1 -> 0.01 over
+# the first 10%), over 10M frames (2.5M agent steps). Not tuned here: see recipes/atari-breakout.yaml.
+# The buffer holds 100k transitions (obs and next obs, 2 x 28 kB each: 5.6 GB), not the paper's 1M.
+_ATARI = dict(
+    conv=[[32, 8, 4], [64, 4, 2], [64, 3, 1]], hidden=[512], total_steps=2_500_000, num_envs=8, lr=1e-4,
+    batch_size=32, buffer_size=100_000, learning_starts=80_000, train_freq=64, gradient_steps=16,
+    target_update_interval=250, eps_fraction=0.1, eps_end=0.01, eval_freq=250_000, eval_episodes=10,
+    confirm_episodes=0,
+)
 
 
 def train_defaults(env: str) -> dict[str, Any]:
+    if env not in ENV_DEFAULTS and env.startswith("ALE/"):  # every Atari game (ALE/Pong-v5 ...)
+        return dict(_ATARI)
     return dict(ENV_DEFAULTS.get(env, {}))
 
 

@@ -56,7 +56,8 @@ class EnvSpec:
     obs_names: list[str] | None = None
     reward_threshold: float | None = None
     max_episode_steps: int | None = None
-    # "flat" (vectors; any other shape is flattened for MLPs), "HWC" or "CHW" (3-D images).
+    # "flat" (vectors; any other shape is flattened for MLPs), "HWC" or "CHW" (3-D images: a conv
+    # net reads them in this layout, so every runtime is fed the env's observation as it is).
     obs_layout: str = "flat"
 
     @property
@@ -70,7 +71,12 @@ class EnvSpec:
     @property
     def batch_shape(self) -> tuple[int, ...]:
         """The shape of one observation as rollouts feed it to a policy: images keep theirs."""
-        return self.obs_shape if self.obs_layout == "HWC" else (self.obs_dim,)
+        return self.obs_shape if self.is_image else (self.obs_dim,)
+
+    @property
+    def wrappers(self) -> list[Any]:
+        """The gymnasium wrappers this env is made with (``env_kwargs['wrappers']``), in order."""
+        return list(self.kwargs.get(WRAPPERS_KEY) or [])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,23 +91,127 @@ class EnvSpec:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _bounds(values: np.ndarray) -> list[float]:
+    """Per-feature bounds; an image's uniform bound is recorded once (Atari frames: 28,224 equal values)."""
+    v = np.asarray(values)
+    if v.ndim == 3 and v.size and (v == v.flat[0]).all():
+        return _finite(v.flat[:1])
+    return _finite(v)
+
+
+def _ale_action_meanings(env: Any) -> list[str] | None:
+    meanings = getattr(env.unwrapped, "get_action_meanings", None)
+    return [str(m) for m in meanings()] if callable(meanings) else None
+
+
 def _finite(values: np.ndarray) -> list[float]:
     # JSON has no infinity: unbounded dimensions are recorded as +-3.4e38 (float32 max).
     return [float(np.clip(v, -3.4e38, 3.4e38)) for v in np.asarray(values, np.float64).ravel()]
 
 
 def register_on_demand(env_id: str) -> None:
-    """Register the MinAtar ids (``MinAtar/Breakout-v1`` ...) the first time one is asked for."""
+    """Register the MinAtar ids (``MinAtar/Breakout-v1`` ...) and the Atari ids (``ALE/Breakout-v5``
+    ...) the first time one is asked for."""
     import gymnasium as gym
 
-    if not str(env_id).startswith("MinAtar/") or env_id in gym.registry:
+    if env_id in gym.registry:
         return
-    try:
-        import minatar.gym
-    except ModuleNotFoundError:
-        raise EnvError(f"cannot make env {env_id!r}: the 'minatar' package is not installed; "
-                       "pip install 'dqnc[pixels]' (or minatar)") from None
-    minatar.gym.register_envs()
+    if str(env_id).startswith("MinAtar/"):
+        try:
+            import minatar.gym
+        except ModuleNotFoundError:
+            raise EnvError(f"cannot make env {env_id!r}: the 'minatar' package is not installed; "
+                           "pip install 'dqnc[pixels]' (or minatar)") from None
+        minatar.gym.register_envs()
+    elif is_atari(env_id):
+        try:
+            import ale_py
+        except ModuleNotFoundError:
+            raise EnvError(f"cannot make env {env_id!r}: the 'ale-py' package is not installed; "
+                           "pip install 'dqnc[atari]' (ale-py ships the ROMs, opencv-python-headless resizes frames)") from None
+        gym.register_envs(ale_py)
+
+
+# --- wrappers ------------------------------------------------------------------------------------
+# ``env_kwargs['wrappers']`` names gymnasium wrappers applied in order after gym.make, each as a
+# class name or a one-key mapping ``{ClassName: {kwargs}}``. It is the env's own kwargs that every
+# stage passes on (EnvSpec.kwargs), so an artifact's manifest names its wrappers and every rollout,
+# check and evaluation recreates the same observations.
+WRAPPERS_KEY = "wrappers"
+
+# Atari ids get the DQN preprocessing of Mnih et al. (2015) through gymnasium's own wrappers unless
+# env_kwargs names others: 4-frame skip with max-pooling of the last two frames, 84x84 grayscale,
+# up to 30 no-ops at reset, 4 frames stacked into a uint8 (4, 84, 84) CHW observation. ALE v5 ids
+# skip 4 frames themselves, so the base env is made with frameskip=1 and AtariPreprocessing skips.
+ATARI_WRAPPERS: list[dict[str, dict[str, Any]]] = [
+    {"AtariPreprocessing": {"frame_skip": 4, "screen_size": 84, "noop_max": 30, "grayscale_obs": True,
+                            "terminal_on_life_loss": False, "scale_obs": False}},
+    {"FrameStackObservation": {"stack_size": 4}},
+]
+
+
+def is_atari(env_id: str) -> bool:
+    return str(env_id).startswith("ALE/")
+
+
+def resolve_env_kwargs(env_id: str, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The env kwargs with Atari's default wrappers filled in (idempotent; other ids unchanged)."""
+    kw = dict(kwargs or {})
+    if not isinstance(kw.get(WRAPPERS_KEY, []), list):
+        raise EnvError(f"env {env_id!r}: env_kwargs 'wrappers' must be a list, got {type(kw[WRAPPERS_KEY]).__name__}: "
+                       "e.g. [{FrameStackObservation: {stack_size: 4}}]")
+    if not is_atari(env_id):
+        return kw
+    if WRAPPERS_KEY not in kw:
+        kw[WRAPPERS_KEY] = [dict((name, dict(args)) for name, args in w.items()) for w in ATARI_WRAPPERS]
+    skipping = any(name == "AtariPreprocessing" and int(args.get("frame_skip", 4)) > 1
+                   for name, args in (_wrapper_entry(env_id, w) for w in kw[WRAPPERS_KEY]))
+    if skipping:
+        if "frameskip" in kw and kw["frameskip"] != 1:
+            raise EnvError(f"env {env_id!r}: frameskip={kw['frameskip']} and AtariPreprocessing's frame_skip would skip "
+                           "frames twice; set env_kwargs frameskip to 1 (or AtariPreprocessing frame_skip to 1)")
+        kw["frameskip"] = 1
+    return kw
+
+
+def _wrapper_entry(env_id: str, entry: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and len(entry) == 1:
+        name, args = next(iter(entry.items()))
+        if isinstance(name, str) and isinstance(args, dict | None):
+            return name, dict(args or {})
+    raise EnvError(f"env {env_id!r}: wrapper {entry!r} must be a class name or a one-key mapping "
+                   "{ClassName: {kwargs}}, e.g. {FrameStackObservation: {stack_size: 4}}")
+
+
+def _wrapper_class(env_id: str, name: str) -> Any:
+    import gymnasium as gym
+    import gymnasium.wrappers as gw
+
+    cls = getattr(gw, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, gym.Wrapper)):
+        known = [n for n in dir(gw) if isinstance(getattr(gw, n), type) and issubclass(getattr(gw, n), gym.Wrapper)]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "name a class of gymnasium.wrappers"
+        raise EnvError(f"env {env_id!r}: unknown wrapper {name!r}: {hint}")
+    return cls
+
+
+def apply_wrappers(env: Any, env_id: str, wrappers: list[Any]) -> Any:
+    """Wrap ``env`` with the named gymnasium wrappers, in order, with one-line errors."""
+    for entry in wrappers:
+        name, args = _wrapper_entry(env_id, entry)
+        cls = _wrapper_class(env_id, name)
+        try:
+            env = cls(env, **args)
+        except (TypeError, ValueError) as e:
+            env.close()
+            raise EnvError(f"env {env_id!r}: wrapper {name} with {args}: {e}; fix env_kwargs 'wrappers'") from None
+        except Exception as e:  # gymnasium.error.DependencyNotInstalled (cv2) and the like
+            env.close()
+            raise EnvError(f"env {env_id!r}: wrapper {name}: {e}") from None
+    return env
 
 
 def image_layout(shape: tuple[int, ...]) -> str:
@@ -116,11 +226,12 @@ def make_env(env_id: str, kwargs: dict[str, Any] | None = None, render_mode: str
     import gymnasium as gym
 
     register_on_demand(env_id)
-    kwargs = dict(kwargs or {})
+    kwargs = resolve_env_kwargs(env_id, kwargs)
+    wrappers = kwargs.pop(WRAPPERS_KEY, None) or []
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     try:
-        return gym.make(env_id, disable_env_checker=True, **kwargs)
+        return apply_wrappers(gym.make(env_id, disable_env_checker=True, **kwargs), env_id, wrappers)
     except gym.error.Error as e:
         raise EnvError(f"cannot make env {env_id!r}: {e}{_suggest_env(env_id)}") from e
     except ModuleNotFoundError as e:
@@ -143,6 +254,7 @@ def env_spec(env_id: str, kwargs: dict[str, Any] | None = None) -> EnvSpec:
     """Make the env once and record its spaces; reject spaces a Q-network cannot serve."""
     import gymnasium as gym
 
+    kwargs = resolve_env_kwargs(env_id, kwargs)
     env = make_env(env_id, kwargs)
     try:
         obs_space, act_space = env.observation_space, env.action_space
@@ -163,10 +275,10 @@ def env_spec(env_id: str, kwargs: dict[str, Any] | None = None) -> EnvSpec:
             kwargs=dict(kwargs or {}),
             obs_shape=tuple(int(s) for s in obs_space.shape),
             obs_dtype=str(obs_space.dtype),
-            obs_low=_finite(obs_space.low),
-            obs_high=_finite(obs_space.high),
+            obs_low=_bounds(obs_space.low),
+            obs_high=_bounds(obs_space.high),
             n_actions=int(act_space.n),
-            action_meanings=ACTION_MEANINGS.get(base_id),
+            action_meanings=ACTION_MEANINGS.get(base_id) or _ale_action_meanings(env),
             obs_names=OBS_NAMES.get(base_id),
             reward_threshold=None if spec is None or spec.reward_threshold is None else float(spec.reward_threshold),
             max_episode_steps=None if spec is None else spec.max_episode_steps,
@@ -199,7 +311,8 @@ def rollout(
 
     Episode ``i`` is reset with seed ``seed + i`` and draws its exploration from its own RNG, so
     results do not depend on ``max_parallel``. With ``record``, the observations the policy saw
-    (and its Q-values for them) are returned in visiting order, episode by episode.
+    (and its Q-values for them) are returned in visiting order, episode by episode: float32, except
+    uint8 images, which stay uint8 (an Atari state is 28 kB so, 113 kB as float32).
     """
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
@@ -214,6 +327,7 @@ def rollout(
     # HWC images keep their shape (a conv net takes them as they are; an MLP flattens them itself).
     shape = spec.batch_shape
     obs = np.zeros((n, *shape), np.float32)
+    rec_dtype = np.uint8 if spec.is_image and spec.obs_dtype == "uint8" else np.float32
     next_ep = 0
 
     def start(slot: int) -> None:
@@ -233,7 +347,7 @@ def rollout(
             for j, slot in enumerate(active):
                 ep = slot_ep[slot]
                 if record:
-                    rec_obs[ep].append(obs[slot].copy())
+                    rec_obs[ep].append(obs[slot].astype(rec_dtype))
                     rec_q[ep].append(q[j].astype(np.float32))
                 a = int(actions[j])
                 if epsilon > 0 and rngs[ep].random() < epsilon:
@@ -253,7 +367,7 @@ def rollout(
             env.close()
     if not record:
         return Rollout(returns, lengths)
-    observations = np.concatenate([np.stack(o) for o in rec_obs]).astype(np.float32)
+    observations = np.concatenate([np.stack(o) for o in rec_obs]).astype(rec_dtype, copy=False)
     q_values = np.concatenate([np.stack(q) for q in rec_q]).astype(np.float32)
     return Rollout(returns, lengths, observations, q_values)
 

@@ -1,10 +1,16 @@
-"""Convolutional Q-networks for image observations (HWC), and their numpy forward pass.
+"""Convolutional Q-networks for image observations (HWC or CHW), and their numpy forward pass.
 
 A conv net is ``Conv2D`` layers (``[filters, kernel, stride]``, valid padding, ReLU-family
 activation) then ``Flatten`` then Dense layers, as a plain tf_keras Sequential (TFMOT and the
 TFLite converter need one). A dueling head folds into one Dense layer exactly as for MLPs
 (:func:`dqnc.nets.dense_weights`). Acting and TF-free evaluation use :class:`NumpyConvNet`, which
 runs the same arithmetic on a whole batch of observations in a few numpy calls.
+
+Layout: the network reads observations in the env's own layout. Keras' CPU Conv2D is
+channels-last, so a CHW env (Atari's stacked frames, ``(4, 84, 84)``) gets one ``Permute`` to HWC
+as the model's first layer: the transpose happens once, inside the model, and every runtime
+(numpy, LiteRT, TFLite Micro, the bundle's runner) is fed the env's observation unchanged. The
+int8 TFLite graph carries it as one TRANSPOSE op, which TFLite Micro has.
 """
 
 from __future__ import annotations
@@ -22,21 +28,38 @@ CONV_FILE = "convnet.npz"
 
 # MinAtar's network (Young & Tian 2019): one 3x3 conv with 16 filters, stride 1, then 128 units.
 MINATAR_CONV: tuple[tuple[int, int, int], ...] = ((16, 3, 1),)
+# The Nature DQN network (Mnih et al. 2015) for 84x84x4 Atari frames, then 512 units.
+NATURE_CONV: tuple[tuple[int, int, int], ...] = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
+LAYOUTS = ("HWC", "CHW")
+CHUNK = 256  # observations per numpy forward call (see NumpyConvNet.__call__)
+
+
+def to_hwc(shape: tuple[int, ...], layout: str) -> tuple[int, int, int]:
+    """The (height, width, channels) of an observation shape given in ``layout``."""
+    if layout == "CHW":
+        return (int(shape[1]), int(shape[2]), int(shape[0]))
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
 @dataclass(frozen=True)
 class ConvSpec:
-    obs_shape: tuple[int, int, int]
+    obs_shape: tuple[int, int, int]  # the model's input: the env's observation shape, in ``layout``
     n_actions: int
     conv: tuple[tuple[int, int, int], ...] = MINATAR_CONV
     hidden: tuple[int, ...] = (128,)
     activation: str = "relu"
     dueling: bool = False
+    layout: str = "HWC"
+
+    @property
+    def hwc(self) -> tuple[int, int, int]:
+        return to_hwc(self.obs_shape, self.layout)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "obs_shape": list(self.obs_shape),
             "obs_dim": int(np.prod(self.obs_shape)),
+            "layout": self.layout,
             "n_actions": self.n_actions,
             "conv": [list(c) for c in self.conv],
             "hidden": list(self.hidden),
@@ -46,7 +69,7 @@ class ConvSpec:
 
     def params(self) -> int:
         """Weights and biases of the plain (dueling-folded) network."""
-        total, c = 0, self.obs_shape[2]
+        total, c = 0, self.hwc[2]
         for (filters, kernel, _), _shape in zip(self.conv, self.feature_shapes()):
             total += kernel * kernel * c * filters + filters
             c = filters
@@ -55,7 +78,7 @@ class ConvSpec:
 
     def feature_shapes(self) -> list[tuple[int, int, int]]:
         """The (H, W, C) after each conv layer; raises UsageError when an image gets too small."""
-        h, w, c = self.obs_shape
+        h, w, c = self.hwc
         shapes = []
         for i, (filters, kernel, stride) in enumerate(self.conv):
             if kernel > h or kernel > w:
@@ -67,17 +90,25 @@ class ConvSpec:
 
 
 def conv_spec_for(env: Any, conv: list[list[int]], hidden: list[int], activation: str, dueling: bool) -> ConvSpec:
-    """A ConvSpec for an env, or a one-line error when its observations are not HWC images."""
+    """A ConvSpec for an env, or a one-line error when its observations are not 3-D images."""
     shape = tuple(env.obs_shape)
-    if env.obs_layout != "HWC":
-        kind = "CHW images" if env.obs_layout == "CHW" else f"{len(shape)}-D observations {shape}"
-        fix = ("move channels last in a wrapper (a 'module:Env-v0' id)" if env.obs_layout == "CHW"
-               else "drop 'conv' to train an MLP, or use an image env such as MinAtar/Breakout-v1")
-        raise UsageError(f"'conv' needs (height, width, channels) image observations; env {env.id!r} gives {kind}: {fix}")
+    if env.obs_layout not in LAYOUTS:
+        fix = ("drop 'conv' to train an MLP, or give the frames a channel axis (e.g. stack them with the "
+               "FrameStackObservation wrapper in env_kwargs 'wrappers')" if len(shape) == 2 else
+               "drop 'conv' to train an MLP, or use an image env such as MinAtar/Breakout-v1 or ALE/Breakout-v5")
+        raise UsageError(f"'conv' needs (height, width, channels) image observations (or channels first); "
+                         f"env {env.id!r} gives {len(shape)}-D observations {shape}: {fix}")
     spec = ConvSpec(shape, env.n_actions, tuple(tuple(int(v) for v in c) for c in conv), tuple(hidden), activation,
-                    dueling)
+                    dueling, env.obs_layout)
     spec.feature_shapes()
     return spec
+
+
+def spec_from_network(env: Any, network: dict[str, Any]) -> ConvSpec:
+    """The ConvSpec a manifest's ``network`` entry describes (artifacts before layouts were HWC)."""
+    return ConvSpec(tuple(env.obs_shape), env.n_actions, tuple(tuple(int(v) for v in c) for c in network["conv"]),
+                    tuple(network["hidden"]), network.get("activation", "relu"), bool(network.get("dueling", False)),
+                    network.get("layout", "HWC"))
 
 
 def _layers(spec: ConvSpec, init: bool) -> list[Any]:
@@ -90,6 +121,8 @@ def _layers(spec: ConvSpec, init: bool) -> list[Any]:
         return {"kernel_initializer": k.initializers.VarianceScaling(scale=scale)} if init else {}
 
     layers: list[Any] = []
+    if spec.layout == "CHW":
+        layers.append(k.layers.Permute((2, 3, 1), name="chw_to_hwc"))
     for i, (filters, kernel, stride) in enumerate(spec.conv):
         layers.append(k.layers.Conv2D(filters, kernel, strides=stride, padding="valid", activation=spec.activation,
                                       name=f"conv_{i}", **kw()))
@@ -146,13 +179,17 @@ def _blas_controller() -> Any:
 
 
 class NumpyConvNet:
-    """Q-values of a plain conv net in numpy, for a batch ``[N, H, W, C]`` (or ``[N, H*W*C]``)."""
+    """Q-values of a plain conv net in numpy, for a batch of observations in ``layout``
+    (``[N, H, W, C]`` or ``[N, C, H, W]``, or flattened in that order)."""
 
     def __init__(self, weights: list[np.ndarray], strides: list[int], obs_shape: tuple[int, ...],
-                 activations: list[str]) -> None:
+                 activations: list[str], layout: str = "HWC") -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown image layout {layout!r}; known: {', '.join(LAYOUTS)}")
         self.strides = [int(s) for s in strides]
         self.obs_shape = tuple(int(s) for s in obs_shape)
         self.activations = list(activations)
+        self.layout = layout
         self.set_weights(weights)
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
@@ -174,11 +211,20 @@ class NumpyConvNet:
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         # OpenBLAS threads on a busy 2-core host make these small products ~100x slower (measured:
         # 27 ms instead of 0.23 ms for 8 MinAtar observations); one thread is what a batch this size needs.
+        obs = np.asarray(obs)
+        n = obs.size // self.obs_dim if obs.ndim > 1 else 1
         with _blas_controller().limit(limits=1, user_api="blas"):
-            return self._forward(obs)
+            if n <= CHUNK:
+                return self._forward(obs)
+            # Large batches (eval's visited states) in chunks: the strided windows of one Atari frame
+            # stack are 400 KB as float32, so 10,000 states at once would need 4 GB.
+            flat = obs.reshape(n, -1)
+            return np.concatenate([self._forward(flat[i:i + CHUNK]) for i in range(0, n, CHUNK)])
 
     def _forward(self, obs: np.ndarray) -> np.ndarray:
         x = np.asarray(obs, np.float32).reshape(-1, *self.obs_shape)
+        if self.layout == "CHW":  # the model's Permute layer
+            x = x.transpose(0, 2, 3, 1)
         last = len(self.layers) - 1
         for i, (w, b) in enumerate(self.layers):
             if w.ndim == 4:
@@ -199,7 +245,7 @@ def save_conv(path: Any, weights: list[np.ndarray], spec: ConvSpec) -> None:
     n_layers = len(weights) // 2
     np.savez(path, activations=np.array([spec.activation] * (n_layers - 1)),
              strides=np.array([c[2] for c in spec.conv], np.int64), obs_shape=np.array(spec.obs_shape, np.int64),
-             **arrays)
+             layout=np.array(spec.layout), **arrays)
 
 
 def load_conv(path: Any) -> NumpyConvNet:
@@ -209,6 +255,7 @@ def load_conv(path: Any) -> NumpyConvNet:
         activations = [str(a) for a in d["activations"]]
         strides = [int(s) for s in d["strides"]]
         obs_shape = tuple(int(s) for s in d["obs_shape"])
+        layout = str(d["layout"]) if "layout" in d.files else "HWC"
     if n < 2 or n % 2:
         raise ValueError(f"{path}: malformed conv net weights ({n} arrays)")
-    return NumpyConvNet(weights, strides, obs_shape, activations)
+    return NumpyConvNet(weights, strides, obs_shape, activations, layout)

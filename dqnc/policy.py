@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dqnc.artifact import Artifact
-from dqnc.envs import EnvSpec, QFunction
+from dqnc.envs import EnvSpec, QFunction, image_layout
 from dqnc.errors import ArtifactError
 from dqnc.nets import MLP_FILE, NumpyMLP, load_mlp
 from dqnc.nets_conv import CONV_FILE, load_conv
@@ -48,9 +48,9 @@ def _check_dims(obs_dim: int, n_actions: int, env: EnvSpec, where: str, in_desc:
 
 
 def check_image_env(model_shape: tuple[int, ...], env: EnvSpec, where: str) -> None:
-    """A model that reads (H, W, C) images needs an env that gives exactly those images."""
-    if env.obs_layout != "HWC" or tuple(env.obs_shape) != tuple(model_shape):
-        raise ArtifactError(f"{where}: the model reads {'x'.join(map(str, model_shape))} (HWC) images but env "
+    """A model that reads images (HWC or CHW) needs an env that gives exactly those images."""
+    if not env.is_image or tuple(env.obs_shape) != tuple(model_shape):
+        raise ArtifactError(f"{where}: the model reads {'x'.join(map(str, model_shape))} ({image_layout(model_shape)}) images but env "
                             f"{env.id!r} gives {env.obs_layout} observations {tuple(env.obs_shape)}: "
                             "use the image env the model was trained on")
 

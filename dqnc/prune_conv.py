@@ -19,7 +19,7 @@ from dqnc import artifact as art
 from dqnc.config import PruneConfig
 from dqnc.errors import UsageError
 from dqnc.fidelity import actions_of, fidelity
-from dqnc.nets_conv import CONV_FILE, ConvSpec, NumpyConvNet, save_conv
+from dqnc.nets_conv import CONV_FILE, NumpyConvNet, save_conv, spec_from_network
 from dqnc.seeds import episode_seed
 
 _PRUNABLE = ("Conv2D", "Dense")
@@ -87,9 +87,8 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, ou
 
     weights = dense_weights(plain)
     net = source.network or {}
-    spec = ConvSpec(tuple(source.env.obs_shape), source.env.n_actions,  # type: ignore[arg-type]
-                    tuple(tuple(c) for c in net["conv"]), tuple(net["hidden"]), net.get("activation", "relu"))
-    student_q = NumpyConvNet(weights, [c[2] for c in spec.conv], spec.obs_shape, teacher_q.activations)
+    spec = spec_from_network(source.env, net)
+    student_q = NumpyConvNet(weights, [c[2] for c in spec.conv], spec.obs_shape, teacher_q.activations, spec.layout)
     check = check_states(teacher_q, source.env, cfg.check_states, cfg.seed, cfg.epsilon)
     stats = fidelity(teacher_q(check), actions_of(student_q(check)))
     layers = []

@@ -153,13 +153,14 @@ class Policy:
 
     def q_values(self, obs: Any) -> np.ndarray:
         """Q-values for a batch ``[N, obs_dim]`` (or one observation), as float32 ``[N, n_actions]``."""
-        x = np.asarray(obs, np.float32).reshape(-1, self.obs_dim)
-        xq = self._quantize(x)
-        out = np.empty((len(x), self.n_actions), np.float32)
-        for i in range(len(x)):
-            self._set(self._in_index, xq[i].reshape(self._in_shape))
-            self._invoke()
-            out[i] = self._dequantize(self._get(self._out_index).reshape(-1))
+        rows = np.asarray(obs).reshape(-1, self.obs_dim)
+        out = np.empty((len(rows), self.n_actions), np.float32)
+        for start in range(0, len(rows), 1024):  # chunks: 10,000 Atari states are 1.1 GB as float32
+            xq = self._quantize(rows[start:start + 1024].astype(np.float32))
+            for i in range(len(xq)):
+                self._set(self._in_index, xq[i].reshape(self._in_shape))
+                self._invoke()
+                out[start + i] = self._dequantize(self._get(self._out_index).reshape(-1))
         return out
 
     __call__ = q_values

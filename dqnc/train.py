@@ -287,7 +287,7 @@ def run(
         strides, acts = [c[2] for c in conv.conv], [cfg.activation] * (len(conv.conv) + len(conv.hidden))
 
         def policy_factory(w: list[np.ndarray]) -> Any:
-            return NumpyConvNet(w, strides, conv.obs_shape, acts)
+            return NumpyConvNet(w, strides, conv.obs_shape, acts, conv.layout)
 
         buffer = ReplayBuffer(cfg.buffer_size, spec.obs_shape, np.dtype(spec.obs_dtype))
     else:
