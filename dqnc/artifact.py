@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -139,9 +140,22 @@ def _replace_dir(new: Path, out: Path) -> None:
         os.rename(new, out)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None: JSON has no Infinity or NaN (Python's encoder
+    writes them anyway, and strict parsers such as jq reject the file). A confidence interval
+    over one episode is unbounded, for one."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

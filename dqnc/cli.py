@@ -201,7 +201,9 @@ def _root(
 
 
 def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    from dqnc.artifact import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(obj), default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

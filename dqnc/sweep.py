@@ -238,7 +238,9 @@ class Journal:
         return done
 
     def append(self, entry: dict[str, Any]) -> None:
-        line = (json.dumps(entry, default=str) + "\n").encode()
+        from dqnc.artifact import json_safe
+
+        line = (json.dumps(json_safe(entry), default=str) + "\n").encode()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size

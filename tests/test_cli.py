@@ -194,3 +194,11 @@ def test_an_internal_error_exits_3_with_one_line(monkeypatch):
     assert r.exit_code == 3
     assert "internal error: ZeroDivisionError: a bug" in r.output and "--debug" in r.output
     assert "Traceback" not in r.output
+
+
+def test_json_output_is_strict_json_even_with_one_episode(trained):
+    """A one-episode CI is unbounded: --json says null, never the invalid token -Infinity."""
+    r = runner.invoke(app, ["eval", str(trained), "-n", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in --json output"))
+    assert out["return_ci95"] == [None, None]

@@ -137,7 +137,7 @@ def _ci(m: dict[str, Any]) -> str:
     ci = m.get("return_ci95")
     if m.get("mean_return") is None:
         return "-"
-    if not ci or any(abs(c) == float("inf") for c in ci):
+    if not ci or any(c is None or abs(c) == float("inf") for c in ci):
         return f"{m['mean_return']:.1f}"
     return f"{m['mean_return']:.1f}±{(ci[1] - ci[0]) / 2:.1f}"
 
