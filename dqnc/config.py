@@ -48,6 +48,8 @@ class TrainConfig(BaseModel):
     eval_episodes: int = Field(20, ge=1)
     confirm_episodes: int = Field(50, ge=0, description="episodes (from a second, disjoint seed range) that confirm "
                                   "a new best evaluation before its weights are kept or training stops early")
+    overlap_updates: bool = Field(False, description="run each training call in a background thread while the envs "
+                                  "step on (a second core); the acting policy then lags one training call")
     early_stop: bool = Field(True, description="stop once every episode of a greedy evaluation and its confirmation "
                              "reaches the env's reward threshold")
 
@@ -87,6 +89,7 @@ _MINATAR = dict(
     conv=[[16, 3, 1]], hidden=[128], total_steps=1_000_000, num_envs=8, lr=3e-4, batch_size=64,
     buffer_size=100_000, learning_starts=5000, train_freq=64, gradient_steps=16, target_update_interval=250,
     eps_fraction=0.1, eps_end=0.05, eval_freq=25_000, eval_episodes=20, confirm_episodes=20,
+    overlap_updates=True,
 )
 ENV_DEFAULTS.update({f"MinAtar/{game}-v1": dict(_MINATAR)
                      for game in ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")})
