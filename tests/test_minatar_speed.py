@@ -94,7 +94,6 @@ def test_spaceinvaders_defaults_resolve_to_a_conv_net():
 
     cfg = build_train_config("MinAtar/SpaceInvaders-v1", {}, {})
     assert cfg.conv == [[16, 3, 1]] and cfg.hidden == [128] and cfg.total_steps == 1_000_000
-    assert cfg.overlap_updates
     spec = conv_spec_for(env_spec(cfg.env, cfg.env_kwargs), cfg.conv, cfg.hidden, cfg.activation, cfg.dueling)
     assert spec.obs_shape == (10, 10, 6) and spec.n_actions == 4
     assert spec.params() == 6 * 9 * 16 + 16 + 1024 * 128 + 128 + 128 * 4 + 4

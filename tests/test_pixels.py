@@ -20,7 +20,7 @@ runner = CliRunner()
 ENV = "MinAtar/Breakout-v1"
 TINY_CONV = dict(conv=[[8, 3, 1]], hidden=[32], total_steps=1200, num_envs=4, learning_starts=400, train_freq=200,
                  gradient_steps=20, batch_size=32, buffer_size=2000, eval_freq=1200, eval_episodes=2,
-                 confirm_episodes=0, overlap_updates=False)  # a pinned model: the export gate sees its near-ties
+                 confirm_episodes=0)
 
 
 @pytest.fixture(scope="session")
