@@ -229,3 +229,15 @@ def test_tflm_flips_on_conv_nets_pass_only_as_near_ties(conv_int8, monkeypatch, 
     else:
         with pytest.raises(GateFailed, match="more than the two runtimes' rounding explains"):
             export.verify_tflm(content, lite, a.manifest, states, max_mismatch=1.0)
+
+
+def test_spaceinvaders_defaults_resolve_to_a_conv_net():
+    from dqnc.config import build_train_config
+    from dqnc.envs import env_spec
+    from dqnc.nets_conv import conv_spec_for
+
+    cfg = build_train_config("MinAtar/SpaceInvaders-v1", {}, {})
+    assert cfg.conv == [[16, 3, 1]] and cfg.hidden == [128] and cfg.total_steps == 1_000_000
+    spec = conv_spec_for(env_spec(cfg.env, cfg.env_kwargs), cfg.conv, cfg.hidden, cfg.activation, cfg.dueling)
+    assert spec.obs_shape == (10, 10, 6) and spec.n_actions == 4
+    assert spec.params() == 6 * 9 * 16 + 16 + 1024 * 128 + 128 + 128 * 4 + 4
