@@ -1024,4 +1024,20 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
+        _exit_interrupted()
+    except SystemExit as e:
+        if e.code == EXIT_INTERRUPTED:
+            _exit_interrupted()
+        raise
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 after an interrupt. Outputs are already cleaned up (atomic writes) and the message
+    printed; with TensorFlow loaded, the interpreter's own shutdown can abort (SIGABRT, "PyThreadState_Get:
+    the GIL is released") while TF's worker threads are still inside an interrupted op, so the
+    process skips it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "tensorflow" in sys.modules:
+        os._exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED)
