@@ -311,7 +311,9 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         from dqnc.policy import tflite_policy
 
         content = source.model_path.read_bytes()
-        if _lut_compressed(content):
+        from dqnc.lowbit import uses_decode
+
+        if uses_decode(content):
             raise UsageError(f"cannot export {str(source.model_path)!r}: it is LUT-compressed (TFLite Micro's DECODE op), "
                              "which LiteRT and tflite-runtime cannot run or verify: export its uncompressed int8 parent "
                              "(export --target mcu writes the LUT form beside it)")
@@ -397,12 +399,6 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         sums["manifest.json"] = art.sha256_file(tmp / art.MANIFEST)
         (tmp / "SHA256SUMS").write_text("".join(f"{d}  {f}\n" for f, d in sorted(sums.items())), encoding="utf-8")
     return art.load(out)
-
-
-def _lut_compressed(content: bytes) -> bool:
-    from dqnc.lowbit import uses_decode
-
-    return uses_decode(content)
 
 
 LUT_TFLITE = "model_lut.tflite"

@@ -69,7 +69,7 @@ def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
     inv = (res.get("latency_us") or {}).get("invoke") or {}
     from dqnc.inspection import param_count
 
-    params = param_count(a)
+    params = res["params"] if res.get("params") is not None else param_count(a)  # older cached evals lack it
     return {
         "size_bytes": res["size_bytes"],
         "gzip_bytes": res["gzip_bytes"],
