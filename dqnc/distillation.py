@@ -85,6 +85,24 @@ class Normalizer:
         return [a.astype(np.float32) for a in w]
 
 
+class OutputNormalizer(Normalizer):
+    """Targets only, for conv students: a convolution cannot absorb a per-pixel input scaling, and
+    0/1 or 0..255 pixels need none. Only the output layer (the last kernel and bias) is rescaled."""
+
+    def x(self, states: np.ndarray) -> np.ndarray:
+        return np.asarray(states, np.float32)
+
+    def to_normalized(self, w: list[np.ndarray]) -> list[np.ndarray]:
+        w = [np.asarray(a, np.float32) for a in w]
+        w[-2], w[-1] = w[-2] / self.q_std, (w[-1] - self.q_mean) / self.q_std
+        return [np.asarray(a, np.float32) for a in w]
+
+    def to_raw(self, w: list[np.ndarray]) -> list[np.ndarray]:
+        w = [np.asarray(a, np.float64) for a in w]
+        w[-2], w[-1] = w[-2] * self.q_std, w[-1] * self.q_std + self.q_mean
+        return [a.astype(np.float32) for a in w]
+
+
 def make_loss(s: DistillSettings, n_actions: int) -> Callable[[Any, Any], Any]:
     """The per-sample distillation loss, in units of the teacher's advantage spread."""
     from dqnc.keras import tf
@@ -184,21 +202,23 @@ class DaggerResult:
 
 def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activations: list[str], teacher_q: QFunction,
            norm: Normalizer, states: np.ndarray, q_t: np.ndarray, env: EnvSpec, s: DistillSettings,
-           first_steps: int, rounds: int, round_steps: int | Callable[[int], int], extra_states: int) -> DaggerResult:
+           first_steps: int, rounds: int, round_steps: int | Callable[[int], int], extra_states: int,
+           student_policy: Callable[[list[np.ndarray]], QFunction] | None = None) -> DaggerResult:
     """Distill on the teacher's states, then ``rounds`` times add ``extra_states`` states the
     student visits (labelled by the teacher) and distill again at a lower step size.
 
     ``round_steps`` is a step count, or a function of the round's number of states (epochs).
-    ``weights()`` returns the student's current effective weights in normalized coordinates.
+    ``weights()`` returns the student's current effective weights in normalized coordinates;
+    ``student_policy`` runs raw weights (default: a NumpyMLP with ``activations``).
     DAgger rollouts take their episodes from the "distill" seed block, after the teacher's.
     """
     history = trainer.fit(norm.x(states), norm.q(q_t), first_steps)
     steps = -(-first_steps // CHUNK) * CHUNK
     base = episode_seed("distill", s.seed)
     for r in range(rounds):
-        student_q = NumpyMLP(norm.to_raw(weights()), activations)
+        student_q = (student_policy or (lambda w: NumpyMLP(w, activations)))(norm.to_raw(weights()))
         visited = collect_states(student_q, env, extra_states, base + DAGGER_SEED_STRIDE * (r + 1), s.epsilon / 2)
-        visited = visited.reshape(len(visited), -1)
+        visited = visited.reshape(len(visited), *states.shape[1:])  # flat for MLPs, images for conv nets
         states = np.concatenate([states, visited])
         q_t = np.concatenate([q_t, teacher_q(visited)])
         n_steps = round_steps(len(states)) if callable(round_steps) else round_steps

@@ -374,7 +374,7 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         "names": env.obs_names,
         # Every runtime reads the observation in this layout, flattened row-major when fed as numbers.
         "layout": env.obs_layout,
-        "preprocess": "x = (obs - obs_mean) / obs_std, then quantize with input scale/zero point" if preprocess
+        "preprocess": "x = (obs - obs_mean) / obs_std, then quantize with input scale/zero point" if (preprocess or {}).get("obs_mean") is not None
         else "none (quantize with input scale/zero point if the input is integer)",
     }
     with art.atomic_output(out, force) as tmp:

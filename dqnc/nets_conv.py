@@ -161,6 +161,39 @@ def build_plain_conv(spec: ConvSpec, weights: list[np.ndarray] | None = None, na
     return model
 
 
+def im2col_conv(inputs: Any, kernel: Any, stride: int) -> Any:
+    """A valid-padding NHWC convolution as one matmul over the stacked kernel windows.
+
+    XLA's CPU convolution is slow on small images (measured, MinAtar net, batch 64: 11.4 ms per
+    gradient step vs 5.0 ms for TF's own kernels); the same arithmetic as strided slices, a concat
+    and one matmul compiles to less CPU than either. Window order (row, column, channel) matches
+    the kernel's [kh, kw, C, F] layout, so the reshaped kernel is the matmul's right side.
+    """
+    from dqnc.keras import tf
+
+    t = tf()
+    kh, kw, c, f = (int(d) for d in kernel.shape)
+    h, w = int(inputs.shape[1]), int(inputs.shape[2])
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    windows = [inputs[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+               for i in range(kh) for j in range(kw)]
+    patches = t.reshape(t.concat(windows, axis=-1), [-1, kh * kw * c])
+    return t.reshape(t.matmul(patches, t.reshape(kernel, [kh * kw * c, f])), [-1, ho, wo, f])
+
+
+def use_im2col(model: Any) -> None:
+    """Make ``model``'s Conv2D layers (also inside TFMOT pruning wrappers) compute through
+    :func:`im2col_conv`, for XLA-compiled training. Training copies only: their weights are copied
+    into a fresh plain model for saving, so the override never reaches an artifact."""
+    from dqnc.keras import keras
+
+    for layer in (getattr(l, "layer", l) for l in model.layers):
+        if isinstance(layer, keras().layers.Conv2D):
+            if layer.padding != "valid" or tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1:
+                raise ValueError(f"{layer.name}: only valid, undilated, ungrouped convolutions have an im2col form")
+            layer.convolution_op = lambda x, k, s=int(layer.strides[0]): im2col_conv(x, k, s)
+
+
 def conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
     """Valid-padding NHWC convolution as one tensordot over strided windows (no copies until then)."""
     kh, kw = kernel.shape[:2]

@@ -167,11 +167,11 @@ def _clone_with_weights(model: Any, weights: list[np.ndarray]) -> Any:
 
 
 def _wrapped_weights(wrapped: Any) -> list[np.ndarray]:
-    """Effective (masked) weights of a model whose Dense layers may be pruning-wrapped."""
+    """Effective (masked) weights of a model whose Dense (and Conv2D) layers may be pruning-wrapped."""
     out: list[np.ndarray] = []
     for layer in wrapped.layers:
         inner = getattr(layer, "layer", layer)
-        if type(inner).__name__ != "Dense":
+        if type(inner).__name__ not in ("Dense", "Conv2D"):
             continue
         kernel = inner.kernel.numpy()
         if hasattr(layer, "pruning_vars"):

@@ -1,11 +1,11 @@
 """Magnitude pruning of conv Q-networks (TFMOT on Conv2D and Dense kernels).
 
-The MLP path (:mod:`dqnc.prune`) distills in standardized input coordinates folded into the
-first Dense layer; a convolution cannot absorb per-pixel scaling, and MinAtar's 0/1 images need
-none. Here the student regresses the teacher's Q-values (standardized by one scalar, folded back
-into the dense output layer) on the teacher's epsilon-greedy states, image-shaped, while TFMOT's
-masks tighten; ``finetune: none`` is one-shot pruning. ``rl`` fine-tuning, ERK and unit
-pruning cover MLPs only and are refused with the reason.
+Fine-tuning is the MLP path's policy distillation with DAgger (:mod:`dqnc.distillation`: the same
+loss, options and compiled loop), on image-shaped states. Unlike the MLP path, inputs are not
+standardized: a convolution cannot absorb a per-pixel scaling, and 0/1 or 0..255 pixels need
+none; only the targets are scaled, folded into the dense output layer (kept dense). Conv layers
+train as im2col matmuls under XLA. ``finetune: none`` is one-shot pruning. ``rl`` fine-tuning,
+ERK and unit pruning cover MLPs only and are refused with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dqnc import artifact as art
 from dqnc.config import PruneConfig
 from dqnc.errors import UsageError
 from dqnc.fidelity import actions_of, fidelity
-from dqnc.nets_conv import CONV_FILE, NumpyConvNet, save_conv, spec_from_network
+from dqnc.nets_conv import CONV_FILE, NumpyConvNet, save_conv, spec_from_network, use_im2col
 from dqnc.seeds import episode_seed
 
 _PRUNABLE = ("Conv2D", "Dense")
@@ -38,57 +38,61 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, ou
         command: list[str] | None = None) -> art.Artifact:
     """Prune the conv net ``teacher`` (loaded from ``source``) and write the sparse artifact at ``out``."""
     from dqnc.distillation import check_states
-    from dqnc.envs import collect_states
-    from dqnc.keras import keras, tfmot
+    from dqnc.keras import tfmot
     from dqnc.nets import dense_weights
 
     _refuse_unsupported(cfg)
     if not isinstance(teacher_q, NumpyConvNet):
         raise UsageError(f"{str(source.path)!r}: conv pruning needs a dqnc conv artifact (convnet.npz); "
                          "re-create it with dqnc train")
-    k, sparsity_api = keras(), tfmot().sparsity.keras
     from dqnc.prune import layer_targets
 
     targets = layer_targets(teacher, cfg, kinds=_PRUNABLE)
     if not any(v > 0 for v in targets.values()):
         raise UsageError("nothing to prune: every layer is kept dense (check --keep-dense / --layer-sparsity)")
 
-    if cfg.finetune == "distill":
-        states = collect_states(teacher_q, source.env, cfg.states, episode_seed("distill", cfg.seed), cfg.epsilon)
-        q_t = teacher_q(states)
-        steps = cfg.epochs * int(np.ceil(len(states) / cfg.batch_size))
-    else:
-        states, q_t, steps = None, None, 1
-    from dqnc.prune import _strip_and_mask, _wrap
+    net = source.network or {}
+    spec = spec_from_network(source.env, net)
+    strides = [c[2] for c in spec.conv]
 
-    student = _wrap(teacher, targets, cfg, steps, prunable=_PRUNABLE)
-    callbacks = [sparsity_api.UpdatePruningStep()]
+    def numpy_net(weights: list[np.ndarray]) -> NumpyConvNet:
+        return NumpyConvNet(weights, strides, spec.obs_shape, teacher_q.activations, spec.layout)
+
+    from dqnc.prune import _clone_with_weights, _strip_and_mask, _wrap, _wrapped_weights
+
     history: list[float] = []
-    if states is not None and q_t is not None:
-        # One scalar scale for the targets, folded back into the (dense) output layer afterwards.
-        q_mean, q_std = float(q_t.mean()), float(max(q_t.std(), 1e-6))
-        last = student.layers[-1]
-        if hasattr(last, "pruning_vars"):
+    norm = None
+    if cfg.finetune == "distill":
+        from dqnc.distillation import OutputNormalizer, Trainer, dagger, teacher_states
+
+        states, q_t = teacher_states(teacher_q, source.env, cfg.states, cfg)
+        states = states.reshape(len(states), *spec.obs_shape)  # the student reads images
+        steps = cfg.epochs * int(np.ceil(len(states) / cfg.batch_size))
+        norm = OutputNormalizer.fit(states.reshape(len(states), -1), q_t, advantages=cfg.value_weight == 0)
+        if targets.get(teacher.layers[-1].name, 0.0) > 0:
             raise UsageError("keep the output layer dense for conv pruning (keep_dense: [last])")
-        w, b = last.get_weights()
-        last.set_weights([w / q_std, (b - q_mean) / q_std])
-        student.compile(optimizer=k.optimizers.Adam(cfg.lr), loss="mse")
-        fit = student.fit(states, (q_t - q_mean) / q_std, batch_size=cfg.batch_size, epochs=cfg.epochs, verbose=0,
-                          shuffle=True, callbacks=callbacks)
-        history = [float(v) for v in fit.history["loss"]]
-        w, b = last.get_weights()
-        last.set_weights([w * q_std, b * q_std + q_mean])
+        student = _wrap(_clone_with_weights(teacher, norm.to_normalized(teacher.get_weights())), targets, cfg, steps,
+                        prunable=_PRUNABLE)
+        use_im2col(student)  # XLA's own CPU convolution is slow on small images (see nets_conv.im2col_conv)
+        trainer = Trainer(student, cfg, source.env.n_actions, jit=True)
+        history = dagger(trainer, lambda: _wrapped_weights(student), [], teacher_q, norm, states, q_t, source.env, cfg,
+                         first_steps=steps, rounds=cfg.dagger_rounds,
+                         round_steps=lambda n: max(1, cfg.epochs // 2) * int(np.ceil(n / cfg.batch_size)),
+                         extra_states=max(64, cfg.states // 2), student_policy=numpy_net).history
     else:
+        student = _wrap(teacher, targets, cfg, 1, prunable=_PRUNABLE)
         student.compile(optimizer="sgd", loss="mse")
         student.optimizer.learning_rate.assign(0.0)  # one zero-step fit applies the masks
         x = np.zeros((1, *source.env.obs_shape), np.float32)
-        student.fit(x, teacher.predict(x, verbose=0), epochs=1, verbose=0, callbacks=callbacks)
+        student.fit(x, teacher.predict(x, verbose=0), epochs=1, verbose=0,
+                    callbacks=[tfmot().sparsity.keras.UpdatePruningStep()])
     plain = _strip_and_mask(student)
 
     weights = dense_weights(plain)
-    net = source.network or {}
-    spec = spec_from_network(source.env, net)
-    student_q = NumpyConvNet(weights, [c[2] for c in spec.conv], spec.obs_shape, teacher_q.activations, spec.layout)
+    if norm is not None:
+        weights = norm.to_raw(weights)
+        plain.set_weights(weights)
+    student_q = numpy_net(weights)
     check = check_states(teacher_q, source.env, cfg.check_states, cfg.seed, cfg.epsilon)
     stats = fidelity(teacher_q(check), actions_of(student_q(check)))
     layers = []
@@ -110,6 +114,8 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, ou
     with art.atomic_output(out, force) as tmp:
         plain.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
         save_conv(tmp / CONV_FILE, weights, spec)
-        art.write_manifest(tmp, stage="prune", env=source.env, network=dict(net), config=cfg.model_dump(mode="json"),
+        # Policy distillation fits the teacher's action ranking, not its Q-values (as for MLPs).
+        outputs = "action_scores" if cfg.finetune == "distill" else source.outputs
+        art.write_manifest(tmp, stage="prune", env=source.env, network={**net, "outputs": outputs}, config=cfg.model_dump(mode="json"),
                            metrics=metrics, parent=source, command=command)
     return art.load(out)

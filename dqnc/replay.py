@@ -45,13 +45,17 @@ class ReplayBuffer:
         self.pos = int((self.pos + n) % self.capacity)
         self.size = int(min(self.size + n, self.capacity))
 
-    def sample(self, rng: np.random.Generator, num_batches: int, batch_size: int) -> tuple[np.ndarray, ...]:
-        """Return ``num_batches`` minibatches stacked as arrays of shape ``[num_batches, batch_size, ...]``."""
+    def sample(self, rng: np.random.Generator, num_batches: int, batch_size: int,
+               as_float: bool = True) -> tuple[np.ndarray, ...]:
+        """Return ``num_batches`` minibatches stacked as arrays of shape ``[num_batches, batch_size, ...]``.
+
+        ``as_float=False`` keeps observations in the stored dtype, for a consumer that casts them itself.
+        """
         if self.size == 0:
             raise ValueError("cannot sample from an empty buffer")
         idx = rng.integers(0, self.size, size=(num_batches, batch_size))
         obs, next_obs = self.obs[idx], self.next_obs[idx]
-        if obs.dtype != np.float32:
+        if as_float and obs.dtype != np.float32:
             obs, next_obs = obs.astype(np.float32), next_obs.astype(np.float32)
         return obs, self.actions[idx], self.rewards[idx], next_obs, self.terminated[idx]
 

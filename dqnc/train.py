@@ -22,7 +22,8 @@ from dqnc.config import TrainConfig
 from dqnc.envs import EnvSpec, env_spec, make_env, rollout
 from dqnc.errors import Interrupted, UsageError
 from dqnc.nets import MLP_FILE, NetSpec, NumpyMLP, build_plain_mlp, build_q_network, dense_weights, save_mlp
-from dqnc.nets_conv import CONV_FILE, ConvSpec, NumpyConvNet, build_conv_q_network, build_plain_conv, conv_spec_for, save_conv
+from dqnc.nets_conv import (CONV_FILE, ConvSpec, NumpyConvNet, build_conv_q_network, build_plain_conv, conv_spec_for,
+                             save_conv, use_im2col)
 from dqnc.replay import ReplayBuffer
 from dqnc.schedules import linear
 from dqnc.seeds import episode_seed
@@ -73,6 +74,7 @@ def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig, jit: 
     """One compiled call = ``K`` Double-DQN minibatch updates plus the target updates they trigger.
 
     ``jit=False`` for models holding ops XLA cannot compile (e.g. TFMOT's pruning wrappers).
+    Observations may come as bool/uint8 (the replay buffer's own dtype): they are cast inside.
     """
     from dqnc.keras import tf
 
@@ -90,6 +92,7 @@ def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig, jit: 
     @t.function(jit_compile=jit, reduce_retracing=True)
     def update(obs: Any, actions: Any, rewards: Any, next_obs: Any, terminated: Any) -> Any:
         total = t.constant(0.0)
+        obs, next_obs = t.cast(obs, t.float32), t.cast(next_obs, t.float32)
         k = t.shape(obs)[0]
         for i in t.range(k):
             q_next_target = target(next_obs[i], training=False)
@@ -234,7 +237,7 @@ def _run_loop(loop: _Loop) -> None:
             state.step += n
 
             if state.step >= cfg.learning_starts and state.step // cfg.train_freq > prev // cfg.train_freq:
-                batch = buffer.sample(rng, cfg.gradient_steps, cfg.batch_size)
+                batch = buffer.sample(rng, cfg.gradient_steps, cfg.batch_size, as_float=not image)
                 loss = float(loop.update(*batch))
                 state.grad_steps += cfg.gradient_steps
                 policy.set_weights(loop.weights())
@@ -297,9 +300,10 @@ def run(
         buffer = ReplayBuffer(cfg.buffer_size, spec.obs_dim)
     target.set_weights(q.get_weights())
     optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
-    # XLA's CPU convolutions are slower than TF's own kernels here (measured, MinAtar net, batch 64:
-    # 11.4 ms vs 5.0 ms per gradient step), so conv nets train in a plain tf.function.
-    update = _make_update_fn(q, target, optimizer, cfg, jit=conv is None)
+    if conv is not None:
+        for model in (q, target):
+            use_im2col(model)
+    update = _make_update_fn(q, target, optimizer, cfg)
     rng = np.random.default_rng(cfg.seed)
     state = _State()
     best_weights: list[np.ndarray] | None = None

@@ -84,11 +84,32 @@ def test_int8_conv_has_per_channel_weights_and_matches_its_parent(conv_int8, con
     conv_op = next(op for op in sg.operators if m.operatorCodes[op.opcodeIndex].builtinCode == 3)  # CONV_2D
     filt = sg.tensors[int(conv_op.inputs[1])]
     assert len(filt.quantization.scale) == 8  # one scale per output channel
-    assert a.manifest.get("preprocess") in (None, {})  # the MLP-only rewrites were skipped
+    # Pixels are not standardized (bool/uint8 fit one int8 input scale); the head is centered.
+    assert a.manifest["preprocess"] == {"outputs": "centered_q_values"}
+    assert a.manifest["metrics"]["output_range_factor"] <= 1.0
     check = a.manifest["metrics"]["check"]
     # A barely trained net has many near-ties: the decisive states and the regret are the measure.
     assert check["decisive_agreement"] >= 0.97 and check["regret"] <= 0.02
     assert check["q_rel_error"] <= 0.05
+
+
+def test_center_head_keeps_every_action_and_removes_the_mean_over_actions(conv_fp32):
+    from dqnc import artifact as art
+    from dqnc.envs import collect_states
+    from dqnc.policy import load_keras_model, q_function
+    from dqnc.quantize import center_head
+
+    a = art.load(conv_fp32)
+    model = load_keras_model(a.model_path)
+    states = collect_states(q_function(a), a.env, 300, seed=7, epsilon=0.3)
+    centered, pre = center_head(model)
+    assert pre == {"outputs": "centered_q_values"}
+    q, c = model(states).numpy(), centered(states).numpy()
+    np.testing.assert_allclose(c, q - q.mean(axis=1, keepdims=True), atol=1e-4 * np.abs(q).max())
+    top2 = np.sort(q, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4 * np.abs(q).max()  # exact float ties may round either way
+    assert clear.mean() > 0.5 and (c.argmax(axis=1) == q.argmax(axis=1))[clear].all()
+    np.testing.assert_array_equal(model(states).numpy(), q)  # the source model is untouched
 
 
 def test_export_verifies_conv_on_tflm_and_skips_policy_c_with_a_reason(conv_bundle, conv_fp32):
@@ -161,6 +182,10 @@ def test_conv_net_prunes_to_the_target_and_quantizes(conv_fp32, tmp_path):
     assert layers["dense_0"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert layers["q_values"]["sparsity"] == 0.0
     assert pruned.manifest["metrics"]["check"]["regret"] <= 0.1
+    # Policy distillation (with DAgger) as for MLPs: the outputs rank actions, and its options apply.
+    assert pruned.outputs == "action_scores" and pruned.manifest["metrics"]["loss_history"]
+    hinge = prune.run(cfg.model_copy(update={"distill_loss": "hinge"}), art.load(conv_fp32), tmp_path / "hinge")
+    assert hinge.manifest["metrics"]["loss_history"] != pruned.manifest["metrics"]["loss_history"]
     q = q_function(pruned)
     x = np.random.default_rng(0).integers(0, 2, (5, 10, 10, 4)).astype(np.float32)
     np.testing.assert_allclose(q(x), load_keras_model(pruned.model_path)(x).numpy(), rtol=1e-4, atol=1e-5)
