@@ -43,7 +43,7 @@ def checkout_info(path: Path) -> dict[str, Any]:
 
 
 def run_seed(game: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    dqnc = [sys.executable, "-m", "dqnc"]
+    dqnc = [sys.executable, "-P", "-m", "dqnc"]  # -P: not the working directory's dqnc, the checkout's (PYTHONPATH)
     fp32 = args.work / f"{game.lower()}-seed{seed}"
     train_cmd = [*dqnc, "train", "--env", f"MinAtar/{game}-v1", "--seed", str(seed), "-o", str(fp32), "--json",
                  "--quiet", "--force"]
@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--work", type=Path, default=None, help="where the artifacts go")
     ap.add_argument("--out", type=Path, default=RESULTS / "minatar-seeds.json")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out (same checkout) and "
+                    "run only the missing seeds")
     ap.add_argument("--table", type=Path, nargs="+", help="print the Markdown table of these result files and exit")
     args = ap.parse_args()
     if args.table:
@@ -113,7 +115,15 @@ def main() -> None:
     cpu = sorted(os.sched_getaffinity(0))
     doc = {"env": f"MinAtar/{args.game}-v1", "label": args.label or info["commit"], "checkout": info,
            "cpu": ",".join(map(str, cpu)) if len(cpu) < (os.cpu_count() or 1) else None, "runs": []}
+    if args.resume and args.out.is_file():
+        before = json.loads(args.out.read_text(encoding="utf-8"))
+        if before["checkout"]["path"] == info["path"] and before["env"] == doc["env"]:
+            doc["runs"] = before["runs"]
+    done = {r["seed"] for r in doc["runs"]}
     for seed in (int(s) for s in args.seeds.split(",")):
+        if seed in done:
+            log(f"{args.game} seed {seed}: kept from {args.out}")
+            continue
         doc["runs"].append(run_seed(args.game, seed, args))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")  # after every seed: a long job

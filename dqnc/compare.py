@@ -32,3 +32,32 @@ def q_errors(q_ref: np.ndarray, q_new: np.ndarray, centered: bool = False) -> di
         "q_rel_error": p99 / q_range if q_range > 0 else 0.0,
         "q_error_states": int(len(q_ref)),
     }
+
+
+def int8_output_bounds(output: dict[str, Any] | None) -> tuple[float, float] | None:
+    """The dequantized scores at which an int8 output saturates, from a manifest's
+    ``quantization.output`` (None for other outputs)."""
+    if not output or output.get("dtype") != "int8" or not output.get("scale"):
+        return None
+    scale, zero = float(output["scale"]), int(output.get("zero_point", 0))
+    return (-128 - zero) * scale, (127 - zero) * scale
+
+
+def q_errors_unsaturated(q_ref: np.ndarray, q_new: np.ndarray, centered: bool,
+                         bounds: tuple[float, float] | None) -> dict[str, Any]:
+    """:func:`q_errors` on the states where no output of ``q_new`` sits at an int8 bound.
+
+    quantize narrows the int8 output range to what ranks actions, so large scores saturate: they
+    keep the action order but not the Q-value. The share of saturated states is reported; if every
+    state (or none) saturates, the errors are those of all states.
+    """
+    q_new = np.asarray(q_new, np.float64)
+    extra: dict[str, Any] = {}
+    keep = slice(None)
+    if bounds is not None:
+        lo, hi = bounds
+        sat = ((q_new <= lo + 1e-6 * abs(lo)) | (q_new >= hi - 1e-6 * abs(hi))).any(axis=1)
+        extra["saturated_share"] = float(sat.mean()) if len(sat) else 0.0
+        if sat.any() and not sat.all():
+            keep = ~sat
+    return {**extra, **q_errors(np.asarray(q_ref)[keep], q_new[keep], centered=centered)}

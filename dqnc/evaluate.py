@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from dqnc.artifact import Artifact
-from dqnc.compare import q_errors
+from dqnc.compare import int8_output_bounds, q_errors_unsaturated
 from dqnc.config import EvalConfig
 from dqnc.envs import QFunction, rollout
 from dqnc.errors import GateFailed, UsageError
@@ -115,7 +115,10 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
         }
         if source.outputs != "action_scores" and reference.outputs == "q_values":
             # Q errors mean something only where the model outputs Q-values (or centered ones).
-            result["reference"].update(q_errors(q_ref, res.q_values, centered=source.outputs == "centered_q_values"))
+            # A narrowed int8 output range saturates large scores (see quantize.narrow_output_range).
+            bounds = int8_output_bounds((source.manifest.get("quantization") or {}).get("output"))
+            result["reference"].update(q_errors_unsaturated(q_ref, res.q_values, source.outputs == "centered_q_values",
+                                                            bounds))
     _apply_gates(cfg, result)
     return result
 

@@ -20,7 +20,6 @@ from dqnc.config import PruneConfig
 from dqnc.errors import UsageError
 from dqnc.fidelity import actions_of, fidelity
 from dqnc.nets_conv import CONV_FILE, NumpyConvNet, save_conv, spec_from_network, use_im2col
-from dqnc.seeds import episode_seed
 
 _PRUNABLE = ("Conv2D", "Dense")
 

@@ -129,6 +129,8 @@ def test_export_verifies_conv_on_tflm_and_skips_policy_c_with_a_reason(conv_bund
         assert r.exit_code == 0, r.output
         results[rt] = json.loads(r.stdout)
     assert results["litert"]["mean_return"] == results["tflm"]["mean_return"]
+    # Q errors leave out the states whose (narrowed) int8 outputs saturate, and say how many there were.
+    assert 0.0 <= results["litert"]["reference"]["saturated_share"] < 1.0
     assert results["litert"]["reference"]["regret"] <= 0.05  # of the action spread, over ~20 visited states
     r = runner.invoke(app, ["eval", str(conv_bundle), "-n", "1", "--runtime", "c"])
     assert r.exit_code == 2 and "CONV_2D" in r.output
