@@ -327,7 +327,8 @@ class ExportConfig(_StageConfig):
     seed: int = Field(0, ge=0, le=999, description="seed of the verification rollouts (episode_seed('export_check', seed))")
     max_action_mismatch: float = Field(
         0.01, ge=0.0, le=1.0, description="share of check states on which TFLM may pick another action than LiteRT, "
-        "only where TFLM provably computes TFLite's double-rounding arithmetic and LiteRT rounds once (see dqnc.export)")
+        "only where TFLM provably computes TFLite's double-rounding arithmetic and LiteRT rounds once, or (conv nets) on "
+        "states where the parent rates the two actions as a tie (see dqnc.export.verify_tflm)")
 
 
 class Gates(_StageConfig):

@@ -63,9 +63,10 @@ class VerificationError(DqncError):
 CHECK_EPSILON = 0.1
 
 
-def check_states(cfg: ExportConfig, source: art.Artifact, fallback: Any) -> tuple[np.ndarray, str]:
+def check_states(cfg: ExportConfig, source: art.Artifact, fallback: Any) -> tuple[np.ndarray, str, np.ndarray | None]:
     """``cfg.check_states`` held-out states from rollouts of the parent policy (episode seeds of
-    purpose ``export_check``); the exported policy itself where the parent cannot be loaded."""
+    purpose ``export_check``); the exported policy itself where the parent cannot be loaded.
+    Returns the states, where they came from, and the parent's Q-values there (None without it)."""
     from dqnc.envs import collect_states
     from dqnc.policy import q_function
     from dqnc.seeds import episode_seed
@@ -80,7 +81,8 @@ def check_states(cfg: ExportConfig, source: art.Artifact, fallback: Any) -> tupl
     elif source.kind == "savedmodel":
         q_fn, who = q_function(source), f"source {source.path}"
     states = collect_states(q_fn, source.env, cfg.check_states, episode_seed("export_check", cfg.seed), CHECK_EPSILON)
-    return states.astype(np.float32), who
+    q_parent = None if q_fn is fallback else np.asarray(q_fn(states), np.float64)
+    return states.astype(np.float32), who, q_parent
 
 
 def mcu_refusal(quantization: dict[str, Any], content: bytes, litert: Any) -> str | None:
@@ -114,7 +116,8 @@ def _first_max(raw: np.ndarray) -> np.ndarray:
 
 
 def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: np.ndarray,
-                max_mismatch: float = 0.0) -> tuple[Any, dict[str, Any], np.ndarray, np.ndarray]:
+                max_mismatch: float = 0.0, q_parent: np.ndarray | None = None
+                ) -> tuple[Any, dict[str, Any], np.ndarray, np.ndarray]:
     """Run ``states`` through TFLM and LiteRT on identical quantized inputs. Returns the TFLM
     policy, the figures, the quantized inputs and TFLM's raw outputs.
 
@@ -125,7 +128,12 @@ def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: n
     128x128 model with a narrowed output range). For int8 fully connected models dqnc recomputes
     TFLM's arithmetic exactly (:mod:`dqnc.cpolicy`); disagreements are then accepted, and
     counted, only when every TFLM output equals that computation and they are at most
-    ``max_mismatch`` of the states. Anything else raises GateFailed.
+    ``max_mismatch`` of the states. For conv nets, whose arithmetic dqnc does not recompute, a
+    flip is accepted as a tie: where the parent itself (``q_parent``, its Q-values on ``states``)
+    rates the two actions within the decisive threshold (``fidelity.DECISIVE_FRAC`` of its Q
+    range), or, without a parent, where both runtimes' outputs are within NEAR_TIE_STEPS int8
+    steps. TFLM's own fidelity to the parent is reported beside LiteRT's. Anything else raises
+    GateFailed.
     """
     from dqnc import cpolicy, tflm
 
@@ -164,6 +172,20 @@ def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: n
             explained = bool(diff.max() <= NEAR_TIE_STEPS and gaps.max() <= NEAR_TIE_STEPS)
             figures.update(int8_near_ties=int(len(rows)) if explained else 0, near_tie_steps=NEAR_TIE_STEPS,
                            flip_gap_max_steps=int(gaps.max()))
+            if q_parent is not None:
+                # The output scale may be narrowed (quantize's 'ranking' range), which counts the
+                # same rounding in more int8 steps; what matters is whether the parent cares.
+                from dqnc.fidelity import DECISIVE_FRAC, actions_of, fidelity
+
+                q_range = float(q_parent.max() - q_parent.min())
+                parent_gap = np.abs(q_parent[rows, a_t] - q_parent[rows, a_l])
+                parent_ties = bool((parent_gap < DECISIVE_FRAC * q_range).all()) if q_range > 0 else True
+                explained = explained or parent_ties
+                on_tflm, on_lite = fidelity(q_parent, actions_of(raw_tflm)), fidelity(q_parent, actions_of(raw_lite))
+                figures.update(parent_ties=int(len(rows)) if parent_ties else 0,
+                               flip_parent_gap_max=float(parent_gap.max() / q_range) if q_range > 0 else 0.0,
+                               **{f"{k}_vs_parent": {"tflm": on_tflm[k], "litert": on_lite[k]}
+                                  for k in ("regret", "agreement", "decisive_agreement")})
     elif not same.all():
         # Float kernels sum in different orders: a flip is a float tie when TFLM's choice scores
         # within float32 rounding of LiteRT's best in LiteRT's own outputs.
@@ -346,9 +368,9 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
                 reason = str(e)
         if reason:
             raise UsageError(f"cannot export for target mcu: {reason} (or export with --target linux)")
-        states, who = check_states(cfg, source, policy)
+        states, who, q_parent = check_states(cfg, source, policy)
         micro, figures, xq, raw_tflm = verify_tflm(content, policy, manifest_view, states,
-                                                     cfg.max_action_mismatch)
+                                                     cfg.max_action_mismatch, q_parent)
         arena = tflm.arena(content)
         from importlib import metadata
 

@@ -256,6 +256,17 @@ def test_tflm_flips_on_conv_nets_pass_only_as_near_ties(conv_int8, monkeypatch, 
     else:
         with pytest.raises(GateFailed, match="more than the two runtimes' rounding explains"):
             export.verify_tflm(content, lite, a.manifest, states, max_mismatch=1.0)
+    # With the parent's Q-values, a flip is a tie when the parent rates both actions the same, however
+    # many int8 steps apart the runtimes put them (a narrowed output range counts finer steps).
+    n_actions = lite.q_values(states[:1]).shape[1]
+    indifferent = np.repeat(np.linspace(0.0, 3.0, 300)[:, None], n_actions, axis=1)  # a Q range, no action gaps
+    _, figures, _, _ = export.verify_tflm(content, lite, a.manifest, states, max_mismatch=1.0, q_parent=indifferent)
+    assert figures["parent_ties"] == 300 - figures["actions_equal"] > 0
+    assert set(figures["regret_vs_parent"]) == {"tflm", "litert"}
+    if not accepted:  # a parent with clear preferences between every pair of actions: no tie to excuse the flips
+        decisive = np.tile(np.arange(n_actions, dtype=np.float64), (300, 1))
+        with pytest.raises(GateFailed, match="more than the two runtimes' rounding explains"):
+            export.verify_tflm(content, lite, a.manifest, states, max_mismatch=1.0, q_parent=decisive)
 
 
 def test_spaceinvaders_defaults_resolve_to_a_conv_net():
