@@ -10,7 +10,9 @@ after); evaluate the fp32 model on --episodes held-out episodes (default episode
 quantize it to int8, and to an fp32 TFLite file as the size reference; prune 80% (10 distillation
 epochs) and quantize that to int8; evaluate the compressed models against the fp32 parent (return
 with 95% CI, regret, agreement and decisive agreement, file size vs the fp32 TFLite file, per-action
-LiteRT latency). A stage refused by its own fidelity gate (exit 1) is recorded as refused. Writes benchmarks/results/minatar.json and prints (and writes) a Markdown table.
+LiteRT latency), then export both int8 models as TFLite Micro bundles (`export --target mcu`:
+TFLM against LiteRT on 10,000 held-out states, the arena). A stage refused by its own fidelity
+gate (exit 1) is recorded as refused. Writes benchmarks/results/minatar.json and prints (and writes) a Markdown table.
 The machine is usually shared: compare CPU seconds, and read wall times with the load average.
 """
 
@@ -99,6 +101,23 @@ def bench_game(game: str, work: Path, args: argparse.Namespace) -> dict[str, Any
         if why:
             refused[name] = why
             log(f"{game}: {name} refused: {why}")
+    # The TFLite Micro bundles (export --target mcu verifies them on TFLM against LiteRT).
+    bundles: dict[str, Any] = {}
+    for name in ("int8", "pruned-int8"):
+        if name in refused or (name == "pruned-int8" and "pruned" in refused):
+            continue
+        try:
+            m = run_json([*dqnc, "export", str(d / name), "--target", "mcu", "-o", str(d / f"{name}-bundle"),
+                          "--force", "--json", "--quiet"])["metrics"]
+            check = m["tflm_check"]
+            bundles[name] = {"arena_bytes": m["tflm_arena_bytes"]["total"], "states": check["states"],
+                             "actions_equal": check["actions_equal"], "parent_ties": check.get("parent_ties"),
+                             "regret_vs_parent": check.get("regret_vs_parent")}
+        except RuntimeError as e:
+            if not str(e).startswith("exit 1:"):
+                raise
+            bundles[name] = {"refused": str(e).strip().splitlines()[-1]}  # export's own check refused it: a result
+        log(f"{game}: {name} TFLM bundle {bundles[name]}")
     tflite_bytes = (d / "fp32-tflite" / "model.tflite").stat().st_size
     for name in ("int8", "pruned", "pruned-int8"):
         if name in refused:
@@ -109,7 +128,7 @@ def bench_game(game: str, work: Path, args: argparse.Namespace) -> dict[str, Any
         log(f"{game}: {name} return {models[name]['mean_return']:.2f}, decisive agreement "
             f"{100 * ref['decisive_agreement']:.2f}%, {models[name]['size_bytes']:,} bytes")
     return {"env": env, "seed": args.seed, "training": training, "fp32_tflite_bytes": tflite_bytes, "eval": models,
-            "refused": refused, "train_command": " ".join(train_cmd[len(dqnc):])}
+            "refused": refused, "bundles": bundles, "train_command": " ".join(train_cmd[len(dqnc):])}
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -138,6 +157,19 @@ def markdown(doc: dict[str, Any]) -> str:
     out.append(md_table(["env", "model", f"held-out return over {doc['episodes']} (95% CI)",
                          "agreement vs fp32 (all / decisive)", "regret", "file bytes (vs fp32 TFLite)",
                          "latency p50 per action"], rows, text_columns=2))
+    tflm = []
+    for g in doc["games"]:
+        for name, b in (g.get("bundles") or {}).items():
+            if "refused" in b:
+                tflm.append([g["env"], name, f"refused: {b['refused']}", "-", "-"])
+                continue
+            reg = b.get("regret_vs_parent") or {}
+            tflm.append([g["env"], name, f"{b['actions_equal']:,} of {b['states']:,}"
+                         + (f" ({b['parent_ties']} flips, all parent ties)" if b.get("parent_ties") else ""),
+                         f"{reg['tflm']:.4f} / {reg['litert']:.4f}" if reg else "-", f"{b['arena_bytes']:,}"])
+    if tflm:
+        out += ["", md_table(["env", "bundle (export --target mcu)", "TFLM actions equal to LiteRT's",
+                              "regret vs parent: TFLM / LiteRT", "TFLM arena bytes"], tflm, text_columns=3)]
     return "\n".join(out) + "\n"
 
 
