@@ -306,9 +306,10 @@ def run(
         buffer = ReplayBuffer(cfg.buffer_size, spec.obs_dim)
     target.set_weights(q.get_weights())
     optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
-    # Conv nets on small images (MinAtar's 10x10) train under XLA with im2col convolutions: 2.4 vs
-    # 3.1 ms per gradient step (batch 64) with TF's own conv kernels outside XLA. On Atari's 84x84
-    # frames the im2col patches are large and TF's kernels win: 55 vs 77 ms CPU (Nature CNN, batch 32).
+    # Conv nets on small images (MinAtar's 10x10) train under XLA with im2col convolutions: 1.6 vs
+    # 2.5 ms per gradient step (batch 64) with TF's own conv kernels outside XLA. On Atari's 84x84
+    # frames the im2col patches are large and TF's kernels win: 27.5 vs 39.1 ms (Nature CNN, batch
+    # 32). benchmarks/conv_step.py measures both.
     fast_conv = conv is not None and max(conv.hwc[:2]) <= IM2COL_MAX_SIDE
     if fast_conv:
         for model in (q, target):
