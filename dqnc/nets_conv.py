@@ -161,6 +161,17 @@ def build_plain_conv(spec: ConvSpec, weights: list[np.ndarray] | None = None, na
     return model
 
 
+# Image side up to which conv nets train as im2col matmuls under XLA (benchmarks/conv_step.py:
+# MinAtar's 10x10 nets 1.6 vs 2.5 ms per gradient step; on Atari's 84x84 frames the patches are
+# large and TF's own conv kernels win, 27.5 vs 39.1 ms).
+IM2COL_MAX_SIDE = 32
+
+
+def im2col_pays(spec: ConvSpec) -> bool:
+    """Whether ``spec``'s images are small enough for im2col under XLA (see IM2COL_MAX_SIDE)."""
+    return max(spec.hwc[:2]) <= IM2COL_MAX_SIDE
+
+
 def im2col_conv(inputs: Any, kernel: Any, stride: int) -> Any:
     """A valid-padding NHWC convolution as one matmul over the stacked kernel windows.
 

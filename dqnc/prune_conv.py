@@ -3,8 +3,8 @@
 Fine-tuning is the MLP path's policy distillation with DAgger (:mod:`dqnc.distillation`: the same
 loss, options and compiled loop), on image-shaped states. Unlike the MLP path, inputs are not
 standardized: a convolution cannot absorb a per-pixel scaling, and 0/1 or 0..255 pixels need
-none; only the targets are scaled, folded into the dense output layer (kept dense). Conv layers
-train as im2col matmuls under XLA. ``finetune: none`` is one-shot pruning. ``rl`` fine-tuning,
+none; only the targets are scaled, folded into the dense output layer (kept dense). On small
+images the conv layers train as im2col matmuls under XLA (as in training). ``finetune: none`` is one-shot pruning. ``rl`` fine-tuning,
 ERK and unit pruning cover MLPs only and are refused with the reason.
 """
 
@@ -19,7 +19,7 @@ from dqnc import artifact as art
 from dqnc.config import PruneConfig
 from dqnc.errors import UsageError
 from dqnc.fidelity import actions_of, fidelity
-from dqnc.nets_conv import CONV_FILE, NumpyConvNet, save_conv, spec_from_network, use_im2col
+from dqnc.nets_conv import CONV_FILE, NumpyConvNet, im2col_pays, save_conv, spec_from_network, use_im2col
 
 _PRUNABLE = ("Conv2D", "Dense")
 
@@ -72,8 +72,10 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, ou
             raise UsageError("keep the output layer dense for conv pruning (keep_dense: [last])")
         student = _wrap(_clone_with_weights(teacher, norm.to_normalized(teacher.get_weights())), targets, cfg, steps,
                         prunable=_PRUNABLE)
-        use_im2col(student)  # XLA's own CPU convolution is slow on small images (see nets_conv.im2col_conv)
-        trainer = Trainer(student, cfg, source.env.n_actions, jit=True)
+        fast = im2col_pays(spec)  # small images: im2col under XLA; large ones: TF's conv kernels
+        if fast:
+            use_im2col(student)
+        trainer = Trainer(student, cfg, source.env.n_actions, jit=fast)
         history = dagger(trainer, lambda: _wrapped_weights(student), [], teacher_q, norm, states, q_t, source.env, cfg,
                          first_steps=steps, rounds=cfg.dagger_rounds,
                          round_steps=lambda n: max(1, cfg.epochs // 2) * int(np.ceil(n / cfg.batch_size)),

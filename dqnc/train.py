@@ -24,13 +24,12 @@ from dqnc.envs import EnvSpec, env_spec, make_env, rollout
 from dqnc.errors import Interrupted, UsageError
 from dqnc.nets import MLP_FILE, NetSpec, NumpyMLP, build_plain_mlp, build_q_network, dense_weights, save_mlp
 from dqnc.nets_conv import (CONV_FILE, ConvSpec, NumpyConvNet, build_conv_q_network, build_plain_conv, conv_spec_for,
-                             save_conv, use_im2col)
+                             im2col_pays, save_conv, use_im2col)
 from dqnc.replay import ReplayBuffer
 from dqnc.schedules import linear
 from dqnc.seeds import episode_seed
 
 CHECKPOINT_VERSION = 2
-IM2COL_MAX_SIDE = 32  # image side up to which conv nets train as im2col matmuls under XLA (see run)
 
 
 @dataclass
@@ -306,11 +305,9 @@ def run(
         buffer = ReplayBuffer(cfg.buffer_size, spec.obs_dim)
     target.set_weights(q.get_weights())
     optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
-    # Conv nets on small images (MinAtar's 10x10) train under XLA with im2col convolutions: 1.6 vs
-    # 2.5 ms per gradient step (batch 64) with TF's own conv kernels outside XLA. On Atari's 84x84
-    # frames the im2col patches are large and TF's kernels win: 27.5 vs 39.1 ms (Nature CNN, batch
-    # 32). benchmarks/conv_step.py measures both.
-    fast_conv = conv is not None and max(conv.hwc[:2]) <= IM2COL_MAX_SIDE
+    # Conv nets on small images (MinAtar's) train under XLA with im2col convolutions; large images
+    # (Atari's) with TF's own conv kernels outside XLA (nets_conv.IM2COL_MAX_SIDE).
+    fast_conv = conv is not None and im2col_pays(conv)
     if fast_conv:
         for model in (q, target):
             use_im2col(model)
