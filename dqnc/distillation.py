@@ -93,9 +93,9 @@ class OutputNormalizer(Normalizer):
         return np.asarray(states, np.float32)
 
     def to_normalized(self, w: list[np.ndarray]) -> list[np.ndarray]:
-        w = [np.asarray(a, np.float32) for a in w]
+        w = [np.asarray(a, np.float64) for a in w]
         w[-2], w[-1] = w[-2] / self.q_std, (w[-1] - self.q_mean) / self.q_std
-        return [np.asarray(a, np.float32) for a in w]
+        return [a.astype(np.float32) for a in w]
 
     def to_raw(self, w: list[np.ndarray]) -> list[np.ndarray]:
         w = [np.asarray(a, np.float64) for a in w]

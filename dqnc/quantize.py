@@ -159,14 +159,19 @@ def prepare_for_integer(model: Any, states: np.ndarray, sweeps: int = 0,
     std = np.where(std > 1e-6, std, 1.0)
     w0, b0 = weights[0], weights[1]
     weights[0], weights[1] = w0 * std[:, None], b0 + mean @ w0
-    wl, bl = weights[-2], weights[-1]
-    weights[-2], weights[-1] = wl - wl.mean(axis=1, keepdims=True), bl - bl.mean()
+    weights[-2], weights[-1] = _centered(weights[-2], weights[-1])
     act = acts[0] if acts else "relu"
     if sweeps and act == "relu" and len(weights) > 2:
         weights = equalize(weights, (states - mean) / std, sweeps)
-    spec = NetSpec(int(w0.shape[0]), int(wl.shape[1]), tuple(int(w.shape[1]) for w in weights[0:-2:2]), act)
+    spec = NetSpec(int(w0.shape[0]), int(weights[-1].shape[0]), tuple(int(w.shape[1]) for w in weights[0:-2:2]), act)
     rewritten = build_plain_mlp(spec, [w.astype(np.float32) for w in weights])
     return rewritten, {"obs_mean": mean.tolist(), "obs_std": std.tolist(), "outputs": _centered_outputs(outputs)}
+
+
+def _centered(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The output layer's kernel and bias minus their mean over actions (float64)."""
+    kernel, bias = np.asarray(kernel, np.float64), np.asarray(bias, np.float64)
+    return kernel - kernel.mean(axis=1, keepdims=True), bias - bias.mean()
 
 
 def _centered_outputs(outputs: str) -> str:
@@ -193,9 +198,7 @@ def center_head(model: Any, outputs: str = "q_values") -> tuple[Any, dict[str, A
     k = keras()
     copy = k.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    kernel, bias = (np.asarray(w, np.float64) for w in last.get_weights())
-    copy.layers[-1].set_weights([(kernel - kernel.mean(axis=1, keepdims=True)).astype(np.float32),
-                                 (bias - bias.mean()).astype(np.float32)])
+    copy.layers[-1].set_weights([w.astype(np.float32) for w in _centered(*last.get_weights())])
     return copy, {"outputs": _centered_outputs(outputs)}
 
 
