@@ -102,3 +102,22 @@ def test_cli_train_then_eval_end_to_end(tmp_path):
     r = runner.invoke(app, ["eval", str(out), "-n", "5", "--json"])
     assert r.exit_code == 0
     assert json.loads(r.stdout)["episodes"] == 5
+
+
+def test_a_lucky_evaluation_does_not_block_later_checkpoints(tmp_path, monkeypatch):
+    """The kept weights are those of the best *confirmed* score: an evaluation below an earlier
+    lucky raw mean, but above its confirmed score, is still confirmed and can be kept."""
+    from dqnc.envs import Rollout
+
+    # Evaluations at steps 1000, 2000, 3000: raw means 100 (confirmed 20: score 60), 90 (confirmed
+    # 80: score 85), 10 (not a candidate). Below CartPole's threshold, so no early stop.
+    scripted = iter([100.0, 20.0, 90.0, 80.0, 10.0])
+
+    def fake_rollout(policy, spec, episodes, seed, *args, **kwargs):
+        return Rollout(np.full(episodes, next(scripted)), np.ones(episodes, np.int64))
+
+    monkeypatch.setattr(train, "rollout", fake_rollout)
+    cfg = tiny_config(total_steps=3000, eval_freq=1000, confirm_episodes=3)
+    m = train.run(cfg, tmp_path / "out").manifest["metrics"]
+    assert m["best_eval_step"] == 2000 and m["best_score"] == pytest.approx(85.0)
+    assert m["best_eval_mean_return"] == pytest.approx(100.0)  # the best raw evaluation, reported as before
