@@ -3,6 +3,7 @@ tf.function) against im2col convolutions under XLA, on random batches, in one pr
 
     python benchmarks/conv_step.py                        # MinAtar nets: Breakout (10x10x4) and SpaceInvaders (10x10x6)
     python benchmarks/conv_step.py --atari                # the Nature CNN on 4x84x84 frames, batch 32
+    python benchmarks/conv_step.py --threads 1            # TF on one thread (what an update beside acting would get)
 
 Each case builds the network of dqnc.nets_conv, wraps dqnc.train's update (``--steps`` gradient
 steps per compiled call, as training does), warms it up, then times ``--calls`` calls: wall and
@@ -61,7 +62,13 @@ def main() -> None:
     ap.add_argument("--atari", action="store_true", help="the Nature CNN on Atari frames instead of MinAtar nets")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the two paths per case")
+    ap.add_argument("--threads", type=int, default=0, help="TF intra- and inter-op threads (0: TF's default)")
     args = ap.parse_args()
+    if args.threads:
+        from dqnc.keras import tf
+
+        tf().config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf().config.threading.set_inter_op_parallelism_threads(args.threads)
     from dqnc.config import build_train_config
     from dqnc.nets_conv import NATURE_CONV, ConvSpec
 
@@ -72,7 +79,7 @@ def main() -> None:
     else:
         cases = [("MinAtar Breakout net (10x10x4), batch 64", ConvSpec((10, 10, 4), 3), 64, 16),
                  ("MinAtar SpaceInvaders net (10x10x6), batch 64", ConvSpec((10, 10, 6), 4), 64, 16)]
-    print(f"1-min load {os.getloadavg()[0]:.2f}")
+    print(f"1-min load {os.getloadavg()[0]:.2f}; TF threads: {args.threads or 'default'}")
     for name, spec, batch, k in cases:
         paths = {"TF Conv2D": build(spec, False, cfg, batch, k), "im2col + XLA": build(spec, True, cfg, batch, k)}
         totals = {p: [0.0, 0.0] for p in paths}
