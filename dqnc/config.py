@@ -83,7 +83,7 @@ ENV_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # MinAtar (10x10xC images): Young & Tian's network (one 3x3 conv, 16 filters, then 128 units); the
 # schedule was tuned briefly on Breakout-v1 only (see BENCHMARKS.md) and is shared by the five games
-# (SpaceInvaders-v1 measured with it unchanged: BENCHMARKS.md, "Pixel DQN").
+# (each of the five measured with it at 1M steps: BENCHMARKS.md, "MinAtar Breakout and SpaceInvaders at 1M steps").
 _MINATAR = dict(
     conv=[[16, 3, 1]], hidden=[128], total_steps=1_000_000, num_envs=8, lr=3e-4, batch_size=64,
     buffer_size=100_000, learning_starts=5000, train_freq=64, gradient_steps=16, target_update_interval=250,
