@@ -3,7 +3,8 @@
 - ``.tflite`` models run in LiteRT (or tflite-runtime): no TensorFlow import.
 - dqnc SavedModel artifacts carry ``mlp.npz`` (the same weights) and run as a numpy forward
   pass: no TensorFlow import either.
-- Any other Keras SavedModel is loaded with tf_keras and called once per batch.
+- Any other tf_keras SavedModel is rebuilt from its checked config (``dqnc.savedmodel``: no code
+  stored in it runs) and called once per batch.
 
 Shapes are checked against the env before any episode runs.
 """
@@ -23,15 +24,13 @@ from dqnc.nets_conv import CONV_FILE, load_conv
 
 
 def load_keras_model(path: Path) -> Any:
-    """Load a Keras SavedModel with tf_keras, or fail with a message saying what is wrong."""
-    from dqnc.keras import keras, tf
+    """A tf_keras SavedModel as a tf_keras model, read as data (:mod:`dqnc.savedmodel`): its layers
+    are checked against the built-in ones dqnc supports, the model is rebuilt from the checked
+    config and its variables are restored from the checkpoint. No code stored in the directory
+    (a ``Lambda``'s bytecode, a custom class, a restore-time initializer) ever runs."""
+    from dqnc.savedmodel import load_keras_model as load
 
-    k = keras()
-    try:
-        return k.models.load_model(str(path), compile=False)
-    except (OSError, ValueError, IOError, KeyError, tf().errors.OpError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"cannot load the SavedModel at {str(path)!r}: {first[:300]}; re-export it as a Keras SavedModel") from None
+    return load(Path(path))
 
 
 def _check_dims(obs_dim: int, n_actions: int, env: EnvSpec, where: str, in_desc: Any, out_desc: Any) -> None:

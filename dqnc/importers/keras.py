@@ -3,10 +3,13 @@
 ``.keras`` and ``.h5`` files are read with ``zipfile``/``json``/``h5py`` only: the model config
 names the layers, the weights file holds their variables, and nothing in the file is
 deserialized into Python objects (so no ``Lambda`` bytecode can run, and TensorFlow is not
-imported). A tf_keras SavedModel's ``keras_metadata.pb`` is checked against the supported
-layers before tf_keras loads it. A Keras 3 ``export()`` SavedModel has no layer config: its
-serving graph is read op by op (MatMul / BiasAdd / AddV2 / activations) with the variables'
-values from the checkpoint.
+imported). Every size they declare (zip members, JSON, HDF5 datasets) is checked against
+:mod:`dqnc.limits` before anything is allocated for it. SavedModels are read as data by
+:mod:`dqnc.savedmodel` (never ``load_model`` / ``tf.saved_model.load``): a tf_keras SavedModel's
+``keras_metadata.pb`` config is checked layer by layer (a ``Lambda`` is refused by name) and
+rebuilt, its variables restored from the checkpoint; a Keras 3 ``export()`` SavedModel has no
+layer config: its serving graph is read op by op from ``saved_model.pb`` (MatMul / BiasAdd /
+AddV2 / activations) with the variables' values from the checkpoint, and never executed.
 
 Supported layers: InputLayer, Dense (relu / tanh / elu / sigmoid / linear), Activation, ReLU,
 ELU, Dropout, Flatten, Identity, and the preprocessing layers Normalization and Rescaling,
@@ -16,7 +19,6 @@ which are folded into the next Dense layer.
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dqnc import limits
 from dqnc.errors import ArtifactError
 from dqnc.importers.common import Act, Affine, Op, ScaleShift, Source, UnsupportedModelError, check_activation
 
@@ -196,15 +199,61 @@ def _h5_file(data: bytes, what: str) -> Any:
         raise ArtifactError(f"{what}: the weights are not a readable HDF5 file ({str(e)[:120]}); the file is damaged") from None
 
 
+def _dataset(ds: Any, what: str, budget: limits.Budget) -> np.ndarray:
+    """An HDF5 dataset's values, after its declared shape, chunk shape and dtype were checked:
+    an 8 KB file can declare a terabyte-sized (empty, chunked or compressed) dataset."""
+    import h5py
+
+    name = limits.clip(getattr(ds, "name", "?"), 80)
+    if not isinstance(ds, h5py.Dataset):
+        raise ArtifactError(f"{what}: weight {name} is not a dataset; the file is damaged")
+    try:
+        dtype, shape, chunks = ds.dtype, ds.shape, ds.chunks
+    except (OSError, ValueError, TypeError) as e:
+        raise ArtifactError(f"{what}: weight {name} is unreadable ({str(e)[:120]}); the file is damaged") from None
+    if dtype.kind not in "fiub" or dtype.itemsize > 8:
+        raise ArtifactError(f"{what}: weight {name} holds {dtype}, not numbers; the file is damaged")
+    if shape is None:
+        raise ArtifactError(f"{what}: weight {name} has no data; the file is damaged")
+    if chunks is not None:
+        limits.check_elements(chunks, f"{what}: weight {name} (chunk shape)")
+    budget.take(shape, name)
+    try:
+        return np.asarray(ds[()])
+    except (OSError, ValueError, TypeError) as e:
+        raise ArtifactError(f"{what}: weight {name} is unreadable ({str(e)[:120]}); the file is damaged") from None
+
+
+def _attr(obj: Any, key: str, what: str, max_bytes: int = limits.MAX_JSON_BYTES) -> Any:
+    """An HDF5 attribute, refused before reading if it declares more than ``max_bytes``."""
+    if key not in obj.attrs:
+        return None
+    try:
+        aid = obj.attrs.get_id(key)
+        shape, itemsize = aid.shape, aid.dtype.itemsize
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ArtifactError(f"{what}: attribute {key!r} is unreadable ({str(e)[:120]}); the file is damaged") from None
+    n = limits.check_elements(shape or (), f"{what}: attribute {key!r}")
+    if n * itemsize > max_bytes:
+        raise limits.LimitError(f"{what}: attribute {key!r} declares {n * itemsize:,} bytes, over dqnc's limit of "
+                                f"{max_bytes:,} (dqnc.limits)")
+    try:
+        return obj.attrs[key]
+    except (OSError, ValueError, TypeError) as e:
+        raise ArtifactError(f"{what}: attribute {key!r} is unreadable ({str(e)[:120]}); the file is damaged") from None
+
+
 def _keras3_weights(h5: Any, what: str) -> WeightsFn:
     """Layer name -> its variables in a Keras 3 ``model.weights.h5`` (``layers/KEY/vars/0..n``)."""
     by_name: dict[str, Any] = {}
     root = h5.get("layers") or h5.get("_layer_checkpoint_dependencies") or {}
+    budget = limits.Budget(f"{what}: weights")
     for key in root:
         vars_ = root[key].get("vars") if hasattr(root[key], "get") else None
         if vars_ is None:
             continue
-        name = vars_.attrs.get("name", key)
+        name = _attr(vars_, "name", what, 4096)
+        name = key if name is None else name
         by_name[name.decode() if isinstance(name, bytes) else str(name)] = vars_
         by_name.setdefault(str(key), vars_)
 
@@ -212,22 +261,38 @@ def _keras3_weights(h5: Any, what: str) -> WeightsFn:
         g = by_name.get(name)
         if g is None:
             return []
-        return [np.asarray(g[str(i)]) for i in range(len(g)) if str(i) in g]
+        return [_dataset(g[str(i)], what, budget) for i in range(len(g)) if str(i) in g]
 
     return get
+
+
+def _json(data: bytes | str, what: str) -> Any:
+    try:
+        return limits.loads_json(data, what)
+    except ValueError as e:
+        raise ArtifactError(f"{what}: not valid JSON ({limits.clip(e, 120)}); the file is damaged") from None
 
 
 def load_keras_zip(path: Path) -> Source:
     what = str(path)
     try:
         with zipfile.ZipFile(path) as zf:
-            config = json.loads(zf.read("config.json"))
-            meta = json.loads(zf.read("metadata.json")) if "metadata.json" in zf.namelist() else {}
-            weights_raw = zf.read("model.weights.h5")
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, NotImplementedError) as e:
+            # limits read at call time (tests lower them)
+            config = _json(limits.read_zip_member(zf, "config.json", what, limits.MAX_DECOMPRESSED_BYTES),
+                           f"{what}: config.json")
+            meta = _json(limits.read_zip_member(zf, "metadata.json", what, limits.MAX_DECOMPRESSED_BYTES),
+                         f"{what}: metadata.json") if "metadata.json" in zf.namelist() else {}
+            weights_raw = limits.read_zip_member(zf, "model.weights.h5", what, limits.MAX_DECOMPRESSED_BYTES)
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+        raise ArtifactError(f"{what}: damaged .keras file ({type(e).__name__}: {str(e)[:160]}); re-save the model") from None
+    except limits.LimitError:
+        raise
+    except ValueError as e:  # zlib / zipfile value errors on damaged members
         raise ArtifactError(f"{what}: damaged .keras file ({type(e).__name__}: {str(e)[:160]}); re-save the model") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{what}: config.json is not a JSON object; the file is damaged")
+    if not isinstance(meta, dict):
+        meta = {}
     with _h5_file(weights_raw, what) as h5:
         return _source("keras", what, config, _keras3_weights(h5, what),
                        {"container": ".keras", "keras_version": meta.get("keras_version")})
@@ -244,24 +309,35 @@ def load_h5(path: Path) -> Source:
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{what}: not a readable HDF5 file ({str(e)[:120]}); re-save the model") from None
     with h5:
-        raw = h5.attrs.get("model_config")
+        raw = _attr(h5, "model_config", what)
         if raw is None:
             raise UnsupportedModelError(f"{what}: an HDF5 file without a model config (weights only?); save the whole "
                                         "model (model.save) rather than save_weights")
-        try:
-            config = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
-        except ValueError as e:
-            raise ArtifactError(f"{what}: the model config is not valid JSON ({e}); the file is damaged") from None
+        if isinstance(raw, np.ndarray) and raw.shape == ():
+            raw = raw[()]
+        if not isinstance(raw, (bytes, str)):
+            raise ArtifactError(f"{what}: the model config is not a string; the file is damaged")
+        config = _json(raw, f"{what}: model config")
+        if not isinstance(config, dict):
+            raise ArtifactError(f"{what}: the model config is not a JSON object; the file is damaged")
         group = h5["model_weights"] if "model_weights" in h5 else h5
+        budget = limits.Budget(f"{what}: weights")
 
         def weights(name: str) -> list[np.ndarray]:
             if name not in group:
                 return []
             g = group[name]
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs.get("weight_names", [])]
-            return [np.asarray(g[n]) for n in names]
+            raw_names = _attr(g, "weight_names", what)
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in (raw_names if raw_names is not None else [])]
+            out = []
+            for n in names:
+                if n not in g:
+                    raise ArtifactError(f"{what}: layer {name!r} lists a missing weight {limits.clip(n, 80)!r}; "
+                                        "the file is damaged")
+                out.append(_dataset(g[n], what, budget))
+            return out
 
-        version = h5.attrs.get("keras_version")
+        version = _attr(h5, "keras_version", what, 4096)
         version = version.decode() if isinstance(version, bytes) else version
         return _source("keras", what, config, weights, {"container": ".h5", "keras_version": version})
 
@@ -269,47 +345,24 @@ def load_h5(path: Path) -> Source:
 # --- SavedModel ---------------------------------------------------------------------------------
 
 def _tf_keras_metadata(path: Path) -> dict[str, Any] | None:
-    meta = path / "keras_metadata.pb"
-    if not meta.is_file():
-        return None
-    from dqnc.keras import keras
+    from dqnc.savedmodel import read_keras_metadata
 
-    keras()
-    from tf_keras.protobuf import saved_metadata_pb2
-
-    proto = saved_metadata_pb2.SavedMetadata()
-    try:
-        proto.ParseFromString(meta.read_bytes())
-        root = next(n for n in proto.nodes if n.node_path == "root")
-        return json.loads(root.metadata)
-    except (StopIteration, ValueError, Exception) as e:  # protobuf raises its own DecodeError
-        raise ArtifactError(f"{str(path)!r}: unreadable keras_metadata.pb ({type(e).__name__}); re-save the model") from None
-
-
-def _untuple(x: Any) -> Any:
-    """tf_keras SavedModel metadata spells tuples as ``{"class_name": "__tuple__", "items": [...]}``."""
-    if isinstance(x, dict):
-        if x.get("class_name") == "__tuple__" and "items" in x:
-            return [_untuple(v) for v in x["items"]]
-        return {k: _untuple(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_untuple(v) for v in x]
-    return x
+    return read_keras_metadata(path)
 
 
 def load_tf_keras_savedmodel(path: Path, metadata: dict[str, Any]) -> Source:
-    """A tf_keras SavedModel: layer classes checked from its metadata first, then loaded by tf_keras."""
+    """A tf_keras SavedModel: its config checked (every layer, nested models too) and the model
+    rebuilt from it with the checkpoint's values, by :mod:`dqnc.savedmodel`; no stored code runs."""
+    from dqnc.savedmodel import keras_config, load_keras_model
+
     what = str(path)
-    metadata = _untuple(metadata)
-    config = {"class_name": metadata.get("class_name"), "config": metadata.get("config")}
+    config = keras_config(path, metadata)  # refuses a Lambda, custom classes, serialized functions by name
     layers = ordered_layers(config, what)
-    for layer in layers:  # refuse before tf_keras revives anything
+    for layer in layers:
         if layer.get("class_name") not in SUPPORTED_LAYERS and layer.get("class_name") not in _NOOP:
             name = layer.get("config", {}).get("name")
             raise UnsupportedModelError(f"{what}: layer {name!r} is a {layer.get('class_name')}, which is not supported; "
                                         f"supported layers: {', '.join(SUPPORTED_LAYERS)}")
-    from dqnc.policy import load_keras_model
-
     model = load_keras_model(path)
 
     def weights(name: str) -> list[np.ndarray]:
@@ -321,110 +374,15 @@ def load_tf_keras_savedmodel(path: Path, metadata: dict[str, Any]) -> Source:
     return _source("keras", what, config, weights, {"container": "tf_keras SavedModel"})
 
 
-_GRAPH_ACTS = {"Relu": "relu", "Tanh": "tanh", "Elu": "elu", "Sigmoid": "sigmoid"}
-
-
 def load_exported_savedmodel(path: Path) -> Source:
-    """A Keras 3 ``model.export()`` SavedModel: its serving graph, read op by op."""
-    from dqnc.keras import tf
+    """A Keras 3 ``model.export()`` SavedModel: its serving graph read op by op from the protobuf,
+    variables from the checkpoint (:func:`dqnc.savedmodel.read_exported`); nothing is executed, so
+    the import check's reference is the numpy forward of those ops."""
+    from dqnc.savedmodel import read_exported
 
-    t = tf()
-    what = str(path)
-    try:
-        loaded = t.saved_model.load(str(path))
-        fn = loaded.signatures["serving_default"]
-    except (KeyError, ValueError, OSError, t.errors.OpError) as e:
-        raise ArtifactError(f"{what}: cannot read the SavedModel's serving signature ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160] if str(e) else ''}); export it with model.export()") from None
-    specs = [s for s in fn.structured_input_signature[1].values()]
-    if len(specs) != 1 or len(fn.structured_outputs) != 1:
-        raise UnsupportedModelError(f"{what}: the serving signature has {len(specs)} inputs and "
-                                    f"{len(fn.structured_outputs)} outputs; a Q-network has one of each")
-    obs_dim = int(np.prod(specs[0].shape[1:]))
-    ops, mapping = _graph_chain(fn, loaded, what)
-    if not ops:
-        raise UnsupportedModelError(f"{what}: no Dense layers found in the serving graph")
-
-    def reference(obs: np.ndarray) -> np.ndarray:
-        out = fn(t.constant(np.asarray(obs, np.float32).reshape(len(obs), obs_dim)))
-        return np.asarray(next(iter(out.values())))
-
-    return Source("keras", obs_dim, ops, mapping, details={"container": "Keras 3 export() SavedModel"},
-                  reference=reference)
-
-
-def _graph_chain(fn: Any, loaded: Any, what: str) -> tuple[list[Op], list[dict[str, Any]]]:
-    """Walk the serving function's innermost graph: MatMul/BiasAdd/Add with variables, activations."""
-    from tensorflow.python.framework import tensor_util
-
-    graph_def = fn.graph.as_graph_def()
-    library = {f.signature.name: f for f in graph_def.library.function}
-    by_capture: dict[str, np.ndarray] = {}
-    captured = {id(h): v for v in loaded.variables for h in [v.handle]}
-    # Map captured placeholders of the outer graph to variable values.
-    for ext, internal in fn.graph.captures:
-        v = captured.get(id(ext))
-        if v is not None:
-            by_capture[internal.op.name] = v.numpy()
-    # The body is the function called by the outer graph's (Stateful)PartitionedCall.
-    calls = [n for n in graph_def.node if n.op in ("StatefulPartitionedCall", "PartitionedCall")]
-    if len(calls) != 1:
-        raise UnsupportedModelError(f"{what}: the serving graph is not one call of the model function")
-    call = calls[0]
-    body = library.get(call.attr["f"].func.name)
-    while body is not None:
-        inner = [n for n in body.node_def if n.op in ("StatefulPartitionedCall", "PartitionedCall")]
-        if len(inner) != 1 or len(body.node_def) > 4:
-            break
-        body = library.get(inner[0].attr["f"].func.name)
-    if body is None:
-        raise UnsupportedModelError(f"{what}: the serving function body is missing")
-    # Function args follow the call's inputs: arg i <- call.input[i] (outer placeholders).
-    arg_names = [a.name for a in body.signature.input_arg]
-    arg_value: dict[str, np.ndarray] = {}
-    for i, inp in enumerate(call.input):
-        src = inp.split(":")[0].lstrip("^")
-        if i < len(arg_names) and src in by_capture:
-            arg_value[arg_names[i]] = by_capture[src]
-    nodes = {n.name: n for n in body.node_def}
-
-    def const_of(ref: str) -> np.ndarray | None:
-        name = ref.split(":")[0].lstrip("^")
-        if name in arg_value:
-            return arg_value[name]
-        n = nodes.get(name)
-        if n is None:
-            return None
-        if n.op == "ReadVariableOp":
-            return const_of(n.input[0])
-        if n.op == "Identity":
-            return const_of(n.input[0])
-        if n.op == "Const":
-            return tensor_util.MakeNdarray(n.attr["value"].tensor)
-        return None
-
-    ops: list[Op] = []
-    mapping: list[dict[str, Any]] = []
-    allowed = {"MatMul", "BiasAdd", "AddV2", "Add", "ReadVariableOp", "Identity", "Const", "NoOp", "Relu", "Tanh",
-               "Elu", "Sigmoid", "Reshape", "Cast"}
-    for n in body.node_def:  # node_def is in topological order for Keras-exported functions
-        if n.op not in allowed:
-            raise UnsupportedModelError(f"{what}: graph op {n.op!r} ({n.name}) is not supported in an exported "
-                                        "SavedModel; supported: MatMul, BiasAdd, AddV2, Relu, Tanh, Elu, Sigmoid")
-        if n.op == "MatMul":
-            w = const_of(n.input[1])
-            if w is None or n.attr["transpose_a"].b or n.attr["transpose_b"].b:
-                raise UnsupportedModelError(f"{what}: MatMul {n.name} is not x @ kernel")
-            ops.append(Affine(w.astype(np.float32), np.zeros(w.shape[1], np.float32)))
-            mapping.append({"source": n.name, "op": "MatMul", "shape": list(w.shape)})
-        elif n.op in ("BiasAdd", "AddV2", "Add"):
-            b = const_of(n.input[1])
-            if b is None or not ops or not isinstance(ops[-1], Affine):
-                raise UnsupportedModelError(f"{what}: {n.op} {n.name} is not a bias after a MatMul")
-            ops[-1] = Affine(ops[-1].w, ops[-1].b + b.astype(np.float32))
-        elif n.op in _GRAPH_ACTS:
-            ops.append(Act(_GRAPH_ACTS[n.op]))
-    return ops, mapping
+    graph = read_exported(path)
+    return Source("keras", graph.obs_dim, graph.ops, graph.mapping,
+                  details={"container": "Keras 3 export() SavedModel", "signature": graph.signature})
 
 
 def load(path: Path, cfg: Any) -> Source:
