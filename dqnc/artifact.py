@@ -10,6 +10,10 @@ Layout::
 Writes go to a hidden sibling directory that is renamed into place only when complete, so an
 interrupted stage never leaves a half artifact, and an existing output is replaced (with
 ``--force``) only after its successor is complete.
+
+``--force`` replaces only a folder dqnc made: a manifest in dqnc's format whose ``files`` checksums
+match the folder exactly (nothing extra, nothing missing, nothing changed). Any other folder is
+the user's, whatever it holds, and is refused naming the first file dqnc did not write.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dqnc import __version__
+from dqnc import __version__, limits
 from dqnc.envs import EnvSpec
-from dqnc.errors import ArtifactError, OutputExistsError, UsageError
+from dqnc.errors import ArtifactError, DqncError, OutputExistsError, UsageError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 TFLITE = "model.tflite"
+SUMS = "SHA256SUMS"  # export's checksum list, written after the manifest (it covers the manifest too)
+MANIFEST_KEYS = ("format_version", "dqnc_version", "stage", "env", "files")
 
 _VERSIONED = ("numpy", "tensorflow", "tf-keras", "tensorflow-model-optimization", "gymnasium",
               "ai-edge-litert", "tflite-runtime", "box2d")
@@ -79,18 +85,178 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def _q(path: Path | str) -> str:
+    return repr(limits.clip(path, 300))  # a path to act on: long enough to find it, one line
+
+
+def _plain_rel(rel: str) -> bool:
+    """A manifest's file key as dqnc writes it: relative, POSIX, no '..' (never outside the folder)."""
+    return bool(rel) and not rel.startswith("/") and "\\" not in rel and all(
+        part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def dqnc_manifest(root: Path) -> dict[str, Any] | None:
+    """``root/manifest.json`` when it is in dqnc's format (a JSON object with dqnc's keys and a
+    ``files`` table of sha256s), else None. Bounded: a huge or deep file is simply not dqnc's."""
+    m = root / MANIFEST
+    try:
+        if m.is_symlink() or not m.is_file():
+            return None
+        with open(m, "rb") as f:
+            raw = f.read(limits.MAX_JSON_BYTES + 1)
+        data = limits.loads_json(raw, str(m))
+    except (OSError, ValueError, DqncError):
+        return None
+    if not isinstance(data, dict) or any(k not in data for k in MANIFEST_KEYS):
+        return None
+    files = data["files"]
+    if (not isinstance(data["format_version"], int) or not isinstance(data["dqnc_version"], str)
+            or not isinstance(data["stage"], str) or not isinstance(data["env"], dict) or not isinstance(files, dict)
+            or not all(isinstance(k, str) and _plain_rel(k) and isinstance(v, str) for k, v in files.items())):
+        return None
+    return data
+
+
+def _sums_text(root: Path, files: dict[str, str]) -> str:
+    sums = dict(files, **{MANIFEST: sha256_file(root / MANIFEST)})
+    return "".join(f"{d}  {f}\n" for f, d in sorted(sums.items()))
+
+
+def foreign_entry(root: Path) -> Path | None:
+    """The first path under the directory ``root`` that dqnc did not write, or None when ``root``
+    is exactly a dqnc artifact: its manifest in dqnc's format, every other file listed in the
+    manifest's ``files`` with that sha256 (export's SHA256SUMS when it matches them), none missing.
+    A symlink, a device or an unreadable folder is never dqnc's. Empty folders are ignored."""
+    root = Path(root)
+    manifest = dqnc_manifest(root)
+    files: dict[str, str] = dict(manifest["files"]) if manifest is not None else {}
+    first_dir: Path | None = None
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            return d
+        subdirs = []
+        for e in entries:
+            p = Path(e.path)
+            rel = p.relative_to(root).as_posix()
+            if e.is_symlink():
+                return p
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(p)
+                first_dir = first_dir or p
+                continue
+            if not e.is_file(follow_symlinks=False):
+                return p
+            if rel == MANIFEST:
+                continue
+            if manifest is not None and rel == SUMS and SUMS not in files:
+                try:
+                    if p.read_text(encoding="utf-8") == _sums_text(root, files):
+                        continue
+                except (OSError, UnicodeDecodeError):
+                    pass
+                return p
+            expected = files.get(rel)
+            try:
+                if expected is None or sha256_file(p) != expected:
+                    return p
+            except OSError:
+                return p
+        stack.extend(reversed(subdirs))
+    if manifest is None:
+        return root / MANIFEST if (root / MANIFEST).exists() else (first_dir or root)
+    return None
+
+
+def missing_files(root: Path) -> list[str]:
+    """Files a dqnc manifest lists that are absent (a damaged artifact)."""
+    manifest = dqnc_manifest(root) or {"files": {}}
+    return [rel for rel in manifest["files"] if not (root / rel).is_file()]
+
+
+def owned_by_dqnc(root: Path) -> bool:
+    """True when ``root`` is a complete, unchanged dqnc artifact (the only folder --force replaces)."""
+    return Path(root).is_dir() and foreign_entry(root) is None and not missing_files(root)
+
+
+CHECKPOINT_FILES = ("state.json", "buffer.npz", "best.npz")
+
+
+def foreign_checkpoint_entry(path: Path) -> Path | None:
+    """The first entry of a training checkpoint folder that dqnc's checkpoint writer did not make
+    (``state.json`` naming a checkpoint version and config, ``buffer.npz``, ``best.npz``, ``tf/ckpt.*``),
+    or None. A checkpoint is deleted after training finishes; only such a folder may be."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return path
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        for e in entries:
+            p = Path(e.path)
+            if e.is_symlink():
+                return p
+            if e.name == "tf" and e.is_dir(follow_symlinks=False):
+                for t in sorted(os.scandir(p), key=lambda t: t.name):
+                    if t.is_symlink() or not t.is_file(follow_symlinks=False) or not (
+                            t.name.startswith("ckpt.") or t.name == "checkpoint"):
+                        return Path(t.path)
+                continue
+            if e.name not in CHECKPOINT_FILES or not e.is_file(follow_symlinks=False):
+                return p
+        if not entries:
+            return None
+        state = path / "state.json"
+        if not state.is_file():
+            return Path(entries[0].path)
+        with open(state, "rb") as f:
+            meta = limits.loads_json(f.read(limits.MAX_JSON_BYTES + 1), str(state))
+    except (OSError, ValueError, DqncError):
+        return path / "state.json"
+    if not isinstance(meta, dict) or "version" not in meta or not isinstance(meta.get("config"), dict):
+        return path / "state.json"
+    return None
+
+
+def foreign_why(root: Path, foreign: Path) -> str:
+    """How ``foreign`` (found by ``foreign_entry(root)``) differs from what dqnc wrote."""
+    manifest = dqnc_manifest(root)
+    try:
+        rel = foreign.relative_to(root).as_posix()
+    except ValueError:
+        rel = ""
+    if manifest is not None and rel in manifest["files"] and not foreign.is_symlink():
+        return "which changed since dqnc wrote it"
+    return "which dqnc did not write"
+
+
+def foreign_message(out: Path, foreign: Path) -> str:
+    why = foreign_why(out, foreign)
+    what = "" if "changed" in why else " (not a dqnc artifact)"
+    return (f"output {_q(out)} holds {_q(foreign)}, {why}{what}: choose another output path; --force only "
+            "replaces folders dqnc made, unchanged")
+
+
 def check_output(out: Path, force: bool) -> None:
-    """Refuse an output that would destroy something, before any work starts."""
+    """Refuse an output that would destroy something, before any work starts: an existing output
+    is replaced only with --force, and only when it is exactly a folder dqnc made."""
+    if out.is_symlink():
+        raise OutputExistsError(f"output {_q(out)} is a symbolic link: choose another output path")
     if out.is_file() or (out.exists() and not out.is_dir()):
-        raise OutputExistsError(f"output {str(out)!r} exists and is a file, not a directory: choose another output path")
+        raise OutputExistsError(f"output {_q(out)} exists and is a file, not a directory: choose another output path")
     if out.is_dir() and not _is_empty_dir(out):
-        if not (out / MANIFEST).is_file():
+        foreign = foreign_entry(out)
+        if foreign is not None:
+            raise OutputExistsError(foreign_message(out, foreign))
+        missing = missing_files(out)
+        if missing:
             raise OutputExistsError(
-                f"output {str(out)!r} is a non-empty directory that is not a dqnc artifact: choose another "
-                "output path (--force only replaces dqnc artifacts)"
-            )
+                f"output {_q(out)} is a damaged dqnc artifact ({_q(out / missing[0])} is missing): choose another "
+                "output path, or delete the folder yourself")
         if not force:
-            raise OutputExistsError(f"output {str(out)!r} already exists: pass --force to replace it")
+            raise OutputExistsError(f"output {_q(out)} already exists: pass --force to replace it")
     ensure_writable_dir(out.resolve().parent, "output folder")
 
 
@@ -119,6 +285,7 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
         raise UsageError(f"cannot write in {str(parent)!r}: {e.strerror}; choose a writable path") from e
     try:
         yield tmp
+        check_output(out, force)  # again: the folder may have changed while the stage ran
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -268,9 +435,10 @@ def _dir_digest(root: Path) -> str:
 
 
 def _load_artifact_dir(root: Path, env: EnvSpec | None, verify: bool) -> Artifact:
-    raw = (root / MANIFEST).read_bytes()
+    with open(root / MANIFEST, "rb") as f:
+        raw = f.read(limits.MAX_JSON_BYTES + 1)
     try:
-        manifest = json.loads(raw)
+        manifest = limits.loads_json(raw, str(root / MANIFEST))
         if not isinstance(manifest, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:

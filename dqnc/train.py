@@ -279,6 +279,8 @@ def run(
     """Train a Q-network on ``cfg.env`` and write it as a SavedModel artifact at ``out``."""
     out = Path(out)
     art.check_output(out, force)
+    if checkpoint_dir is not None:
+        _check_checkpoint_dir(Path(checkpoint_dir))
     if resume and (checkpoint_dir is None or not (checkpoint_dir / "state.json").is_file()):
         raise UsageError(f"--resume: no checkpoint at {str(checkpoint_dir)!r}; run without --resume to start afresh")
     spec = env_spec(cfg.env, cfg.env_kwargs)
@@ -364,7 +366,7 @@ def run(
             save_mlp(tmp / MLP_FILE, weights, [cfg.activation] * len(cfg.hidden))
         art.write_manifest(tmp, stage="train", env=spec, network=network,
                            config=cfg.model_dump(mode="json"), metrics=metrics, command=command)
-    if checkpoint_dir is not None and checkpoint_dir.exists():
+    if checkpoint_dir is not None and checkpoint_dir.exists() and art.foreign_checkpoint_entry(checkpoint_dir) is None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return art.load(out)
 
@@ -388,6 +390,17 @@ def rl_finetune(student: Any, cfg: TrainConfig, weights: Callable[[], list[np.nd
 
 
 # --- checkpoints -----------------------------------------------------------------------------
+
+def _check_checkpoint_dir(path: Path) -> None:
+    """Refuse a checkpoint path that holds anything dqnc's checkpoint writer did not make: it is
+    replaced on Ctrl-C and deleted when training finishes."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    foreign = art.foreign_checkpoint_entry(path)
+    if foreign is not None:
+        raise UsageError(f"checkpoint folder {str(path)!r} holds {str(foreign)!r}, which dqnc did not write: "
+                         "move it away or choose another output path (the checkpoint goes next to the output)")
+
 
 def _save_checkpoint(path: Path, cfg: TrainConfig, state: _State, q: Any, target: Any, optimizer: Any,
                      update: Any, buffer: ReplayBuffer, rng: np.random.Generator,
@@ -416,7 +429,8 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, state: _State, q: Any, target
         "rng": rng.bit_generator.state,
     }
     (tmp / "state.json").write_text(json.dumps(meta, default=int), encoding="utf-8")
-    if path.exists():
+    if path.exists() or path.is_symlink():
+        _check_checkpoint_dir(path)
         shutil.rmtree(path)
     tmp.rename(path)
 

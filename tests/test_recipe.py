@@ -177,8 +177,13 @@ def test_run_caches_and_invalidates(tmp_path, trained):
     # --force STAGE re-runs that stage; the unchanged output hash keeps the rest cached
     forced = recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]), force={"pruned"})
     assert forced.rows[0].status == "ran"
-    # a damaged output is not trusted: the stage runs again
+    # a changed output is neither trusted nor replaced (the change may be the user's): the run
+    # refuses, naming it; once the folder is moved away the stage runs again
     (out / "bundle" / "model_data.h").write_text("tampered")
+    with pytest.raises(UsageError, match=r"bundle/model_data.h', which changed since dqnc wrote it"):
+        recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]))
+    assert (out / "bundle" / "model_data.h").read_text() == "tampered"
+    shutil.rmtree(out / "bundle")
     healed = recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]))
     assert [r.status for r in healed.rows] == ["cached", "cached", "ran"]
     report = json.loads((out / "report.json").read_text())

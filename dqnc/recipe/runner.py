@@ -10,9 +10,11 @@ from typing import Any
 from dqnc import __version__
 from dqnc.config import DistillConfig, EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig
 from dqnc.errors import DqncError, GateFailed, UsageError
-from dqnc.recipe.cache import SharedCache, _cached, _digest, _Lock, _State, machine_fingerprint, shared_writer
+from dqnc.recipe.cache import (OutDir, SharedCache, _cached, _digest, _Lock, _State, machine_fingerprint,
+                               shared_writer)
 from dqnc.recipe.loader import LoadedRecipe
-from dqnc.recipe.report import RunReport, StageRow, _row_metrics, _write_reports
+from dqnc.recipe.report import RunReport, StageRow, _row_metrics
+from dqnc.recipe.report import _write_reports as _write_report_files
 
 Log = Callable[[str], None]
 
@@ -36,12 +38,18 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
         if unknown:
             raise UsageError(f"--force {unknown[0]!r} is not a stage of this recipe: use one of {', '.join(names)}")
     out_dir = loaded.out_dir
+    # Before anything is written: '/', the home folder and folders dqnc did not make are refused,
+    # and so is anything in a dqnc out_dir this run would replace that is not what dqnc wrote.
+    owner = _owner(loaded)
+    owner.check()
     art.ensure_writable_dir(out_dir, "out_dir")
 
     rows: list[StageRow] = []
     failures: list[str] = []
     with _Lock(out_dir):
-        _save_effective(loaded)
+        owner.check()  # again, now that no other run can change it
+        owner.claim()
+        _save_effective(loaded, owner)
         state = _State(out_dir, shared_cache)
         active = from_stage is None
         stop_after = until
@@ -55,7 +63,8 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
         except (DqncError, KeyboardInterrupt) as e:
             why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
             rows.append(StageRow("train" if r.source.train is not None else "source", "train", status="failed", error=why))
-            _write_reports(loaded, RunReport(str(loaded.path), str(out_dir), rows, [why], time.perf_counter() - started))
+            _write_reports(loaded, owner, RunReport(str(loaded.path), str(out_dir), rows, [why],
+                                                    time.perf_counter() - started))
             raise
         if row is not None:
             rows.append(row)
@@ -93,14 +102,14 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
             except DqncError as e:
                 row.status, row.error = "failed", str(e)
                 state.save()
-                _write_reports(loaded, RunReport(str(loaded.path), str(out_dir), rows, failures + [str(e)],
-                                                 time.perf_counter() - started))
+                _write_reports(loaded, owner, RunReport(str(loaded.path), str(out_dir), rows, failures + [str(e)],
+                                                        time.perf_counter() - started))
                 raise
             except KeyboardInterrupt:
                 row.status, row.error = "failed", "interrupted"
                 state.save()
-                _write_reports(loaded, RunReport(str(loaded.path), str(out_dir), rows, ["interrupted"],
-                                                 time.perf_counter() - started))
+                _write_reports(loaded, owner, RunReport(str(loaded.path), str(out_dir), rows, ["interrupted"],
+                                                        time.perf_counter() - started))
                 raise
             if st.name == stop_after and i < len(r.stages) - 1:
                 stopped = True
@@ -126,21 +135,37 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
                            gates_checked=not stopped, fp32_tflite_bytes=fp32_bytes)
         if stopped and not failures:
             log(f"--until {stop_after}: later stages skipped; the recipe's gates were not checked")
-        _write_reports(loaded, report)
+        _write_reports(loaded, owner, report)
     if failures:
         raise GateFailed("; ".join(failures), report.to_dict())
     return report
 
 
-def _save_effective(loaded: LoadedRecipe) -> None:
+def _owner(loaded: LoadedRecipe) -> OutDir:
+    r = loaded.recipe
+    stage_dirs = (["train"] if r.source.train is not None else []) + [s.name for s in r.stages if s.stage != "eval"]
+    return OutDir(loaded.out_dir, loaded.path, stage_dirs, "train.ckpt" if r.source.train is not None else None)
+
+
+def _write_reports(loaded: LoadedRecipe, owner: OutDir, report: RunReport) -> None:
+    """report.json and report.md, replacing only files dqnc wrote (the marker holds their sha256s)."""
+    for name in ("report.json", "report.md"):
+        owner.before_write(name)
+    _write_report_files(loaded, report)
+    owner.wrote("report.json", "report.md")
+
+
+def _save_effective(loaded: LoadedRecipe, owner: OutDir) -> None:
     import yaml
 
     data = loaded.recipe.model_dump(mode="json", exclude_none=True)
     text = (f"# Effective recipe: {loaded.path} with --set {' '.join(loaded.sets) or '(none)'}, all defaults "
             f"filled in (dqnc {__version__}).\n" + yaml.safe_dump(data, sort_keys=False))
+    owner.before_write("recipe.effective.yaml")
     tmp = loaded.out_dir / f".recipe.effective.yaml.tmp-{os.getpid()}"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, loaded.out_dir / "recipe.effective.yaml")
+    owner.wrote("recipe.effective.yaml")
 
 
 def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bool, log: Log) -> tuple[Any, StageRow | None]:
@@ -195,6 +220,7 @@ def _train(cfg: Any, out: Any, row: StageRow, log: Log) -> Any:
             log(f"[train] discarding the checkpoint in {str(ckpt)!r}: {stale}")
             import shutil
 
+            train._check_checkpoint_dir(ckpt)  # only a folder dqnc's checkpoint writer made
             shutil.rmtree(ckpt, ignore_errors=True)
             resume = False
         else:
