@@ -71,11 +71,19 @@ def _savedmodel_layers(artifact: Artifact) -> list[dict[str, Any]]:
 
 def _tflite_layers(artifact: Artifact) -> tuple[list[dict[str, Any]], list[str]]:
     """Weighted ops of a .tflite model (read with LiteRT, no TensorFlow) and its op list."""
+    from dqnc import tflm
+    from dqnc.errors import ArtifactError
     from dqnc.runtime import interpreter_class, quiet_stderr
 
+    tflm.check(artifact.model_path.read_bytes())  # damaged or oversized: exit 2 before LiteRT parses it
     module, _ = interpreter_class()
-    with quiet_stderr():
-        interp = module.Interpreter(model_path=str(artifact.model_path))
+    try:
+        with quiet_stderr():
+            interp = module.Interpreter(model_path=str(artifact.model_path))
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{str(artifact.model_path)!r}: LiteRT cannot read this model ({first}); a LUT-compressed "
+                            "model (TFLite Micro's DECODE) is inspected through its uncompressed int8 parent") from None
     ops = interp._get_ops_details()
     tensors = {t["index"]: t for t in interp.get_tensor_details()}
     densified = {o["outputs"][0]: o["inputs"][0] for o in ops if o["op_name"] == "DENSIFY"}

@@ -23,6 +23,7 @@ from dqnc.errors import UsageError
 RUNTIME = "tflm"
 # The arena the probe interpreter gets: generous, the real need is measured (see arena()).
 PROBE_ARENA_MIN = 64 * 1024
+PROBE_ARENA_MAX = 256 * 1024 * 1024  # 10x a padded file is not an arena to allocate (the Nature DQN needs ~1 MB)
 # Margin added to the measured arena in dqnc_policy.h: TFLM versions and platforms differ in
 # alignment and in the persistent buffers their kernels request.
 ARENA_MARGIN = 0.25
@@ -65,7 +66,23 @@ def schema() -> Any:
     return schema_py_generated
 
 
+def check(content: bytes) -> None:
+    """Refuse (exit 2) a .tflite whose flatbuffer is damaged or declares tensors over dqnc.limits,
+    before TFLM (which verifies nothing) or the schema's Python reader touches it."""
+    from dqnc import limits
+    from dqnc.errors import ArtifactError
+    from dqnc.runtime import ModelCheckError, ModelLimitError, check_model
+
+    try:
+        check_model(content, limits.MAX_TENSOR_ELEMENTS, limits.MAX_TOTAL_ELEMENTS)
+    except ModelLimitError as e:
+        raise limits.LimitError(str(e)) from None
+    except ModelCheckError as e:
+        raise ArtifactError(f"not a valid TFLite model: {e}; re-create it with dqnc quantize or export") from None
+
+
 def read_model(content: bytes) -> Any:
+    check(content)
     fb = schema()
     return fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(bytearray(content), 0))
 
@@ -94,17 +111,31 @@ class Interpreter:
     def __init__(self, content: bytes, arena_size: int | None = None) -> None:
         from tflite_micro.python.tflite_micro import runtime as tflm_runtime
 
-        size = arena_size or max(PROBE_ARENA_MIN, 10 * len(content))
+        check(content)
+        size = arena_size or min(max(PROBE_ARENA_MIN, 10 * len(content)), PROBE_ARENA_MAX)
         with captured_fds() as log:
             try:
                 self._it = tflm_runtime.Interpreter.from_bytes(bytes(content), arena_size=size)
                 error = None
-            except (RuntimeError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - its Python model reader raises struct.error, TypeError, ...
                 error = e
         if error is not None:
             text = " ".join((log[0] if log else "").split()) or str(error)
             raise TflmError(f"TensorFlow Lite Micro cannot load the model: {text[:300]}")
-        self._in, self._out = self._it.get_input_details(0), self._it.get_output_details(0)
+        try:
+            self._in, self._out = self._it.get_input_details(0), self._it.get_output_details(0)
+        except (IndexError, RuntimeError, ValueError):
+            raise TflmError("the model has no input or no output tensor: not a Q-network (damaged file?)") from None
+        with captured_fds():  # TFLM prints "Input index 1 out of range" for the probes below
+            several = []
+            for extra in (self._it.get_input_details, self._it.get_output_details):
+                try:
+                    extra(1)
+                    several.append(True)
+                except (IndexError, RuntimeError, ValueError):
+                    pass
+        if several:
+            raise TflmError("the model has more than one input or output tensor: a Q-network has one of each")
 
     @staticmethod
     def _detail(d: dict[str, Any], index: int) -> dict[str, Any]:

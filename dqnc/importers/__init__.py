@@ -68,7 +68,7 @@ def sniff(path: str | Path) -> str | None:
         try:
             with zipfile.ZipFile(p) as zf:
                 names = set(zf.namelist())
-        except (zipfile.BadZipFile, OSError, ValueError):
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):  # damaged: its reader says why
             return {".keras": "keras", ".onnx": "onnx", ".zip": "sb3"}.get(p.suffix.lower(), "torch")
         if "policy.pth" in names or "data" in names:
             return "sb3"

@@ -6,6 +6,12 @@ dqnc's op chain by following the one tensor that flows from the observation to t
 Supported: Gemm (any alpha/beta/transB), MatMul, Add/Sub/Mul/Div by constants, Relu, Tanh,
 Sigmoid, Elu (alpha 1), Clip, Flatten, Identity, Dropout, Cast to float32, Reshape to ``[batch, n]``, Constant,
 as torch.onnx exports SB3 and CleanRL MLPs (``[batch, n]`` or fixed ``[1, n]`` inputs, any names).
+
+A graph's sizes are declarations checked before anything is allocated (:mod:`dqnc.limits`): every
+initializer's and Constant's dims (and their raw bytes), the observation width, and the shape of
+every node's result, computed from its inputs' shapes before the node runs (a 185 KB file adding a
+[N, 1] to a [1, N] constant once asked for 2 GB). Batches of states are evaluated in chunks small
+enough that one chunk's intermediate results stay within ``MAX_ACTIVATION_ELEMENTS``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dqnc import limits
 from dqnc.errors import ArtifactError
 from dqnc.importers.common import Act, Affine, Clip, Op, ScaleShift, Source, UnsupportedModelError
 
@@ -30,23 +37,77 @@ def _attrs(node: Any) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _array(tensor: Any, what: str) -> np.ndarray:
-    from onnx import numpy_helper
+def _array(tensor: Any, what: str, budget: limits.Budget | None = None) -> np.ndarray:
+    """A TensorProto as an array, its declared dims and bytes checked before numpy allocates them."""
+    from onnx import helper, numpy_helper
 
+    name = limits.clip(tensor.name, 80)
     if tensor.data_location == 1:  # EXTERNAL: the weights live in another file dqnc was not given
-        raise UnsupportedModelError(f"{what}: tensor {tensor.name!r} is stored in an external data file; re-export "
+        raise UnsupportedModelError(f"{what}: tensor {name!r} is stored in an external data file; re-export "
                                     "with the weights inside the .onnx file")
+    n = budget.take(tensor.dims, f"tensor {name!r}") if budget is not None else \
+        limits.check_elements(tensor.dims, f"{what}: tensor {name!r}", name="MAX_TENSOR_ELEMENTS")
+    if tensor.raw_data:
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{what}: tensor {name!r} has unknown data type {tensor.data_type}; re-export it") from None
+        if len(tensor.raw_data) != n * itemsize and tensor.data_type not in _PACKED_TYPES:
+            raise ArtifactError(f"{what}: tensor {name!r} declares dims {limits.clip(tuple(tensor.dims))} ({n:,} values, "
+                                f"{n * itemsize:,} bytes) but holds {len(tensor.raw_data):,} bytes; the file is damaged")
     return np.asarray(numpy_helper.to_array(tensor))
+
+
+# ONNX types stored packed (2 or 4 values a byte): raw_data is shorter than values x itemsize
+_PACKED_TYPES = (21, 22, 25, 26)  # UINT4, INT4, UINT2, INT2
+
+
+def _matmul_shape(a: tuple, b: tuple) -> tuple:
+    """The shape np.matmul gives for operands of shapes ``a`` and ``b`` (ValueError if they do not fit)."""
+    if not a or not b:
+        raise ValueError(f"matmul of a scalar ({a} @ {b})")
+    a2, b2 = (a if len(a) > 1 else (1, *a)), (b if len(b) > 1 else (*b, 1))
+    if a2[-1] != b2[-2]:
+        raise ValueError(f"matmul shapes {a} and {b} do not fit")
+    out = (*np.broadcast_shapes(a2[:-2], b2[:-2]), a2[-2], b2[-1])
+    if len(b) == 1:
+        out = out[:-1]
+    if len(a) == 1:
+        out = out[:-2] + out[-1:] if len(b) > 1 else out[:-1]
+    return tuple(out)
+
+
+def _result_shape(op: str, at: dict[str, Any], args: list[np.ndarray | None]) -> tuple:
+    """The shape of a node's result, from its inputs' shapes, before it is computed."""
+    x = args[0] if args else None
+    if op == "Constant":
+        return tuple(at["value"].dims) if "value" in at else ()  # value_floats etc. are already in memory
+    if x is None:
+        raise ValueError(f"{op} without an input")
+    shape = tuple(x.shape)
+    if op == "Gemm":
+        a = shape[::-1] if at.get("transA", 0) else shape
+        b = tuple(args[1].shape)[::-1] if at.get("transB", 0) else tuple(args[1].shape)
+        if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+            raise ValueError(f"Gemm of shapes {shape} and {tuple(args[1].shape)}")
+        out = (a[0], b[1])
+        return tuple(np.broadcast_shapes(out, args[2].shape)) if len(args) > 2 and args[2] is not None else out
+    if op == "MatMul":
+        return _matmul_shape(shape, tuple(args[1].shape))
+    if op in ("Add", "Sub", "Mul", "Div"):
+        return tuple(np.broadcast_shapes(shape, args[1].shape))
+    if op == "Clip":
+        return tuple(np.broadcast_shapes(shape, *[np.shape(a) for a in args[1:] if a is not None]))
+    return shape  # unary ops, Cast, Flatten, Reshape: as many values as the input
 
 
 def read_model(path: Path) -> Any:
     import onnx
     from google.protobuf.message import DecodeError
 
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    from dqnc.importers.torchzip import read_file
+
+    data = read_file(path)  # refused past limits.MAX_DECOMPRESSED_BYTES before reading
     try:
         model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError, TypeError) as e:
@@ -63,7 +124,9 @@ class Graph:
     def __init__(self, model: Any, what: str) -> None:
         g = model.graph
         self.what = what
-        self.consts: dict[str, np.ndarray] = {t.name: _array(t, what) for t in g.initializer}
+        budget = limits.Budget(f"{what}: initializers")
+        self.consts: dict[str, np.ndarray] = {t.name: _array(t, what, budget) for t in g.initializer}
+        self.row_elements: int | None = None  # intermediate values per observation, measured on first use
         inputs = [i for i in g.input if i.name not in self.consts]
         if len(inputs) != 1 or len(g.output) != 1:
             raise UnsupportedModelError(f"{what}: the graph has {len(inputs)} inputs and {len(g.output)} outputs; "
@@ -73,7 +136,8 @@ class Graph:
         if len(dims) < 2 or any(d is None or d < 1 for d in dims[1:]):
             raise UnsupportedModelError(f"{what}: input {self.input!r} has shape {dims}; expected [batch, n] "
                                         "(a flat observation with a batch axis)")
-        self.obs_dim = int(np.prod(dims[1:]))
+        self.obs_dim = limits.check_elements(dims[1:], f"{what}: input {limits.clip(self.input, 80)!r}",
+                                             limits.MAX_ACTIVATION_ELEMENTS, "MAX_ACTIVATION_ELEMENTS")
         self.fixed_batch = dims[0]  # None when dynamic
         if self.fixed_batch not in (None, 1):
             raise UnsupportedModelError(f"{what}: input batch size is fixed to {self.fixed_batch}; export with a "
@@ -84,12 +148,24 @@ class Graph:
                 raise UnsupportedModelError(
                     f"{what}: ONNX op {node.op_type!r} (node {node.name or node.output[0]!r}) is not supported; "
                     f"supported: {', '.join(SUPPORTED_OPS)}")
+        # Constant subgraphs (a Constant shape, a weight computed from initializers) are folded once
+        # here, within a budget: evaluate() then runs only the nodes that depend on the observation.
+        folded = limits.Budget(f"{what}: constants folded from the graph")
+        for node in self.nodes:
+            if node.output and all(n in self.consts for n in node.input if n) and node.output[0] not in self.consts:
+                out = _run_node(node, [self.consts[n] if n else None for n in node.input], what)
+                folded.take(np.shape(out), limits.clip(node.name or node.output[0], 80))
+                self.consts[node.output[0]] = out
 
 
 def _run_node(node: Any, args: list[np.ndarray | None], what: str) -> np.ndarray:
-    """One node with numpy, following the ONNX operator definitions."""
+    """One node with numpy, following the ONNX operator definitions; its result's size is checked
+    against ``MAX_ACTIVATION_ELEMENTS`` before it is computed."""
     op, at = node.op_type, _attrs(node)
-    x = args[0]
+    limits.check_elements(_result_shape(op, at, args), f"{what}: the result of {op} node "
+                          f"{limits.clip(node.name or node.output[0], 80)!r}", limits.MAX_ACTIVATION_ELEMENTS,
+                          "MAX_ACTIVATION_ELEMENTS")
+    x = args[0] if args else None  # a Constant has no inputs
     if op == "Gemm":
         a = x.T if at.get("transA", 0) else x
         b = args[1].T if at.get("transB", 0) else args[1]
@@ -136,7 +212,7 @@ def _run_node(node: Any, args: list[np.ndarray | None], what: str) -> np.ndarray
 
         for key in ("value",):
             if key in at:
-                return np.asarray(numpy_helper.to_array(at[key]))
+                return _array(at[key], what)
         for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
                            ("value_ints", np.int64)):
             if key in at:
@@ -146,19 +222,38 @@ def _run_node(node: Any, args: list[np.ndarray | None], what: str) -> np.ndarray
 
 
 def evaluate(graph: Graph, obs: np.ndarray) -> np.ndarray:
-    """The graph's output for a batch of observations, node by node in numpy float32."""
+    """The graph's output for a batch of observations, node by node in numpy float32, in chunks of
+    rows small enough that one chunk's intermediate results hold at most MAX_ACTIVATION_ELEMENTS."""
     x = np.asarray(obs, np.float32).reshape(len(obs), graph.obs_dim)
     if graph.fixed_batch == 1:  # a [1, n] graph may reshape to [1, ...]: run it one row at a time
         return np.concatenate([_evaluate(graph, x[i:i + 1]) for i in range(len(x))]) if len(x) else x
-    return _evaluate(graph, x)
+    if graph.row_elements is None:
+        if len(x) <= 1:
+            return _evaluate(graph, x)
+        first = _evaluate(graph, x[:1])  # measures the intermediate values one observation needs
+        return np.concatenate([first, evaluate(graph, x[1:])])
+    rows = max(1, limits.MAX_ACTIVATION_ELEMENTS // max(1, graph.row_elements))
+    if len(x) <= rows:
+        return _evaluate(graph, x)
+    return np.concatenate([_evaluate(graph, x[i:i + rows]) for i in range(0, len(x), rows)])
 
 
 def _evaluate(graph: Graph, x: np.ndarray) -> np.ndarray:
     env: dict[str, np.ndarray] = dict(graph.consts)
     env[graph.input] = x
+    held = 0
     for node in graph.nodes:
+        if node.output[0] in graph.consts:  # folded when the graph was read
+            continue
         args = [env[n] if n else None for n in node.input]
-        env[node.output[0]] = _run_node(node, args, graph.what)
+        out = env[node.output[0]] = _run_node(node, args, graph.what)
+        held += int(np.size(out))
+        if held > limits.MAX_TOTAL_ELEMENTS:
+            raise limits.LimitError(f"{graph.what}: the graph's intermediate results hold over "
+                                    f"{limits.MAX_TOTAL_ELEMENTS:,} values (dqnc.limits.MAX_TOTAL_ELEMENTS); "
+                                    "this is not a Q-network dqnc can deploy")
+    if len(x) == 1 and graph.row_elements is None:
+        graph.row_elements = held  # sizes the chunks of later batches
     return np.asarray(env[graph.output], np.float32).reshape(len(x), -1)
 
 
@@ -175,15 +270,14 @@ def _vector(c: np.ndarray, width: int, what: str, node: Any) -> np.ndarray:
 def chain_ops(graph: Graph) -> tuple[list[Op], list[dict[str, Any]]]:
     """Follow the observation through the graph and return it as dqnc ops (one chain, no branches)."""
     what = graph.what
-    consts = dict(graph.consts)
+    consts = dict(graph.consts)  # initializers and the constant subgraphs Graph() folded
     stream, width = graph.input, graph.obs_dim
     ops: list[Op] = []
     mapping: list[dict[str, Any]] = []
     for node in graph.nodes:
         name = node.name or node.output[0]
         ins = [n for n in node.input if n]
-        if all(n in consts for n in ins):  # constant subgraph (e.g. a Constant shape): fold it now
-            consts[node.output[0]] = _run_node(node, [consts[n] if n else None for n in node.input], what)
+        if node.output[0] in consts:  # a constant subgraph, folded by Graph()
             continue
         on_stream = [i for i, n in enumerate(node.input) if n == stream]
         others = [n for n in ins if n != stream and n not in consts]

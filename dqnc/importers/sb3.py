@@ -9,13 +9,13 @@ is ``policy_kwargs.activation_fn`` (default ReLU) and its widths must match ``ne
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dqnc import limits
 from dqnc.errors import ArtifactError, UsageError
 from dqnc.importers import torchzip
 from dqnc.importers.cleanrl import linear_chain
@@ -43,11 +43,11 @@ def load(path: Path, cfg: Any) -> Source:
             names = set(zf.namelist())
             if "policy.pth" not in names or "data" not in names:
                 raise ArtifactError(f"{what}: not a Stable-Baselines3 model zip (no 'data' and 'policy.pth' inside)")
-            data = json.loads(torchzip.read_zip_entry(zf, "data", what))
+            data = limits.loads_json(limits.read_zip_member(zf, "data", what, limits.MAX_JSON_BYTES), f"{what}: 'data'")
             policy = torchzip.read_zip_entry(zf, "policy.pth", what)
-            version = (torchzip.read_zip_entry(zf, "_stable_baselines3_version", what).decode(errors="replace").strip()
+            version = (limits.read_zip_member(zf, "_stable_baselines3_version", what, 4096).decode(errors="replace").strip()
                        if "_stable_baselines3_version" in names else None)
-    except ArtifactError:
+    except (ArtifactError, limits.LimitError):
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError, NotImplementedError) as e:
         raise ArtifactError(f"{what}: damaged Stable-Baselines3 zip ({type(e).__name__}: "
@@ -95,9 +95,11 @@ def vecnormalize_ops(path: Path, obs_dim: int) -> tuple[list[Op], dict[str, Any]
     deployed policy takes raw observations and still clips exactly as SB3 does.
     """
     what = str(path)
-    obj = torchzip.load_pickle(torchzip.read_file(path), "vecnormalize", what)
+    obj = torchzip.load_pickle(torchzip.read_file(path, torchzip.MAX_PICKLE_BYTES, "dqnc.importers.torchzip.MAX_PICKLE_BYTES"),
+                                "vecnormalize", what)
     if not getattr(obj, "_global", "").endswith("VecNormalize"):
-        raise ArtifactError(f"{what}: not a VecNormalize pickle (holds {obj!r}); pass the file VecNormalize.save wrote")
+        raise ArtifactError(f"{what}: not a VecNormalize pickle (holds {limits.clip(repr(obj), 80)}); "
+                            "pass the file VecNormalize.save wrote")
     st = _state(obj)
     if not st.get("norm_obs", True):
         raise UsageError(f"{what}: this VecNormalize did not normalize observations (norm_obs=False): drop --obs-norm")

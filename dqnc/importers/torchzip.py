@@ -6,7 +6,11 @@ A pickle can call any importable function, so :class:`RestrictedUnpickler` resol
 globals that tensor rebuilding needs (``torch._utils._rebuild_tensor_v2``, the ``torch.*Storage``
 types, ``collections.OrderedDict``) to local numpy implementations and refuses every other
 global by name. Storage views are bounds-checked before any array is made from them, so a
-tampered header cannot read outside the stored bytes.
+tampered header cannot read outside the stored bytes, and sized against :mod:`dqnc.limits` before
+any is copied: a view may not hold more elements than its storage (a stride-0 view of 4 floats
+declared as 32768 x 32768 once made a 1.1 KB file take 4.1 GB). Containers nested deeper than
+``limits.MAX_NESTING`` are refused before they are built (a tuple nested 200,000 deep as a dict
+key crashed the process hashing it) and again after loading.
 
 The same unpickler, with a wider profile, reads SB3's ``VecNormalize`` pickles: numpy arrays
 are rebuilt by numpy's own pickle helpers, and SB3/gymnasium objects become inert records of
@@ -15,8 +19,10 @@ their pickled state (their classes are never imported).
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
+import pickletools
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -24,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dqnc import limits
 from dqnc.errors import ArtifactError
 
 # torch storage type -> numpy dtype (bfloat16 is widened to float32 when rebuilt).
@@ -32,7 +39,8 @@ STORAGE_DTYPES: dict[str, str] = {
     "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
     "ByteStorage": "u1", "BoolStorage": "?", "UntypedStorage": "u1",
 }
-MAX_ENTRY_BYTES = 1 << 30  # no Q-network for a control task comes near 1 GiB; a larger entry is a zip bomb
+MAX_ENTRY_BYTES = limits.MAX_DECOMPRESSED_BYTES  # no Q-network for a control task comes near 1 GiB
+MAX_PICKLE_BYTES = 64 * 1024 * 1024  # a pickle's own bytes (tensor data lives in the archive's storages)
 
 
 class UnsafePickleError(ArtifactError):
@@ -64,15 +72,23 @@ class _Opaque:
 
 
 def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, requires_grad: Any = False,
-                    hooks: Any = None, metadata: Any = None) -> np.ndarray:
-    """``torch._utils._rebuild_tensor_v2`` as a bounds-checked numpy view, copied."""
+                    hooks: Any = None, metadata: Any = None, *, what: str = "file") -> np.ndarray:
+    """``torch._utils._rebuild_tensor_v2`` as a bounds-checked numpy view, copied once its size is
+    known to be within the limits and no larger than its storage."""
     if not isinstance(storage, np.ndarray):
         raise ValueError("tensor without a storage")
     size, stride = tuple(size), tuple(stride)
     if len(size) != len(stride) or not all(isinstance(v, int) for v in (offset, *size, *stride)):
-        raise ValueError(f"malformed tensor header (size {size}, stride {stride})")
+        raise ValueError(f"malformed tensor header (size {limits.clip(size, 80)}, stride {limits.clip(stride, 80)})")
     if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
-        raise ValueError(f"negative tensor offset/size/stride ({offset}, {size}, {stride})")
+        raise ValueError(f"negative tensor offset/size/stride ({offset}, {limits.clip(size, 80)}, {limits.clip(stride, 80)})")
+    n = limits.check_elements(size, f"{what}: a tensor", name="MAX_TENSOR_ELEMENTS")
+    if n > storage.size or any(st == 0 and dim > 1 for dim, st in zip(size, stride)):
+        # A view holding more elements than its storage repeats them (stride 0, overlapping strides):
+        # copying it would expand a few stored bytes into as much memory as the header asks for.
+        raise limits.LimitError(f"{what}: a tensor view of shape {limits.clip(size, 80)} (stride {limits.clip(stride, 80)}) "
+                                f"repeats the {storage.size:,} elements of its storage; torch.save never writes "
+                                "such a view for a parameter: the file is damaged or hostile, re-save the checkpoint")
     if all(size):
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= storage.size:
@@ -115,7 +131,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if self.profile == "tensors":
             if module == "torch._utils" and name == "_rebuild_tensor_v2":
-                return _rebuild_tensor
+                return functools.partial(_rebuild_tensor, what=self.what)
             if module == "torch._utils" and name == "_rebuild_parameter":
                 return _rebuild_parameter
             if module == "torch" and name in STORAGE_DTYPES:
@@ -155,12 +171,101 @@ def _first_line(e: BaseException) -> str:
 
 
 def read_zip_entry(zf: zipfile.ZipFile, name: str, what: str) -> bytes:
-    """One zip member's bytes, refusing oversized members (the CRC is checked by zipfile)."""
-    info = zf.getinfo(name)
-    if info.file_size > MAX_ENTRY_BYTES:
-        raise ArtifactError(f"{what}: member {name!r} claims {info.file_size:,} bytes, more than any Q-network; "
-                            "the file is damaged or not a checkpoint")
-    return zf.read(name)
+    """One zip member's bytes, refused (LimitError) past ``limits.MAX_DECOMPRESSED_BYTES``, declared
+    or inflated (the CRC is checked by zipfile)."""
+    return limits.read_zip_member(zf, name, what, MAX_ENTRY_BYTES)
+
+
+_MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # add to the object below them
+MAX_PICKLE_OBJECTS = 1_000_000  # objects a pickle stands for, each shared reference counted where it is used
+
+
+def _pickle_nesting(data: bytes, what: str, limit: int = limits.MAX_NESTING) -> None:
+    """Refuse a pickle whose objects nest deeper than ``limit``, or that stands for more than
+    ``MAX_PICKLE_OBJECTS`` objects once its shared references are expanded, before unpickling it.
+
+    Python's unpickler builds nested containers without recursion, but using them recurses in C:
+    hashing a tuple nested 200,000 deep (a dict key) overflows the C stack and kills the process,
+    and hashing 60 levels of ``t = (t, t)`` (490 bytes) takes 2^60 steps. This walks the opcodes
+    once (no objects are made), tracking each stack entry's depth and expanded size."""
+    if len(data) > MAX_PICKLE_BYTES:
+        raise limits.LimitError(f"{what}: a pickle of {len(data):,} bytes, over dqnc's limit of {MAX_PICKLE_BYTES:,} "
+                                "(dqnc.importers.torchzip.MAX_PICKLE_BYTES); a checkpoint's pickle is a few KB")
+    stack: list[tuple[int, int] | None] = []  # (depth, expanded size); None marks a MARK
+    memo: dict[Any, tuple[int, int]] = {}
+    atom = (0, 1)
+    for op, arg, _pos in pickletools.genops(data):
+        name = op.name
+        if name == "MARK":
+            stack.append(None)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[arg if name != "MEMOIZE" else len(memo)] = stack[-1] or atom
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg, atom))
+        elif name == "STOP":
+            break
+        else:
+            consumed: list[tuple[int, int]] = []
+            before = op.stack_before
+            if pickletools.markobject in before:
+                while stack and stack[-1] is not None:
+                    consumed.append(stack.pop())  # type: ignore[arg-type]
+                if not stack:
+                    raise pickle.UnpicklingError(f"{name} without a MARK")
+                stack.pop()
+                below = before.index(pickletools.markobject)
+            else:
+                below = len(before)
+            if len(stack) < below:
+                raise pickle.UnpicklingError(f"{name} on a short stack")
+            under = [e or atom for e in stack[len(stack) - below:]] if below else []
+            del stack[len(stack) - below:]
+            if name in _MUTATORS:  # the container keeps its place; it grows around its new items
+                base, items = (under[0] if under else atom), under[1:] + consumed
+                depth = max(base[0], 1 + max((d for d, _ in items), default=-1))
+                size = base[1] + sum(n for _, n in items)
+            else:
+                items = under + consumed
+                depth = 1 + max(d for d, _ in items) if items else 0
+                size = 1 + sum(n for _, n in items)
+            if depth > limit:
+                raise limits.LimitError(f"{what}: the pickle nests objects more than {limit} levels deep "
+                                        "(dqnc.limits.MAX_NESTING); the file is damaged or hostile")
+            if size > MAX_PICKLE_OBJECTS:
+                raise limits.LimitError(f"{what}: the pickle stands for over {MAX_PICKLE_OBJECTS:,} objects once its "
+                                        "shared references are expanded (dqnc.importers.torchzip.MAX_PICKLE_OBJECTS); "
+                                        "the file is damaged or hostile")
+            stack.extend((depth, size) for _ in op.stack_after)
+
+
+def _check_nesting(obj: Any, what: str, limit: int = limits.MAX_NESTING) -> Any:
+    """Refuse an unpickled object nested deeper than ``limit`` (iterative; shared objects are
+    revisited only when reached deeper, so a pickle's shared references cannot blow it up)."""
+    best: dict[int, int] = {}
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, dict):
+            children: Any = [*x.keys(), *x.values()]
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            children = x
+        elif isinstance(x, _Opaque):
+            children = (getattr(x, "args", ()), getattr(x, "state", None))
+        else:
+            continue
+        if best.get(id(x), 0) >= depth:
+            continue
+        best[id(x)] = depth
+        if depth > limit:
+            raise limits.LimitError(f"{what}: the pickle nests objects more than {limit} levels deep "
+                                    "(dqnc.limits.MAX_NESTING); the file is damaged or hostile")
+        stack.extend((c, depth + 1) for c in children)
+    return obj
+
+
+def _unpickle(data: bytes, profile: str, storages: Any, what: str) -> Any:
+    _pickle_nesting(data, what)
+    return _check_nesting(RestrictedUnpickler(data, profile, storages, what).load(), what)
 
 
 def load_state_dict(data: bytes, what: str) -> dict[str, np.ndarray]:
@@ -181,14 +286,19 @@ def load_state_dict(data: bytes, what: str) -> dict[str, np.ndarray]:
         if f"{prefix}byteorder" in names and read_zip_entry(zf, f"{prefix}byteorder", what).strip() not in (b"little", b""):
             raise ArtifactError(f"{what}: big-endian PyTorch archives are not supported; re-save on a little-endian machine")
         cache: dict[str, np.ndarray] = {}
+        loaded = [0]
 
         def storage(key: str, stype: _StorageType, numel: Any) -> np.ndarray:
             if key not in cache:
                 member = f"{prefix}data/{key}"
                 if member not in names:
-                    raise ArtifactError(f"{what}: storage {key!r} named in data.pkl is missing from the archive "
-                                        "(truncated or tampered)")
+                    raise ArtifactError(f"{what}: storage {limits.clip(key, 80)!r} named in data.pkl is missing from "
+                                        "the archive (truncated or tampered)")
                 raw = read_zip_entry(zf, member, what)
+                loaded[0] += len(raw)
+                if loaded[0] > MAX_ENTRY_BYTES:
+                    raise limits.LimitError(f"{what}: its storages hold over {MAX_ENTRY_BYTES:,} bytes in all "
+                                            "(dqnc.limits.MAX_DECOMPRESSED_BYTES); this is not a Q-network dqnc can deploy")
                 if len(raw) % stype.dtype.itemsize:
                     raise ValueError(f"storage {key!r} has {len(raw)} bytes, not a whole number of {stype.name} items")
                 arr = np.frombuffer(raw, stype.dtype)
@@ -197,8 +307,8 @@ def load_state_dict(data: bytes, what: str) -> dict[str, np.ndarray]:
                 cache[key] = arr
             return cache[key]
 
-        obj = RestrictedUnpickler(read_zip_entry(zf, pkls[0], what), "tensors", storage, what).load()
-    except ArtifactError:
+        obj = _unpickle(read_zip_entry(zf, pkls[0], what), "tensors", storage, what)
+    except (ArtifactError, limits.LimitError):
         raise
     except (Exception, RecursionError) as e:  # any damage in an untrusted file is bad input, not a crash
         raise ArtifactError(f"{what}: damaged PyTorch archive ({type(e).__name__}: {_first_line(e)}); "
@@ -206,8 +316,10 @@ def load_state_dict(data: bytes, what: str) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict):
         raise ArtifactError(f"{what}: holds a {type(obj).__name__}, not a state_dict; save model.state_dict()")
     out = {}
+    budget = limits.Budget(f"{what}: state_dict")
     for k, v in obj.items():
         if isinstance(v, np.ndarray):
+            budget.take(v.shape, limits.clip(k, 80))
             out[str(k)] = v
     if not out:
         raise ArtifactError(f"{what}: the state_dict holds no tensors")
@@ -217,15 +329,20 @@ def load_state_dict(data: bytes, what: str) -> dict[str, np.ndarray]:
 def load_pickle(data: bytes, profile: str, what: str) -> Any:
     """Unpickle a non-PyTorch pickle (e.g. VecNormalize) with the restricted unpickler."""
     try:
-        return RestrictedUnpickler(data, profile, None, what).load()
-    except ArtifactError:
+        return _unpickle(data, profile, None, what)
+    except (ArtifactError, limits.LimitError):
         raise
     except (Exception, RecursionError) as e:
         raise ArtifactError(f"{what}: not a readable pickle ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def read_file(path: Path) -> bytes:
+def read_file(path: Path, limit: int = MAX_ENTRY_BYTES, limit_name: str = "dqnc.limits.MAX_DECOMPRESSED_BYTES") -> bytes:
+    """A model file's bytes, refused (LimitError) before reading when it is larger than ``limit``."""
     try:
+        size = Path(path).stat().st_size
+        if size > limit:
+            raise limits.LimitError(f"{limits.clip(path)}: {size:,} bytes, over dqnc's limit of {limit:,} for this file "
+                                    f"({limit_name}); this is not a Q-network dqnc can deploy")
         return Path(path).read_bytes()
     except OSError as e:
         raise ArtifactError(f"cannot read {str(path)!r}: {e.strerror}") from None
