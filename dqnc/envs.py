@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from dqnc.errors import EnvError
+from dqnc.errors import DqncError, EnvError
+from dqnc.limits import clip
 
 QFunction = Callable[[np.ndarray], np.ndarray]
 
@@ -221,10 +222,36 @@ def image_layout(shape: tuple[int, ...]) -> str:
     return "CHW" if shape[0] < shape[-1] else "HWC"
 
 
+# --- trust ----------------------------------------------------------------------------------------
+# A ``module:Env-v0`` id makes gymnasium import ``module``: Python code runs. dqnc runs it only for
+# ids the user named (on the command line, in a config file or recipe they pass, or through the
+# Python API with :func:`trust`), never for an id read from an artifact's manifest: that id is
+# compared with the user's, not executed. Registered ids (``CartPole-v1``) import nothing new.
+_TRUSTED: set[str] = set()
+
+
+def names_module(env_id: str) -> bool:
+    return ":" in str(env_id)
+
+
+def trust(env_id: str | None) -> None:
+    """Mark an env id as named by the user: its ``module:`` part may be imported."""
+    if env_id and names_module(env_id):
+        _TRUSTED.add(str(env_id))
+
+
+def check_trusted(env_id: str) -> None:
+    if names_module(env_id) and env_id not in _TRUSTED:
+        raise EnvError(f"env {clip(env_id)!r} names a Python module, and it comes from a file, not from you: dqnc "
+                       f"imports env code only when you name it: pass --env {clip(env_id)} (in a recipe: source.env) "
+                       "if you trust that module")
+
+
 def make_env(env_id: str, kwargs: dict[str, Any] | None = None, render_mode: str | None = None) -> Any:
-    """Make one env from a registered id or a ``module:Env-v0`` id, with a clear error."""
+    """Make one env from a registered id or a (trusted) ``module:Env-v0`` id, with a clear error."""
     import gymnasium as gym
 
+    check_trusted(env_id)
     register_on_demand(env_id)
     kwargs = resolve_env_kwargs(env_id, kwargs)
     wrappers = kwargs.pop(WRAPPERS_KEY, None) or []
@@ -232,15 +259,21 @@ def make_env(env_id: str, kwargs: dict[str, Any] | None = None, render_mode: str
         kwargs["render_mode"] = render_mode
     try:
         return apply_wrappers(gym.make(env_id, disable_env_checker=True, **kwargs), env_id, wrappers)
+    except DqncError:
+        raise
     except gym.error.Error as e:
         raise EnvError(f"cannot make env {env_id!r}: {e}{_suggest_env(env_id)}") from e
     except ModuleNotFoundError as e:
+        module = e.name or str(env_id).split(":", 1)[0]
         raise EnvError(
-            f"cannot make env {env_id!r}: module {e.name!r} is not installed; install it or fix the "
-            "'module:Env-v0' id"
+            f"cannot make env {clip(env_id)!r}: module {module!r} cannot be imported: install it, or if it is your own "
+            f"file, run from its folder or put that folder on PYTHONPATH (e.g. PYTHONPATH=. dqnc ...)"
         ) from e
-    except TypeError as e:
-        raise EnvError(f"cannot make env {env_id!r} with kwargs {kwargs}: {e}; fix env_kwargs") from e
+    except (TypeError, ValueError, AssertionError, OverflowError, ArithmeticError) as e:
+        raise EnvError(f"cannot make env {clip(env_id)!r} with kwargs {clip(kwargs)}: {clip(e)}; fix env_kwargs") from e
+    except Exception as e:  # the env's own constructor failed: its code, the user's kwargs
+        raise EnvError(f"cannot make env {clip(env_id)!r} with kwargs {clip(kwargs)}: {type(e).__name__}: {clip(e)}; "
+                       "fix env_kwargs or the env") from e
 
 
 def _suggest_env(env_id: str) -> str:

@@ -47,6 +47,8 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     """``KEY=V1,V2,...`` -> {KEY: [V1, V2]}; values are YAML, so ``hidden=[8,8],[16,16]`` works."""
     import yaml
 
+    from dqnc import yamlio
+
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -54,7 +56,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         if not sep or not key or not raw.strip():
             raise UsageError(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. --grid student.hidden=[8,8],[16,16]")
         try:
-            values = yaml.safe_load(f"[{raw}]")
+            values = yamlio.load(f"[{raw}]")
         except yaml.YAMLError:
             raise UsageError(f"--grid {item!r}: the values are not a comma-separated YAML list: quote or bracket "
                              "them, e.g. [8,8],[16,16]") from None
@@ -72,9 +74,11 @@ def _flow(value: Any) -> str:
     """A value as --set reads it back (YAML): [8,8], int8, 0.5; a string YAML would retype is quoted."""
     import yaml
 
+    from dqnc import yamlio
+
     if isinstance(value, str):
         try:
-            plain = yaml.safe_load(value) == value and "," not in value
+            plain = yamlio.load(value) == value and "," not in value
         except yaml.YAMLError:
             plain = False
         return value if plain else json.dumps(value)
@@ -304,6 +308,22 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """A sweep writes sweep.md, sweep.json, best.yaml and pareto.png into its folder: only into a new
+    folder or one an earlier sweep made (it holds the journal), never into a user's folder."""
+    from dqnc.limits import clip
+    from dqnc.recipe.cache import check_out_dir_location
+
+    check_out_dir_location(sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise UsageError(f"sweep folder {clip(str(sweep_dir))!r} is an existing file: choose another path with -o")
+    if sweep_dir.is_dir() and not (sweep_dir / JOURNAL).is_file():
+        first = next(iter(sorted(sweep_dir.iterdir())), None)
+        if first is not None:
+            raise UsageError(f"sweep folder {clip(str(sweep_dir))!r} holds {clip(str(first))!r}, which no dqnc sweep "
+                             "wrote (no journal.jsonl): choose another folder with -o")
+
+
 def run_sweep(recipe_path: Path, trials: list[Trial], sweep_dir: Path, *, address: str | None = None,
               num_cpus: int | None = None, max_parallel: int | None = None, trial_timeout: float | None = None,
               retry_errors: bool = False, on_event: Event = lambda kind, data: None) -> SweepResult:
@@ -311,6 +331,7 @@ def run_sweep(recipe_path: Path, trials: list[Trial], sweep_dir: Path, *, addres
     import ray
 
     started = time.perf_counter()
+    check_sweep_dir(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(sweep_dir / JOURNAL)
     done = journal.load()

@@ -13,14 +13,19 @@ from pydantic import ValidationError
 
 from dqnc.config import fields_at, first_error, read_text, unknown_key_message
 from dqnc.errors import ConfigError, UsageError
+from dqnc.limits import clip
 from dqnc.recipe.schema import MAX_YAML_NODES, NEEDS_SAVEDMODEL, PRODUCES, STAGE_MODELS, Recipe
 
 
 def _compose(text: str, path: Path) -> Any:
     import yaml
 
+    from dqnc import yamlio
+
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return yamlio.compose(text)
+    except ConfigError as e:  # "line N: ..." from the bounded reader
+        raise ConfigError(f"{path}:{str(e).removeprefix('line ')}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -32,8 +37,10 @@ def _to_python(node: Any, path: Path, lines: dict[tuple, int]) -> Any:
     """Build plain data from YAML nodes, recording each key's line and capping the expanded size."""
     import yaml
 
+    from dqnc.yamlio import Loader
+
     budget = [MAX_YAML_NODES]
-    constructor = yaml.SafeLoader("")
+    constructor = Loader("")
 
     def build(n: Any, loc: tuple) -> Any:
         budget[0] -= 1
@@ -71,18 +78,15 @@ def _to_python(node: Any, path: Path, lines: dict[tuple, int]) -> Any:
 
 def apply_sets(data: dict[str, Any], sets: list[str]) -> list[str]:
     """Apply ``--set a.b=value`` overrides (``a`` may be a stage name); returns the paths set."""
-    import yaml
+    from dqnc import yamlio
 
     done = []
     for item in sets:
         key, sep, raw = item.partition("=")
         parts = [p for p in key.strip().split(".") if p]
         if not sep or not parts:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.9")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            raise UsageError(f"--set {clip(item)!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.9")
+        value = yamlio.scalar(raw) if raw.strip() else ""
         stages = data.get("stages") if isinstance(data.get("stages"), list) else []
         names = [s.get("name") for s in stages if isinstance(s, dict)]
         target: Any = data
@@ -92,14 +96,14 @@ def apply_sets(data: dict[str, Any], sets: list[str]) -> list[str]:
         elif parts[0] not in Recipe.model_fields:
             close = difflib.get_close_matches(parts[0], [n for n in names if n] + list(Recipe.model_fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"--set {item!r}: {parts[0]!r} is neither a stage name nor a recipe key{hint}")
+            raise UsageError(f"--set {clip(item)!r}: {parts[0]!r} is neither a stage name nor a recipe key{hint}")
         for p in parts[:-1]:
             nxt = target.get(p) if isinstance(target, dict) else None
             if nxt is None:
                 nxt = {}
                 target[p] = nxt
             if not isinstance(nxt, dict):
-                raise UsageError(f"--set {item!r}: {p!r} is not a mapping")
+                raise UsageError(f"--set {clip(item)!r}: {p!r} is not a mapping")
             target = nxt
         target[parts[-1]] = value
         done.append(key)
@@ -207,6 +211,9 @@ def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
     env_id = src.train.env if src.train is not None else src.env
     if env_id:
         _check_env_id(env_id, at("source", "train", "env") if src.train is not None else at("source", "env"))
+        from dqnc.envs import trust
+
+        trust(env_id)  # the recipe the user runs names it: a 'module:Env' id may be imported
     kinds = {"source": loaded.source_kind}
     if src.train is not None:
         kinds["train"] = "savedmodel"
@@ -227,6 +234,12 @@ def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
                               f"{st.stage} needs a SavedModel: put {st.stage} before quantize/export, or read an earlier stage")
         kinds[st.name] = PRODUCES.get(st.stage, kind)
         prev = st.name if st.stage != "eval" else inp
+    from dqnc.recipe.cache import check_out_dir_location
+
+    try:
+        check_out_dir_location(loaded.out_dir)
+    except UsageError as e:
+        raise ConfigError(f"{at('out_dir')}: {e}") from None
     if loaded.out_dir.exists() and not loaded.out_dir.is_dir():
         raise ConfigError(f"{at('out_dir')}: out_dir {str(loaded.out_dir)!r} is an existing file: choose a directory path")
 
@@ -236,12 +249,14 @@ def _check_env_id(env_id: str, where: str) -> None:
         import importlib.util
 
         module = env_id.split(":", 1)[0]
+        top = module.split(".", 1)[0]  # find_spec('a.b') would import (run) package 'a': look, don't run
         try:
-            found = importlib.util.find_spec(module) is not None
+            found = bool(top) and importlib.util.find_spec(top) is not None
         except (ImportError, ValueError):
             found = False
         if not found:
-            raise ConfigError(f"{where}: env {env_id!r}: module {module!r} cannot be imported: install it or fix the id")
+            raise ConfigError(f"{where}: env {clip(env_id)!r}: module {clip(top)!r} cannot be found: install it, or if "
+                              "it is your own file, run from its folder or put it on PYTHONPATH (e.g. PYTHONPATH=.)")
         return
     import gymnasium as gym
 
