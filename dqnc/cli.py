@@ -130,10 +130,14 @@ def _config_options(*classes: Any) -> Callable[[F], F]:
 
     def deco(fn: F) -> F:
         sig = _inspect.signature(fn, eval_str=True)
+        declared = {d for p in sig.parameters.values() for meta in getattr(p.annotation, "__metadata__", ())
+                    for d in (getattr(meta, "param_decls", None) or ()) + (getattr(meta, "default", None),)
+                    if isinstance(d, str) and d.startswith("-")}  # Annotated options: the first decl is `default`
         added: dict[str, tuple[Any, bool]] = {}
         for cls in classes:
             for name, field in cls.model_fields.items():
-                if name in sig.parameters or name in added or name in ("gates", "env"):
+                if (name in sig.parameters or name in added or name in ("gates", "env")
+                        or f"--{name.replace('_', '-')}" in declared):  # declared by the command itself
                     continue
                 typ, yaml_text = _option_type(field.annotation)
                 help_ = (field.description or name.replace("_", " ")) + (" (YAML, e.g. [16, 16])" if yaml_text else "")
@@ -166,10 +170,16 @@ def _parse_yaml_option(name: str, text: str) -> Any:
 
     from dqnc.errors import UsageError
 
+    from dqnc import yamlio
+    from dqnc.errors import ConfigError
+    from dqnc.limits import clip
+
     try:
-        return yaml.safe_load(text)
+        return yamlio.load(text)
+    except ConfigError as e:
+        raise UsageError(f"--{name.replace('_', '-')}: {e}") from None
     except yaml.YAMLError:
-        raise UsageError(f"--{name.replace('_', '-')}: {text!r} is not valid YAML: pass e.g. '[16, 16]'") from None
+        raise UsageError(f"--{name.replace('_', '-')}: {clip(text)!r} is not valid YAML: pass e.g. '[16, 16]'") from None
 
 
 def _config_extra() -> dict[str, Any]:
@@ -499,7 +509,6 @@ def export(
     target: Annotated[str, typer.Option(help="mcu (verified on TensorFlow Lite Micro; C deliverables) or linux (LiteRT/tflite-runtime only).")] = "mcu",
     check_states: Annotated[int, typer.Option(min=1, help="Held-out states run through TFLM and LiteRT (target mcu).")] = 10_000,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the verification rollouts.")] = 0,
-    max_action_mismatch: Annotated[float, typer.Option(min=0, max=1, help="Share of states where TFLM may act otherwise than LiteRT, only when explained by their rounding modes.")] = 0.01,
     c_name: Annotated[str, typer.Option(help="Name of the C array in model_data.cc.")] = "g_dqnc_model",
     verify_mcu: Annotated[bool, typer.Option("--verify-mcu", help="Also build policy.c for a Cortex-M4 and run it on QEMU (needs arm-none-eabi-gcc, qemu-system-arm).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
@@ -511,7 +520,7 @@ def export(
     from dqnc.export import run as run_export
 
     cfg = validate(ExportConfig, {"c_name": c_name, "target": target, "check_states": check_states, "seed": seed,
-                                  "max_action_mismatch": max_action_mismatch, **_config_extra()}, "options")
+                                  **_config_extra()}, "options")
     source = art.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, "bundle")
     with _spinner(f"exporting for {target}", as_json):
@@ -577,7 +586,6 @@ def import_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output artifact directory [default: MODEL-imported].")] = None,
     env_kwargs: Annotated[Optional[str], typer.Option(help="Env kwargs as JSON.")] = None,
     obs_norm: Annotated[Optional[Path], typer.Option("--obs-norm", help="SB3 VecNormalize .pkl: its observation statistics (and clip) are folded into the network.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, keras, onnx, sb3, cleanrl or torch.")] = "auto",
     activation: Annotated[Optional[str], typer.Option(help="Hidden activation of a bare state_dict (CleanRL records none) [default: relu].")] = None,
     check_states: Annotated[int, typer.Option(min=16, help="Rollout states the import is checked on.")] = 2000,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the check rollouts.")] = 0,
@@ -590,7 +598,7 @@ def import_cmd(
 
     spec = _env_arg(env, env_kwargs)
     cfg = validate(ImportConfig, dict(env=env, env_kwargs=spec.kwargs, obs_norm=str(obs_norm) if obs_norm else None,
-                                      format=fmt, activation=activation, check_states=check_states, seed=seed,
+                                      activation=activation, check_states=check_states, seed=seed,
                                       **_config_extra()), "options")
     out = out or _default_out(model, "imported")
     with _spinner(f"importing {model}", as_json):
@@ -915,8 +923,9 @@ def _env_arg(env: str | None, env_kwargs: str | None) -> Any:
         if env_kwargs is not None:
             raise typer.BadParameter("--env-kwargs needs --env")
         return None
-    from dqnc.envs import env_spec
+    from dqnc.envs import env_spec, trust
 
+    trust(env)  # named on the command line: a 'module:Env' id may be imported
     return env_spec(env, _parse_env_kwargs(env_kwargs) or {})
 
 

@@ -118,6 +118,9 @@ def build_train_config(env: str | None, file_values: dict[str, Any], overrides: 
     if not env:
         raise ConfigError("no environment given: pass --env ENV_ID (e.g. CartPole-v1) or set 'env' in the config file")
     values = {**train_defaults(str(env)), **merged, "env": env}
+    from dqnc.envs import trust
+
+    trust(str(env))  # the user named it: a 'module:Env' id may be imported
     return validate(TrainConfig, values, source)
 
 
@@ -193,9 +196,13 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
     """Load a YAML file that must hold a mapping, with safe loading and one-line errors."""
     import yaml
 
+    from dqnc import yamlio
+
     text = read_text(path, "config file")
     try:
-        data = yaml.safe_load(text)
+        data = yamlio.load(text)
+    except ConfigError as e:  # "line N: ..." from the bounded reader
+        raise ConfigError(f"{path}:{str(e).removeprefix('line ')}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -325,10 +332,22 @@ class ExportConfig(_StageConfig):
         "C deliverables); linux: LiteRT/tflite-runtime only (sparse encoding allowed)")
     check_states: int = Field(10_000, ge=1, description="held-out states run through every runtime before shipping")
     seed: int = Field(0, ge=0, le=999, description="seed of the verification rollouts (episode_seed('export_check', seed))")
-    max_action_mismatch: float = Field(
-        0.01, ge=0.0, le=1.0, description="share of check states on which TFLM may pick another action than LiteRT, "
-        "only where TFLM provably computes TFLite's double-rounding arithmetic and LiteRT rounds once, or (conv nets) on "
-        "states where the parent rates the two actions as a tie (see dqnc.export.verify_tflm)")
+    # target mcu: the policy as TFLite Micro (and policy.c, bit-identical to it) runs it is judged against the
+    # parent, with the gates quantize's check applies to LiteRT (dqnc.fidelity): TFLM and LiteRT round differently,
+    # so their raw action mismatch is reported, and refuses only when max_action_mismatch is set.
+    max_regret: float = Field(0.05, ge=0.0, description="mcu: mean regret of TFLM's actions on the check states, as a "
+                              "fraction of the parent's action spread")
+    min_decisive_agreement: float | None = Field(None, ge=0.0, le=1.0, description="mcu: TFLM's greedy agreement with "
+                                                 "the parent on decisive states")
+    max_return_drop: float = Field(0.05, ge=0.0, description="mcu: mean return drop of TFLM against the parent over "
+                                   "check_episodes, as a fraction of |parent mean|; fails only when the paired 95% CI "
+                                   "of the drop excludes 0")
+    check_episodes: int = Field(20, ge=0, le=10_000, description="mcu: closed-loop episodes TFLM and the parent play "
+                                "on the same seeds (0 = off)")
+    max_action_mismatch: float | None = Field(
+        None, ge=0.0, le=1.0, description="mcu: share of check states on which TFLM may pick another action than "
+        "LiteRT (off by default: the parent is the judge); without a parent, 0.01, and only where the two runtimes' "
+        "rounding explains each flip (see dqnc.export.verify_tflm)")
 
 
 class Gates(_StageConfig):
