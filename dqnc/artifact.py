@@ -286,13 +286,13 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         check_output(out, force)  # again: the folder may have changed while the stage ran
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace_dir(new: Path, out: Path) -> None:
+def replace_dir(new: Path, out: Path) -> None:
     if out.is_dir():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
         old.rmdir()
@@ -382,27 +382,20 @@ def _is_savedmodel(path: Path) -> bool:
 
 
 def load(path: str | Path, env: EnvSpec | None = None, verify: bool = True) -> Artifact:
-    """Load an artifact directory, a bare SavedModel (needs ``env``), or a ``.tflite`` file (needs ``env``)."""
+    """Load an artifact directory, a bare tf_keras SavedModel (needs ``env``), or a ``.tflite`` file
+    (needs ``env``). A model made elsewhere (ONNX, SB3, CleanRL, Keras 3) is opened by
+    :func:`dqnc.sources.load`, which imports it first."""
     p = Path(path)
     if not p.exists():
         raise ArtifactError(f"{str(p)!r} does not exist: check the path")
     if p.is_dir() and (p / MANIFEST).is_file():
         return _load_artifact_dir(p, env, verify)
-    foreign = _foreign_format(p)
-    if foreign is not None:
-        # A model made elsewhere (Keras 3, ONNX, SB3, CleanRL): imported once, verified, then used.
-        if env is None:
-            raise UsageError(f"{str(p)!r} is a {foreign} model without a dqnc manifest: pass --env ENV_ID to say which "
-                             "env it acts in (or run `dqnc import` first)")
-        from dqnc.importers import adopt
-
-        return adopt(p, env)
     if _is_savedmodel(p):
         if p.name == MODEL_DIR and (p.parent / MANIFEST).is_file():
             return _load_artifact_dir(p.parent, env, verify)
         if env is None:
             raise UsageError(f"{str(p)!r} is a SavedModel without a dqnc manifest: pass --env ENV_ID to say which env it acts in")
-        return Artifact(p, {"stage": "external"}, env, "savedmodel", p, sha256=_dir_digest(p))
+        return Artifact(p, {"stage": "external"}, env, "savedmodel", p, sha256=dir_digest(p))
     if p.is_file() and p.suffix == ".tflite":
         if env is None:
             raise UsageError(f"{str(p)!r} is a .tflite file without a dqnc manifest: pass --env ENV_ID")
@@ -415,19 +408,7 @@ def load(path: str | Path, env: EnvSpec | None = None, verify: bool = True) -> A
     raise ArtifactError(f"{str(p)!r} is not a model dqnc can read: expected an artifact directory, a SavedModel or a .tflite file")
 
 
-def _foreign_format(p: Path) -> str | None:
-    """The importer format of a non-dqnc model, or None. A tf_keras SavedModel keeps the direct path."""
-    if p.is_dir() and ((p / "keras_metadata.pb").is_file() or (p.name == MODEL_DIR and (p.parent / MANIFEST).is_file())
-                       or not (p / "saved_model.pb").is_file() or (p / "saved_model.pb").stat().st_size == 0):
-        return None
-    if p.is_file() and p.suffix == ".tflite":
-        return None
-    from dqnc.importers import sniff
-
-    return sniff(p)
-
-
-def _dir_digest(root: Path) -> str:
+def dir_digest(root: Path) -> str:
     h = hashlib.sha256()
     for rel, digest in file_checksums(root).items():
         h.update(f"{rel}\0{digest}\n".encode())

@@ -382,7 +382,7 @@ def prune(
     as_json: JsonOption = False,
 ) -> None:
     """Magnitude-prune a policy (TFMOT) while fine-tuning it to act like its parent."""
-    from dqnc import artifact as art
+    from dqnc import sources
     from dqnc.config import PruneConfig, validate
     from dqnc.prune import run as run_prune
 
@@ -395,7 +395,7 @@ def prune(
     if keep_dense is not None:
         values["keep_dense"] = tuple(keep_dense)
     cfg = validate(PruneConfig, {**values, **_config_extra()}, "options")
-    source = art.load(path, env=_env_arg(env, env_kwargs))
+    source = sources.load(path, env=_env_arg(env, env_kwargs))
     if structure == "2by4":
         sparsity = 0.5
     out = out or _default_out(path, {"units": f"units{round(100 * sparsity)}", "2by4": "pruned2by4"}.get(
@@ -459,7 +459,7 @@ def quantize(
     as_json: JsonOption = False,
 ) -> None:
     """Convert a policy to TFLite (int8 by default), calibrated on its own rollouts and checked against it."""
-    from dqnc import artifact as art
+    from dqnc import sources
     from dqnc.config import QuantizeConfig, validate
     from dqnc.quantize import run as run_quantize
 
@@ -470,7 +470,7 @@ def quantize(
                                         min_agreement=min_agreement, min_decisive_agreement=min_decisive_agreement,
                                         max_q_rel_error=max_q_rel_error, strip_strings=strip_strings,
                                         **_config_extra()), "options")
-    source = art.load(path, env=_env_arg(env, env_kwargs))
+    source = sources.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, mode)
     with _spinner(f"quantizing ({mode})", as_json):
         result = run_quantize(cfg, source, out, force=force, command=_argv())
@@ -515,13 +515,13 @@ def export(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
     """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner (+ TFLM/C files for mcu)."""
-    from dqnc import artifact as art
+    from dqnc import sources
     from dqnc.config import ExportConfig, validate
     from dqnc.export import run as run_export
 
     cfg = validate(ExportConfig, {"c_name": c_name, "target": target, "check_states": check_states, "seed": seed,
                                   **_config_extra()}, "options")
-    source = art.load(path, env=_env_arg(env, env_kwargs))
+    source = sources.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, "bundle")
     with _spinner(f"exporting for {target}", as_json):
         result = run_export(cfg, source, out, force=force, command=_argv())
@@ -658,7 +658,7 @@ def distill(
     as_json: JsonOption = False,
 ) -> None:
     """Teach a small dense student MLP the parent's policy (policy distillation + DAgger)."""
-    from dqnc import artifact as art
+    from dqnc import sources
     from dqnc.config import DistillConfig, validate
     from dqnc.distill import run as run_distill
 
@@ -667,7 +667,7 @@ def distill(
                                        max_return_drop=max_return_drop, states=states, steps=steps,
                                        dagger_rounds=dagger_rounds, dagger_steps=dagger_steps, seed=seed,
                                        **_config_extra()), "options")
-    source = art.load(path, env=_env_arg(env, env_kwargs))
+    source = sources.load(path, env=_env_arg(env, env_kwargs))
     out = out or _default_out(path, "student-" + ("auto" if shape == "auto" else "x".join(map(str, shape))))
     log = None if as_json else (lambda msg: stderr.print(msg, highlight=False, markup=False))
     with _spinner(f"distilling ({hidden})", as_json):
@@ -884,13 +884,13 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
 ) -> None:
     """Run greedy episodes of a policy and report returns, agreement, size and latency (exit 1 when a gate fails)."""
-    from dqnc import artifact as art
+    from dqnc import sources
     from dqnc.config import EvalConfig, validate
     from dqnc.evaluate import run as run_eval
 
     env_spec_arg = _env_arg(env, env_kwargs)
-    source = art.load(path, env=env_spec_arg)
-    parent = art.load(reference, env=env_spec_arg or source.env) if reference is not None else None
+    source = sources.load(path, env=env_spec_arg)
+    parent = sources.load(reference, env=env_spec_arg or source.env) if reference is not None else None
     gates = dict(min_return=min_return, max_return_drop=max_return_drop, min_agreement=min_agreement,
                  min_decisive_agreement=min_decisive_agreement, max_regret=max_regret, max_size_kb=max_size_kb,
                  max_size_kib=max_size_kib, max_latency_us=max_latency_us)
@@ -980,10 +980,10 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Summarize an artifact: stage, env, layers, parameters, sparsity, sizes."""
-    from dqnc import artifact as art
+    from dqnc import sources
     from dqnc.inspection import summarize
 
-    info = summarize(art.load(path, env=_env_arg(env, env_kwargs)))
+    info = summarize(sources.load(path, env=_env_arg(env, env_kwargs)))
     if as_json:
         _emit_json(info)
         return

@@ -85,7 +85,7 @@ def sniff(path: str | Path) -> str | None:
 
 
 def source_digest(path: Path) -> str:
-    return art._dir_digest(path) if path.is_dir() else art.sha256_file(path)
+    return art.dir_digest(path) if path.is_dir() else art.sha256_file(path)
 
 
 def load_source(path: Path, cfg: ImportConfig) -> Source:

@@ -122,7 +122,7 @@ class SharedCache:
         tmp = out.with_name(f".{out.name}.shared-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(entry, tmp, symlinks=True)
-        art._replace_dir(tmp, out)
+        art.replace_dir(tmp, out)
         try:
             return art.load(out)
         except DqncError:
@@ -132,9 +132,9 @@ class SharedCache:
         tmp = self.root / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp, symlinks=True)
-        from dqnc.artifact import _replace_dir
+        from dqnc.artifact import replace_dir
 
-        _replace_dir(tmp, self.root / key)
+        replace_dir(tmp, self.root / key)
 
     def get_eval(self, key: str) -> dict[str, Any] | None:
         try:

@@ -176,7 +176,9 @@ def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bo
     if src.artifact is not None:
         return art.load(loaded.resolve(src.artifact)), None
     if src.savedmodel is not None:
-        return art.load(loaded.resolve(src.savedmodel), env=env_spec(src.env or "", src.env_kwargs)), None
+        from dqnc import sources
+
+        return sources.load(loaded.resolve(src.savedmodel), env=env_spec(src.env or "", src.env_kwargs)), None
     if src.import_ is not None:
         from dqnc.importers import adopt
 
