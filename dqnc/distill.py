@@ -24,7 +24,7 @@ from dqnc.config import DistillConfig
 from dqnc.distillation import Normalizer, Trainer, check_states, dagger, teacher_states
 from dqnc.envs import QFunction, rollout
 from dqnc.errors import GateFailed
-from dqnc.nets import MLP_FILE, NetSpec, NumpyMLP, build_plain_mlp, save_mlp
+from dqnc.qnet import QNetSpec
 from dqnc.seeds import episode_seed
 
 
@@ -50,9 +50,9 @@ def train_student(cfg: DistillConfig, hidden: tuple[int, ...], teacher_q: QFunct
     started = time.perf_counter()
     keras().utils.set_random_seed(cfg.seed)
     tf().config.experimental.enable_op_determinism()
-    spec = NetSpec(env.obs_dim, env.n_actions, hidden, cfg.activation)
-    model = build_plain_mlp(spec)
-    acts = [cfg.activation] * len(hidden)
+    spec = QNetSpec.mlp(env.obs_dim, env.n_actions, hidden, cfg.activation)
+    model = spec.build_plain()
+    acts = list(spec.activations)
     trainer = Trainer(model, cfg, env.n_actions, jit=True)
     res = dagger(trainer, model.get_weights, acts, teacher_q, norm, states, q_t, env, cfg,
                  first_steps=cfg.steps, rounds=cfg.dagger_rounds, round_steps=cfg.dagger_steps,
@@ -74,7 +74,8 @@ def search_width(cfg: DistillConfig, teacher_q: QFunction, env: Any, states: np.
     for width in sorted(set(cfg.widths)):
         hidden = (width,) * cfg.depth
         student = train_student(cfg, hidden, teacher_q, env, states, q_t, norm)
-        mean = validation_return(NumpyMLP(student.weights, [cfg.activation] * cfg.depth), env, cfg)
+        mean = validation_return(QNetSpec.mlp(env.obs_dim, env.n_actions, hidden, cfg.activation).numpy(student.weights),
+                                 env, cfg)
         drop = (parent_mean - mean) / max(abs(parent_mean), 1e-9)
         ok = drop <= cfg.max_return_drop
         tried.append({"hidden": list(hidden), "params": student.params, "validation_mean_return": mean,
@@ -109,11 +110,10 @@ def run(cfg: DistillConfig, source: art.Artifact, out: Path, *, force: bool = Fa
         student, search = search_width(cfg, teacher_q, env, states, q_t, norm, log)
     else:
         student = train_student(cfg, tuple(cfg.hidden), teacher_q, env, states, q_t, norm)
-    acts = [cfg.activation] * len(student.hidden)
-    student_q = NumpyMLP(student.weights, acts)
+    spec = QNetSpec.mlp(env.obs_dim, env.n_actions, student.hidden, cfg.activation)
+    student_q = spec.numpy(student.weights)
     check = check_states(teacher_q, env, cfg.check_states, cfg.seed, cfg.epsilon)
     stats = fidelity(teacher_q(check), actions_of(student_q(check)))
-    spec = NetSpec(env.obs_dim, env.n_actions, student.hidden, cfg.activation)
     parent_params = (source.manifest.get("metrics") or {}).get("params") or _params_of(source)
     metrics: dict[str, Any] = {
         "hidden": list(student.hidden),
@@ -127,24 +127,17 @@ def run(cfg: DistillConfig, source: art.Artifact, out: Path, *, force: bool = Fa
     }
     if search is not None:
         metrics["width_search"] = search
-    model = build_plain_mlp(spec, student.weights)
+    model = spec.build_plain(student.weights)
     with art.atomic_output(out, force) as tmp:
         model.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
-        save_mlp(tmp / MLP_FILE, student.weights, acts)
-        art.write_manifest(tmp, stage="distill", env=env, network=spec.to_dict() | {"saved_as": "sequential_mlp", "outputs": "action_scores"},
+        spec.save_sidecar(tmp, student.weights)
+        art.write_manifest(tmp, stage="distill", env=env, network=spec.to_network() | {"outputs": "action_scores"},
                            config=cfg.model_dump(mode="json"), metrics=metrics, parent=source, command=command)
     return art.load(out)
 
 
 def _params_of(source: art.Artifact) -> int | None:
     network = source.network or {}
-    hidden = network.get("hidden")
-    if not hidden:
+    if not network.get("hidden"):
         return None
-    if network.get("conv"):
-        from dqnc.nets_conv import ConvSpec
-
-        return ConvSpec(tuple(source.env.obs_shape), source.env.n_actions,  # type: ignore[arg-type]
-                        tuple(tuple(c) for c in network["conv"]), tuple(hidden)).params()
-    dims = [source.env.obs_dim, *hidden, source.env.n_actions]
-    return int(sum(a * b + b for a, b in zip(dims, dims[1:])))
+    return QNetSpec.from_network(source.env, network).params()

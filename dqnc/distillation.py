@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from dqnc.envs import EnvSpec, QFunction, collect_states
-from dqnc.nets import NumpyMLP
+from dqnc.qnet import QNetSpec
+from dqnc.qnet.fold import scale_output, standardize_input, unscale_output, unstandardize_input
 from dqnc.seeds import episode_seed
 
 CHUNK = 100  # minibatch steps per compiled call: large enough that Python overhead vanishes
@@ -72,16 +73,14 @@ class Normalizer:
 
     def to_normalized(self, w: list[np.ndarray]) -> list[np.ndarray]:
         w = [np.asarray(a, np.float64) for a in w]
-        w[1] = w[1] + self.x_mean @ w[0]
-        w[0] = w[0] * self.x_std[:, None]
-        w[-2], w[-1] = w[-2] / self.q_std, (w[-1] - self.q_mean) / self.q_std
+        w[0], w[1] = standardize_input(w[0], w[1], self.x_mean, self.x_std)
+        w[-2], w[-1] = scale_output(w[-2], w[-1], self.q_mean, self.q_std)
         return [a.astype(np.float32) for a in w]
 
     def to_raw(self, w: list[np.ndarray]) -> list[np.ndarray]:
         w = [np.asarray(a, np.float64) for a in w]
-        w[0] = w[0] / self.x_std[:, None]
-        w[1] = w[1] - self.x_mean @ w[0]
-        w[-2], w[-1] = w[-2] * self.q_std, w[-1] * self.q_std + self.q_mean
+        w[0], w[1] = unstandardize_input(w[0], w[1], self.x_mean, self.x_std)
+        w[-2], w[-1] = unscale_output(w[-2], w[-1], self.q_mean, self.q_std)
         return [a.astype(np.float32) for a in w]
 
 
@@ -94,12 +93,12 @@ class OutputNormalizer(Normalizer):
 
     def to_normalized(self, w: list[np.ndarray]) -> list[np.ndarray]:
         w = [np.asarray(a, np.float64) for a in w]
-        w[-2], w[-1] = w[-2] / self.q_std, (w[-1] - self.q_mean) / self.q_std
+        w[-2], w[-1] = scale_output(w[-2], w[-1], self.q_mean, self.q_std)
         return [a.astype(np.float32) for a in w]
 
     def to_raw(self, w: list[np.ndarray]) -> list[np.ndarray]:
         w = [np.asarray(a, np.float64) for a in w]
-        w[-2], w[-1] = w[-2] * self.q_std, w[-1] * self.q_std + self.q_mean
+        w[-2], w[-1] = unscale_output(w[-2], w[-1], self.q_mean, self.q_std)
         return [a.astype(np.float32) for a in w]
 
 
@@ -209,14 +208,14 @@ def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activation
 
     ``round_steps`` is a step count, or a function of the round's number of states (epochs).
     ``weights()`` returns the student's current effective weights in normalized coordinates;
-    ``student_policy`` runs raw weights (default: a NumpyMLP with ``activations``).
+    ``student_policy`` runs raw weights (default: the numpy MLP with ``activations``).
     DAgger rollouts take their episodes from the "distill" seed block, after the teacher's.
     """
     history = trainer.fit(norm.x(states), norm.q(q_t), first_steps)
     steps = -(-first_steps // CHUNK) * CHUNK
     base = episode_seed("distill", s.seed)
     for r in range(rounds):
-        student_q = (student_policy or (lambda w: NumpyMLP(w, activations)))(norm.to_raw(weights()))
+        student_q = (student_policy or (lambda w: QNetSpec.from_weights(w, activations).numpy(w)))(norm.to_raw(weights()))
         visited = collect_states(student_q, env, extra_states, base + DAGGER_SEED_STRIDE * (r + 1), s.epsilon / 2)
         visited = visited.reshape(len(visited), *states.shape[1:])  # flat for MLPs, images for conv nets
         states = np.concatenate([states, visited])

@@ -23,6 +23,7 @@ bias, so the network loses only the unit's variation, not its average contributi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,16 @@ from dqnc.config import PruneConfig
 from dqnc.distillation import Normalizer, Trainer, check_states, dagger, make_loss, teacher_states
 from dqnc.envs import EnvSpec, QFunction
 from dqnc.errors import UsageError
-from dqnc.nets import MLP_FILE, NetSpec, NumpyMLP, _act, build_plain_mlp, save_mlp
+from dqnc.qnet import QNetSpec
+from dqnc.qnet.forward import act
+from dqnc.qnet.weights import plain_mlp_weights
 
 
 def hidden_activations(weights: list[np.ndarray], acts: list[str], x: np.ndarray) -> list[np.ndarray]:
     """Post-activation outputs of every hidden layer for inputs ``x``."""
     out, h = [], np.asarray(x, np.float32)
     for i in range(len(weights) // 2 - 1):
-        h = _act(h @ weights[2 * i] + weights[2 * i + 1], acts[i])
+        h = act(h @ weights[2 * i] + weights[2 * i + 1], acts[i])
         out.append(h)
     return out
 
@@ -92,14 +95,49 @@ def target_widths(widths: list[int], names: list[str], cfg: PruneConfig) -> list
     return [max(1, int(round(w * (1 - cfg.layer_sparsity.get(n, cfg.sparsity))))) for w, n in zip(widths, names)]
 
 
+@dataclass
+class _Shrunk:
+    weights: list[np.ndarray]  # standardized coordinates
+    history: list[float]
+    widths_by_round: list[list[int]]
+
+
+def _shrink(cfg: PruneConfig, teacher_w: list[np.ndarray], acts: list[str], final: list[int], teacher_q: QFunction,
+            env: EnvSpec, norm: Normalizer, states: np.ndarray, q_t: np.ndarray) -> _Shrunk:
+    """``unit_rounds`` rounds of removing units, each followed by distillation when fine-tuning."""
+    start = [int(teacher_w[2 * i].shape[1]) for i in range(len(final))]
+    x, y = norm.x(states), norm.q(q_t)
+    weights = norm.to_normalized(teacher_w)
+    rounds = cfg.unit_rounds if cfg.finetune == "distill" else 1
+    round_steps = max(1, cfg.epochs * int(np.ceil(len(states) / cfg.batch_size)) // rounds)
+    out = _Shrunk(weights, [], [])
+    for r in range(rounds):
+        widths = [max(f, int(round(s * (f / s) ** ((r + 1) / rounds)))) for s, f in zip(start, final)]
+        scores = unit_importance(out.weights, acts, x, y, cfg, env.n_actions)
+        # Highest scores kept; ties broken by unit index so the result is deterministic.
+        keep = [np.sort(np.argsort(-s, kind="stable")[:w]) for s, w in zip(scores, widths)]
+        out.weights = remove_units(out.weights, acts, x, keep)
+        out.widths_by_round.append(widths)
+        if cfg.finetune != "distill":
+            continue
+        model = QNetSpec.mlp(env.obs_dim, env.n_actions, tuple(widths), tuple(acts)).build_plain(out.weights)
+        trainer = Trainer(model, cfg, env.n_actions, jit=True)
+        last = r == rounds - 1
+        res = dagger(trainer, model.get_weights, acts, teacher_q, norm, states, q_t, env, cfg,
+                     first_steps=round_steps, rounds=cfg.dagger_rounds if last else 0,
+                     round_steps=lambda n: max(1, cfg.epochs // 2) * int(np.ceil(n / cfg.batch_size)),
+                     extra_states=max(64, cfg.states // 2))
+        out.history += res.history
+        out.weights = model.get_weights()
+    return out
+
+
 def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: QFunction, out: Path, *,
         force: bool = False, command: list[str] | None = None) -> art.Artifact:
     """Prune whole units of ``teacher`` (a plain Dense MLP) and write the narrower artifact at ``out``."""
-    from dqnc.policy import mlp_weights
-
     if cfg.finetune == "rl":
         raise UsageError("--structure units fine-tunes by distillation: use --finetune distill (or none)")
-    teacher_w, acts = mlp_weights(teacher)  # type: ignore[misc]
+    teacher_w, acts = plain_mlp_weights(teacher)  # type: ignore[misc]
     env: EnvSpec = source.env
     dense = [l for l in teacher.layers if type(l).__name__ == "Dense"]
     names = [l.name for l in dense[:-1]]
@@ -109,39 +147,13 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: QFuncti
     final = target_widths(start, names, cfg)
     states, q_t = teacher_states(teacher_q, env, cfg.states, cfg)
     norm = Normalizer.fit(states, q_t, advantages=cfg.value_weight == 0)
-    x, y = norm.x(states), norm.q(q_t)
-    weights = norm.to_normalized(teacher_w)
-    rounds = cfg.unit_rounds if cfg.finetune == "distill" else 1
-    round_steps = max(1, cfg.epochs * int(np.ceil(len(states) / cfg.batch_size)) // rounds)
-    history: list[float] = []
-    removed_by_round: list[list[int]] = []
-    model: Any = None
-    for r in range(rounds):
-        widths = [max(f, int(round(s * (f / s) ** ((r + 1) / rounds)))) for s, f in zip(start, final)]
-        scores = unit_importance(weights, acts, x, y, cfg, env.n_actions)
-        # Highest scores kept; ties broken by unit index so the result is deterministic.
-        keep = [np.sort(np.argsort(-s, kind="stable")[:w]) for s, w in zip(scores, widths)]
-        weights = remove_units(weights, acts, x, keep)
-        removed_by_round.append(widths)
-        if cfg.finetune != "distill":
-            continue
-        model = build_plain_mlp(NetSpec(env.obs_dim, env.n_actions, tuple(widths), acts[0] if acts else "relu"), weights)
-        _set_activations(model, acts)
-        trainer = Trainer(model, cfg, env.n_actions, jit=True)
-        last = r == rounds - 1
-        res = dagger(trainer, model.get_weights, acts, teacher_q, norm, states, q_t, env, cfg,
-                     first_steps=round_steps, rounds=cfg.dagger_rounds if last else 0,
-                     round_steps=lambda n: max(1, cfg.epochs // 2) * int(np.ceil(n / cfg.batch_size)),
-                     extra_states=max(64, cfg.states // 2))
-        history += res.history
-        weights = model.get_weights()
-    raw = norm.to_raw(weights)
+    shrunk = _shrink(cfg, teacher_w, acts, final, teacher_q, env, norm, states, q_t)
+    raw = norm.to_raw(shrunk.weights)
     widths = [int(raw[2 * i].shape[1]) for i in range(len(names))]
-    spec = NetSpec(env.obs_dim, env.n_actions, tuple(widths), acts[0] if acts else "relu")
-    plain = build_plain_mlp(spec, raw)
-    _set_activations(plain, acts)
+    spec = QNetSpec.mlp(env.obs_dim, env.n_actions, tuple(widths), tuple(acts))
+    plain = spec.build_plain(raw)
     check = check_states(teacher_q, env, cfg.check_states, cfg.seed, cfg.epsilon)
-    stats = fidelity(teacher_q(check), actions_of(NumpyMLP(raw, acts)(check)))
+    stats = fidelity(teacher_q(check), actions_of(spec.numpy(raw)(check)))
     params_before = int(sum(a.size for a in teacher_w))
     params_after = int(sum(a.size for a in raw))
     layers = [{"name": l.name, "shape": list(l.get_weights()[0].shape), "target": 0.0, "sparsity": 0.0, "zeros": 0,
@@ -153,26 +165,18 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: QFuncti
         "prunable_sparsity": 0.0,
         "widths_before": start,
         "widths_after": widths,
-        "widths_by_round": removed_by_round,
+        "widths_by_round": shrunk.widths_by_round,
         "params_before": params_before,
         "params": params_after,
         "params_removed_frac": 1 - params_after / params_before,
         "layers": layers,
         "check": stats,
-        "loss_history": history[-5:],
+        "loss_history": shrunk.history[-5:],
     }
     network = {**source.network, **spec.to_dict(), "saved_as": "sequential_mlp", "outputs": "action_scores"}
     with art.atomic_output(out, force) as tmp:
         plain.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
-        save_mlp(tmp / MLP_FILE, raw, acts)
+        spec.save_sidecar(tmp, raw)
         art.write_manifest(tmp, stage="prune", env=env, network=network, config=cfg.model_dump(mode="json"),
                            metrics=metrics, parent=source, command=command)
     return art.load(out)
-
-
-def _set_activations(model: Any, acts: list[str]) -> None:
-    """Give each hidden layer its own activation (parents may mix relu/tanh/elu)."""
-    from dqnc.keras import keras
-
-    for layer, a in zip([l for l in model.layers if type(l).__name__ == "Dense"], acts):
-        layer.activation = keras().activations.get(a)

@@ -22,9 +22,9 @@ from dqnc import artifact as art
 from dqnc.config import TrainConfig
 from dqnc.envs import EnvSpec, env_spec, make_env, rollout
 from dqnc.errors import Interrupted, UsageError
-from dqnc.nets import MLP_FILE, NetSpec, NumpyMLP, build_plain_mlp, build_q_network, dense_weights, save_mlp
-from dqnc.nets_conv import (CONV_FILE, ConvSpec, NumpyConvNet, build_conv_q_network, build_plain_conv, conv_spec_for,
-                             im2col_pays, save_conv, use_im2col)
+from dqnc.qnet import QNetSpec
+from dqnc.qnet.keras_build import im2col_pays, use_im2col
+from dqnc.qnet.weights import effective_weights
 from dqnc.replay import ReplayBuffer
 from dqnc.schedules import linear
 from dqnc.seeds import episode_seed
@@ -136,131 +136,159 @@ class _Loop:
     writer: Any = None
     progress: ProgressFn | None = None
     random_warmup: bool = True
-    # Conv nets act through their own numpy forward and keep image observations as the env gives them.
-    policy_factory: Callable[[list[np.ndarray]], Any] | None = None
+    # The network acted with (numpy forward); None: the MLP that ``weights()`` and ``activations`` describe.
+    net: QNetSpec | None = None
+
+    def net_spec(self) -> QNetSpec:
+        return self.net if self.net is not None else QNetSpec.from_weights(self.weights(), self.activations)
 
 
-def _run_loop(loop: _Loop) -> None:
-    """Step the envs, store transitions, train every ``train_freq`` steps, evaluate every
-    ``eval_freq`` steps keeping the best weights. KeyboardInterrupt propagates with ``loop.state``
-    consistent, so the caller can checkpoint."""
+def _evaluate(loop: _Loop, policy: Any, t: Any) -> None:
+    """Evaluate ``policy``; a candidate for the kept weights is confirmed on more episodes."""
+    cfg, spec, state, writer = loop.cfg, loop.spec, loop.state, loop.writer
+    res = rollout(policy, spec, cfg.eval_episodes, episode_seed("train_eval", cfg.seed))
+    mean, worst = float(res.returns.mean()), float(res.returns.min())
+    state.evals.append([state.step, mean, float(res.returns.std()), worst])
+    if writer is not None:
+        with writer.as_default(step=state.step):
+            t.summary.scalar("eval/mean_return", mean)
+    state.best_mean = mean if state.best_mean is None else max(state.best_mean, mean)
+    # A candidate must beat the best *confirmed* score, not the best raw evaluation: one lucky
+    # 20-episode evaluation otherwise blocks every later checkpoint from being considered
+    # (measured: MinAtar Breakout kept step 300k, 15.5 raw / 13.6 confirmed, while later raw
+    # evaluations of 14.7-15.3 were never confirmed; held-out 9.5).
+    if state.best_score is not None and mean < state.best_score:
+        return
+    returns = res.returns
+    if cfg.confirm_episodes > 0:
+        # A candidate for the kept weights is judged on more episodes than the ones that made
+        # it a candidate: a checkpoint that is lucky on 20 episodes is often brittle on new ones.
+        conf = rollout(policy, spec, cfg.confirm_episodes, episode_seed("train_confirm", cfg.seed))
+        state.confirms.append([state.step, float(conf.returns.mean()), float(conf.returns.min())])
+        returns = np.concatenate([res.returns, conf.returns])
+    score = float(returns.mean())
+    if state.best_score is None or score >= state.best_score:
+        state.best_score, state.best_step = score, state.step
+        loop.best_weights = [w.copy() for w in loop.weights()]
+    # Stop only when every episode of the evaluation and of its confirmation is solved: a mean
+    # over few episodes overstates how well a policy generalizes to new starting states.
+    threshold = spec.reward_threshold
+    if cfg.early_stop and threshold is not None and float(returns.min()) >= threshold:
+        state.stopped_early = True
+
+
+@dataclass
+class _Envs:
+    """The vector env and the episode bookkeeping of one :func:`_run_loop` call."""
+
+    envs: Any
+    obs: np.ndarray
+    ep_return: np.ndarray
+    images: bool  # conv nets keep image observations as the env gives them (bool/uint8)
+
+    def as_batch(self, o: np.ndarray, spec: EnvSpec) -> np.ndarray:
+        # Images stay bool/uint8 for the replay buffer; the policy casts its own copy.
+        n = len(self.ep_return)
+        return o.reshape(n, *spec.obs_shape) if self.images else o.reshape(n, -1).astype(np.float32)
+
+    def as_one(self, o: Any, spec: EnvSpec) -> np.ndarray:
+        return np.asarray(o).reshape(spec.obs_shape) if self.images else np.asarray(o, np.float32).ravel()
+
+
+def _open_envs(loop: _Loop, images: bool) -> _Envs:
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode
 
-    from dqnc.keras import tf
-
-    cfg, spec, state, rng, buffer, writer = loop.cfg, loop.spec, loop.state, loop.rng, loop.buffer, loop.writer
-    t = tf() if writer is not None else None
-    policy = (loop.policy_factory or (lambda w: NumpyMLP(w, loop.activations)))(loop.weights())
-    n = cfg.num_envs
-    image = loop.policy_factory is not None
-
-    def as_batch(o: np.ndarray) -> np.ndarray:
-        # Images stay bool/uint8 for the replay buffer; the policy casts its own copy.
-        return o.reshape(n, *spec.obs_shape) if image else o.reshape(n, -1).astype(np.float32)
-
-    def as_one(o: Any) -> np.ndarray:
-        return np.asarray(o).reshape(spec.obs_shape) if image else np.asarray(o, np.float32).ravel()
-
+    cfg, n = loop.cfg, loop.cfg.num_envs
     envs = gym.vector.SyncVectorEnv(
         [lambda: make_env(cfg.env, cfg.env_kwargs) for _ in range(n)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )
     # A resumed run cannot restore simulator state; it starts new episodes from the next seed of
     # its own range (training episodes never share seeds with evaluation or other stages).
-    obs, _ = envs.reset(seed=episode_seed("train", cfg.seed) + state.resets * n)
-    state.resets += 1
-    obs = as_batch(obs)
-    ep_return = np.zeros(n)
-    eval_seed = episode_seed("train_eval", cfg.seed)
-    confirm_seed = episode_seed("train_confirm", cfg.seed)
-    threshold = spec.reward_threshold
-    env_index = np.arange(n)
+    obs, _ = envs.reset(seed=episode_seed("train", cfg.seed) + loop.state.resets * n)
+    loop.state.resets += 1
+    run = _Envs(envs, obs, np.zeros(n), images)
+    run.obs = run.as_batch(obs, loop.spec)
+    return run
+
+
+def _env_step(loop: _Loop, run: _Envs, policy: Any, eps: float, t: Any) -> None:
+    """Act in every env (epsilon-greedy), store the transitions, count finished episodes."""
+    cfg, spec, state, rng, n = loop.cfg, loop.spec, loop.state, loop.rng, loop.cfg.num_envs
+    if loop.random_warmup and state.step < cfg.learning_starts:
+        actions = rng.integers(0, spec.n_actions, n)
+    else:
+        actions = policy(run.obs).argmax(axis=1)
+        explore = rng.random(n) < eps
+        if explore.any():
+            actions = np.where(explore, rng.integers(0, spec.n_actions, n), actions)
+    next_obs, rewards, terminated, truncated, info = run.envs.step(actions)
+    next_obs = run.as_batch(next_obs, spec)
+    done = terminated | truncated
+    real_next = next_obs
+    if done.any():
+        real_next = next_obs.copy()
+        final = info["final_obs"]
+        for i in np.arange(n)[done]:
+            real_next[i] = run.as_one(final[i], spec)
+    loop.buffer.add(run.obs, actions, rewards, real_next, terminated)
+    run.ep_return += rewards
+    if done.any():
+        for i in np.arange(n)[done]:
+            state.episodes += 1
+            state.recent_returns = (state.recent_returns + [float(run.ep_return[i])])[-100:]
+            if loop.writer is not None:
+                with loop.writer.as_default(step=state.step):
+                    t.summary.scalar("train/episode_return", run.ep_return[i])
+        run.ep_return[done] = 0.0
+    run.obs = next_obs
+
+
+def _train_step(loop: _Loop, policy: Any, images: bool, eps: float, t: Any) -> None:
+    cfg, state = loop.cfg, loop.state
+    batch = loop.buffer.sample(loop.rng, cfg.gradient_steps, cfg.batch_size, as_float=not images)
+    loss = float(loop.update(*batch))
+    state.grad_steps += cfg.gradient_steps
+    policy.set_weights(loop.weights())
+    if loop.writer is not None:
+        with loop.writer.as_default(step=state.step):
+            t.summary.scalar("train/loss", loss)
+            t.summary.scalar("train/epsilon", eps)
+
+
+def _run_loop(loop: _Loop) -> None:
+    """Step the envs, store transitions, train every ``train_freq`` steps, evaluate every
+    ``eval_freq`` steps keeping the best weights. KeyboardInterrupt propagates with ``loop.state``
+    consistent, so the caller can checkpoint."""
+    from dqnc.keras import tf
+
+    cfg, state, writer = loop.cfg, loop.state, loop.writer
+    t = tf() if writer is not None else None
+    net = loop.net_spec()
+    policy = net.numpy(loop.weights())
+    images = net.family == "conv"
+    run = _open_envs(loop, images)
     started = time.perf_counter() - state.wall_time
-
-    def evaluate() -> None:
-        res = rollout(policy, spec, cfg.eval_episodes, eval_seed)
-        mean, worst = float(res.returns.mean()), float(res.returns.min())
-        state.evals.append([state.step, mean, float(res.returns.std()), worst])
-        if writer is not None:
-            with writer.as_default(step=state.step):
-                t.summary.scalar("eval/mean_return", mean)
-        state.best_mean = mean if state.best_mean is None else max(state.best_mean, mean)
-        # A candidate must beat the best *confirmed* score, not the best raw evaluation: one lucky
-        # 20-episode evaluation otherwise blocks every later checkpoint from being considered
-        # (measured: MinAtar Breakout kept step 300k, 15.5 raw / 13.6 confirmed, while later raw
-        # evaluations of 14.7-15.3 were never confirmed; held-out 9.5).
-        if state.best_score is not None and mean < state.best_score:
-            return
-        returns = res.returns
-        if cfg.confirm_episodes > 0:
-            # A candidate for the kept weights is judged on more episodes than the ones that made
-            # it a candidate: a checkpoint that is lucky on 20 episodes is often brittle on new ones.
-            conf = rollout(policy, spec, cfg.confirm_episodes, confirm_seed)
-            state.confirms.append([state.step, float(conf.returns.mean()), float(conf.returns.min())])
-            returns = np.concatenate([res.returns, conf.returns])
-        score = float(returns.mean())
-        if state.best_score is None or score >= state.best_score:
-            state.best_score, state.best_step = score, state.step
-            loop.best_weights = [w.copy() for w in loop.weights()]
-        # Stop only when every episode of the evaluation and of its confirmation is solved: a mean
-        # over few episodes overstates how well a policy generalizes to new starting states.
-        if cfg.early_stop and threshold is not None and float(returns.min()) >= threshold:
-            state.stopped_early = True
-
     try:
         while state.step < cfg.total_steps and not state.stopped_early:
             eps = linear(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, cfg.total_steps, state.step)
-            if loop.random_warmup and state.step < cfg.learning_starts:
-                actions = rng.integers(0, spec.n_actions, n)
-            else:
-                actions = policy(obs).argmax(axis=1)
-                explore = rng.random(n) < eps
-                if explore.any():
-                    actions = np.where(explore, rng.integers(0, spec.n_actions, n), actions)
-            next_obs, rewards, terminated, truncated, info = envs.step(actions)
-            next_obs = as_batch(next_obs)
-            done = terminated | truncated
-            real_next = next_obs
-            if done.any():
-                real_next = next_obs.copy()
-                final = info["final_obs"]
-                for i in env_index[done]:
-                    real_next[i] = as_one(final[i])
-            buffer.add(obs, actions, rewards, real_next, terminated)
-            ep_return += rewards
-            if done.any():
-                for i in env_index[done]:
-                    state.episodes += 1
-                    state.recent_returns = (state.recent_returns + [float(ep_return[i])])[-100:]
-                    if writer is not None:
-                        with writer.as_default(step=state.step):
-                            t.summary.scalar("train/episode_return", ep_return[i])
-                ep_return[done] = 0.0
-            obs = next_obs
+            _env_step(loop, run, policy, eps, t)
             prev = state.step
-            state.step += n
-
+            state.step += cfg.num_envs
             if state.step >= cfg.learning_starts and state.step // cfg.train_freq > prev // cfg.train_freq:
-                batch = buffer.sample(rng, cfg.gradient_steps, cfg.batch_size, as_float=not image)
-                loss = float(loop.update(*batch))
-                state.grad_steps += cfg.gradient_steps
-                policy.set_weights(loop.weights())
-                if writer is not None:
-                    with writer.as_default(step=state.step):
-                        t.summary.scalar("train/loss", loss)
-                        t.summary.scalar("train/epsilon", eps)
+                _train_step(loop, policy, images, eps, t)
             if state.step // cfg.eval_freq > prev // cfg.eval_freq and state.step >= cfg.learning_starts:
-                evaluate()
+                _evaluate(loop, policy, t)
             if loop.progress is not None and (state.step // 500 > prev // 500 or state.stopped_early):
                 loop.progress(Progress(state.step, cfg.total_steps, state.episodes,
                                        state.recent_returns[-1] if state.recent_returns else None,
                                        state.evals[-1][1] if state.evals else None, state.best_score, eps))
         if not state.evals or state.evals[-1][0] != state.step:
-            evaluate()
+            _evaluate(loop, policy, t)
     finally:
         state.wall_time = time.perf_counter() - started
-        envs.close()
+        run.envs.close()
         if writer is not None:
             writer.flush()
 
@@ -280,7 +308,7 @@ def run(
     out = Path(out)
     art.check_output(out, force)
     if checkpoint_dir is not None:
-        _check_checkpoint_dir(Path(checkpoint_dir))
+        check_checkpoint_dir(Path(checkpoint_dir))
     if resume and (checkpoint_dir is None or not (checkpoint_dir / "state.json").is_file()):
         raise UsageError(f"--resume: no checkpoint at {str(checkpoint_dir)!r}; run without --resume to start afresh")
     spec = env_spec(cfg.env, cfg.env_kwargs)
@@ -289,31 +317,20 @@ def run(
 
     k, t = keras(), tf()
     _set_seeds(cfg.seed)
-    conv: ConvSpec | None = None
-    policy_factory: Callable[[list[np.ndarray]], Any] | None = None
-    if cfg.conv:
-        conv = conv_spec_for(spec, cfg.conv, cfg.hidden, cfg.activation, cfg.dueling)
-        q, target = build_conv_q_network(conv, "q_network"), build_conv_q_network(conv, "target_network")
-        strides, acts = [c[2] for c in conv.conv], [cfg.activation] * (len(conv.conv) + len(conv.hidden))
-
-        def policy_factory(w: list[np.ndarray]) -> Any:
-            return NumpyConvNet(w, strides, conv.obs_shape, acts, conv.layout)
-
-        buffer = ReplayBuffer(cfg.buffer_size, spec.obs_shape, np.dtype(spec.obs_dtype))
-    else:
-        net = NetSpec(spec.obs_dim, spec.n_actions, tuple(cfg.hidden), cfg.activation, cfg.dueling)
-        q = build_q_network(net, "q_network")
-        target = build_q_network(net, "target_network")
-        buffer = ReplayBuffer(cfg.buffer_size, spec.obs_dim)
+    net = QNetSpec.for_env(spec, cfg.conv, cfg.hidden, cfg.activation, cfg.dueling)
+    q, target = net.build_trainable("q_network"), net.build_trainable("target_network")
+    # Conv nets keep image observations in their own dtype; MLPs store flat float32 vectors.
+    buffer = (ReplayBuffer(cfg.buffer_size, spec.obs_shape, np.dtype(spec.obs_dtype)) if net.family == "conv"
+              else ReplayBuffer(cfg.buffer_size, spec.obs_dim))
     target.set_weights(q.get_weights())
     optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
     # Conv nets on small images (MinAtar's) train under XLA with im2col convolutions; large images
-    # (Atari's) with TF's own conv kernels outside XLA (nets_conv.IM2COL_MAX_SIDE).
-    fast_conv = conv is not None and im2col_pays(conv)
+    # (Atari's) with TF's own conv kernels outside XLA (keras_build.IM2COL_MAX_SIDE).
+    fast_conv = im2col_pays(net)
     if fast_conv:
         for model in (q, target):
             use_im2col(model)
-    update = _make_update_fn(q, target, optimizer, cfg, jit=conv is None or fast_conv)
+    update = _make_update_fn(q, target, optimizer, cfg, jit=net.family == "mlp" or fast_conv)
     rng = np.random.default_rng(cfg.seed)
     state = _State()
     best_weights: list[np.ndarray] | None = None
@@ -321,9 +338,9 @@ def run(
         assert checkpoint_dir is not None
         state, buffer, best_weights = _load_checkpoint(checkpoint_dir, cfg, q, target, optimizer, update, rng)
 
-    loop = _Loop(cfg, spec, update, lambda: dense_weights(q), [cfg.activation] * len(cfg.hidden), rng, buffer,
+    loop = _Loop(cfg, spec, update, lambda: effective_weights(q), list(net.activations), rng, buffer,
                  state, best_weights, t.summary.create_file_writer(str(logdir)) if logdir is not None else None,
-                 progress, policy_factory=policy_factory)
+                 progress, net=net)
     try:
         _run_loop(loop)
     except KeyboardInterrupt:
@@ -335,13 +352,17 @@ def run(
             ) from None
         raise Interrupted(f"interrupted at step {state.step:,}/{cfg.total_steps:,}; nothing was written") from None
 
-    weights = loop.best_weights if loop.best_weights is not None else dense_weights(q)
-    if conv is not None:
-        model = build_plain_conv(conv, weights)
-        network = conv.to_dict() | {"saved_as": "sequential_conv"}
-    else:
-        model = build_plain_mlp(net, weights)
-        network = net.to_dict() | {"saved_as": "sequential_mlp"}
+    weights = loop.best_weights if loop.best_weights is not None else effective_weights(q)
+    _write(out, force, cfg, spec, net, weights, loop.state, command)
+    if checkpoint_dir is not None and checkpoint_dir.exists() and art.foreign_checkpoint_entry(checkpoint_dir) is None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return art.load(out)
+
+
+def _write(out: Path, force: bool, cfg: TrainConfig, spec: EnvSpec, net: QNetSpec, weights: list[np.ndarray],
+           state: _State, command: list[str] | None) -> None:
+    """The artifact: the plain (dueling-folded) SavedModel, its numpy sidecar and the manifest."""
+    model = net.build_plain(weights)
     metrics = {
         "env_steps": state.step,
         "gradient_steps": state.grad_steps,
@@ -360,15 +381,9 @@ def run(
     }
     with art.atomic_output(out, force) as tmp:
         model.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
-        if conv is not None:
-            save_conv(tmp / CONV_FILE, weights, conv)
-        else:
-            save_mlp(tmp / MLP_FILE, weights, [cfg.activation] * len(cfg.hidden))
-        art.write_manifest(tmp, stage="train", env=spec, network=network,
+        net.save_sidecar(tmp, weights)
+        art.write_manifest(tmp, stage="train", env=spec, network=net.to_network(),
                            config=cfg.model_dump(mode="json"), metrics=metrics, command=command)
-    if checkpoint_dir is not None and checkpoint_dir.exists() and art.foreign_checkpoint_entry(checkpoint_dir) is None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return art.load(out)
 
 
 def rl_finetune(student: Any, cfg: TrainConfig, weights: Callable[[], list[np.ndarray]],
@@ -391,7 +406,7 @@ def rl_finetune(student: Any, cfg: TrainConfig, weights: Callable[[], list[np.nd
 
 # --- checkpoints -----------------------------------------------------------------------------
 
-def _check_checkpoint_dir(path: Path) -> None:
+def check_checkpoint_dir(path: Path) -> None:
     """Refuse a checkpoint path that holds anything dqnc's checkpoint writer did not make: it is
     replaced on Ctrl-C and deleted when training finishes."""
     if not (path.exists() or path.is_symlink()):
@@ -430,7 +445,7 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, state: _State, q: Any, target
     }
     (tmp / "state.json").write_text(json.dumps(meta, default=int), encoding="utf-8")
     if path.exists() or path.is_symlink():
-        _check_checkpoint_dir(path)
+        check_checkpoint_dir(path)
         shutil.rmtree(path)
     tmp.rename(path)
 

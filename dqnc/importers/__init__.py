@@ -111,16 +111,9 @@ def _check_dims(src: Source, spec: EnvSpec, path: Path) -> None:
 
 def build_model(weights: list[np.ndarray], acts: list[str]) -> Any:
     """The deployable tf_keras Sequential MLP for folded weights (per-layer activations)."""
-    from dqnc.keras import keras
+    from dqnc.qnet import QNetSpec
 
-    k = keras()
-    layers = [k.Input(shape=(weights[0].shape[0],), name="obs")]
-    for i, act in enumerate(acts):
-        layers.append(k.layers.Dense(weights[2 * i].shape[1], activation=act, name=f"dense_{i}"))
-    layers.append(k.layers.Dense(weights[-1].shape[0], name="q_values"))
-    model = k.Sequential(layers, name="q_network")
-    model.set_weights(weights)
-    return model
+    return QNetSpec.from_weights(weights, acts).build_plain(weights)
 
 
 def compare(q_src: np.ndarray, q_new: np.ndarray) -> dict[str, Any]:
