@@ -14,15 +14,20 @@ a Cortex-M4 run on QEMU (see :mod:`dqnc.mcu`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import shutil
+import string
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dqnc.runtimes.names import C
 
 HEADER = "policy.h"
 SOURCE = "policy.c"
@@ -128,27 +133,24 @@ def single_rounding_multiply(x: np.ndarray, multiplier: np.ndarray, shift: np.nd
 
 def extract(content: bytes) -> IntegerMLP | str:
     """The model as an :class:`IntegerMLP`, or why it is not one (a reason string)."""
-    from dqnc.tflm import op_names, read_model, schema
+    from dqnc.tflite_model import Model
 
-    fb = schema()
-    model = read_model(content)
-    if len(model.subgraphs) != 1:
+    model = Model(content)
+    if len(model.raw.subgraphs) != 1:
         return "the model has several subgraphs"
-    sg = model.subgraphs[0]
-    ops = op_names(model)
+    sg = model.subgraph
+    ops = model.op_names()
     if not ops or set(ops) != {"FULLY_CONNECTED"}:
         return f"the C policy covers chains of FULLY_CONNECTED layers; this model uses {', '.join(dict.fromkeys(ops))}"
-    tensors = sg.tensors
 
     def buffer(i: int, dtype: Any) -> np.ndarray | None:
-        data = model.buffers[tensors[i].buffer].data
-        return None if data is None or not len(data) else np.frombuffer(bytes(np.asarray(data, np.uint8)), dtype)
+        return model.data(i, dtype, shaped=False)
 
     def qparams(i: int) -> tuple[np.ndarray, np.ndarray]:
-        q = tensors[i].quantization
-        if q is None or q.scale is None or not len(q.scale):
+        t = model.tensor(i)
+        if not t.scales:
             raise ValueError
-        return np.asarray(q.scale, np.float32), np.asarray(q.zeroPoint, np.int64)
+        return np.asarray(t.scales, np.float32), np.asarray(t.zero_points, np.int64)
 
     layers = []
     previous = int(sg.inputs[0])
@@ -158,9 +160,9 @@ def extract(content: bytes) -> IntegerMLP | str:
         y_i = int(op.outputs[0])
         if x_i != previous:
             return "the layers do not form a chain"
-        if any(tensors[i].type != fb.TensorType.INT8 for i in (x_i, w_i, y_i)):
+        if any(model.tensor(i).dtype != "int8" for i in (x_i, w_i, y_i)):
             return "the C policy needs int8 activations, weights, input and output (float_io off, mode int8)"
-        if tensors[w_i].sparsity is not None:
+        if model.tensor(w_i).sparse:
             return "the model stores sparse weights (quantize for target mcu)"
         opts = op.builtinOptions
         act = int(getattr(opts, "fusedActivationFunction", 0))
@@ -173,10 +175,10 @@ def extract(content: bytes) -> IntegerMLP | str:
         weights = buffer(w_i, np.int8)
         if weights is None or (w_zero != 0).any():
             return "weights must be constant and symmetrically quantized"
-        shape = [int(s) for s in tensors[w_i].shape]
+        shape = list(model.tensor(w_i).shape)
         weights = weights.reshape(shape)
         bias = buffer(b_i, np.int32) if b_i >= 0 else None
-        if b_i >= 0 and (tensors[b_i].type != fb.TensorType.INT32 or bias is None):
+        if b_i >= 0 and (model.tensor(b_i).dtype != "int32" or bias is None):
             return "biases must be constant int32"
         per_channel = len(w_scale) > 1
         mult, shift = np.empty(shape[0], np.int64), np.empty(shape[0], np.int64)
@@ -203,7 +205,7 @@ def extract(content: bytes) -> IntegerMLP | str:
     return IntegerMLP(layers, float(first_in[0][0]), int(first_in[1][0]), float(last_out[0][0]), int(last_out[1][0]))
 
 
-def _c_float(v: float) -> str:
+def c_float(v: float) -> str:
     """A float32 as a C literal that reads back to the same bits (shortest round-trip repr)."""
     text = repr(float(np.float32(v)))
     if "e" not in text and "." not in text and "inf" not in text:
@@ -216,8 +218,11 @@ def _c_ints(values: np.ndarray, per_row: int = 16) -> str:
     return "\n".join("  " + ", ".join(flat[i : i + per_row]) + "," for i in range(0, len(flat), per_row))
 
 
-def _c_string(text: str) -> str:
+def c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_c_float, _c_string = c_float, c_string  # the names used throughout this module
 
 
 def pack_weights(weights: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,9 +249,107 @@ def unpack_weights(packed: np.ndarray, table: np.ndarray, shape: tuple[int, int]
     return np.asarray(table, np.int8)[idx].reshape(shape)
 
 
+# Per-form C snippets of policy.c: how the weights are declared, stored in a layer and read in the
+# inner loop. int8 keeps one byte per weight; packed stores 4- or 2-bit indices into a layer table.
+_INT8_FIELDS = "  const int8_t *w;       /* [out][in], symmetric int8 */"
+_INT8_LOOP = """      const int8_t *w = L->w + (int32_t)o * L->in_n;
+      int32_t acc = L->bias[o];
+      for (i = 0; i < L->in_n; ++i) acc += (int32_t)w[i] * ((int32_t)x[i] + L->in_offset);"""
+_PACKED_DEFINES = """/* Weights: ${bits}-bit indices into a per-layer int8 table of ${levels} values. */
+#define DQNC_WEIGHT_BITS ${bits}
+#define DQNC_PER_BYTE ${per_byte}
+#define DQNC_INDEX_MASK ${mask}
+
+"""
+_PACKED_FIELDS = """  const uint8_t *w;      /* [out][in] packed indices into table */
+  const int8_t *table;   /* the layer's int8 weight values */"""
+_PACKED_LOOP = """      uint32_t j = (uint32_t)o * (uint32_t)L->in_n; /* unsigned: / and % by a power of two are a shift and a mask */
+      int32_t acc = L->bias[o];
+      for (i = 0; i < L->in_n; ++i, ++j) {
+        int32_t w = L->table[(L->w[j / DQNC_PER_BYTE] >> (8 - DQNC_WEIGHT_BITS * (1 + j % DQNC_PER_BYTE))) & DQNC_INDEX_MASK];
+        acc += w * ((int32_t)x[i] + L->in_offset);
+      }"""
+
+
+@functools.cache
+def _template(name: str) -> string.Template:
+    """A C template shipped in ``dqnc/templates`` (package data)."""
+    return string.Template((resources.files("dqnc") / "templates" / name).read_text(encoding="utf-8"))
+
+
+def scratch_width(mlp: IntegerMLP) -> int:
+    """The widest layer output: each of policy.c's two static activation buffers holds this many int8."""
+    return max(int(l.weights.shape[0]) for l in mlp.layers)
+
+
+def _c_floats(values: Any) -> str:
+    return ", ".join(_c_float(v) for v in np.ravel(values))
+
+
+def _header(mlp: IntegerMLP) -> str:
+    return _template("policy.h.tmpl").substitute(
+        ram_bytes=2 * scratch_width(mlp), obs_dim=mlp.obs_dim, n_actions=mlp.n_actions,
+        input_scale=_c_float(mlp.input_scale), input_zero_point=mlp.input_zero_point,
+        output_scale=_c_float(mlp.output_scale), output_zero_point=mlp.output_zero_point)
+
+
+def _weight_arrays(k: int, layer: Layer, weight_bits: int) -> str:
+    """Layer ``k``'s weights as C arrays: int8 ``k_w``, or packed indices ``k_w`` and their table ``k_t``."""
+    if weight_bits >= 8:
+        return f"static const int8_t k_w{k}[{layer.weights.size}] = {{\n{_c_ints(layer.weights)}\n}};\n"
+    packed, values = pack_weights(layer.weights, weight_bits)
+    return (f"/* {weight_bits}-bit indices into k_t{k}, packed row-major, the first in the high bits */\n"
+            f"static const uint8_t k_w{k}[{len(packed)}] = {{\n{_c_ints(packed)}\n}};\n"
+            f"static const int8_t k_t{k}[{len(values)}] = {{\n{_c_ints(values)}\n}};\n")
+
+
+def _layer_arrays(k: int, layer: Layer, weight_bits: int) -> str:
+    """Layer ``k``'s constants: weights, bias and the per-channel multipliers and shifts."""
+    out_n, in_n = (int(s) for s in layer.weights.shape)
+    return (f"/* layer {k}: {in_n} -> {out_n} */\n"
+            f"{_weight_arrays(k, layer, weight_bits)}"
+            f"static const int32_t k_b{k}[{out_n}] = {{\n{_c_ints(layer.bias, 8)}\n}};\n"
+            f"static const int32_t k_m{k}[{out_n}] = {{\n{_c_ints(layer.multiplier, 6)}\n}};\n"
+            f"static const int8_t k_s{k}[{out_n}] = {{\n{_c_ints(layer.shift)}\n}};\n")
+
+
+def _layer_row(k: int, layer: Layer, packed: bool) -> str:
+    """Layer ``k``'s entry in ``k_layers`` (a ``dqnc_layer_t`` initializer)."""
+    out_n, in_n = (int(s) for s in layer.weights.shape)
+    return (f"  {{k_w{k}, {f'k_t{k}, ' if packed else ''}k_b{k}, k_m{k}, k_s{k}, {in_n}, {out_n}, {layer.input_offset}, "
+            f"{layer.output_offset}, {layer.act_min}, {layer.act_max}}},")
+
+
+def _obs_stats(obs_mean: Any, obs_std: Any) -> str:
+    if obs_mean is None or obs_std is None:
+        return ""
+    return ("/* The observation statistics folded into k_in_a/k_in_c (for reference):\n"
+            f" * mean = {{{_c_floats(obs_mean)}}}\n * std  = {{{_c_floats(obs_std)}}}\n */\n")
+
+
+def _weight_form(weight_bits: int) -> dict[str, str]:
+    """The C snippets of the weight storage: int8 (``weight_bits`` 8) or packed 4-/2-bit indices."""
+    if weight_bits >= 8:
+        return {"weight_defines": "", "weight_fields": _INT8_FIELDS, "inner_loop": _INT8_LOOP}
+    defines = string.Template(_PACKED_DEFINES).substitute(
+        bits=weight_bits, levels=2 ** weight_bits, per_byte=8 // weight_bits, mask=2 ** weight_bits - 1)
+    return {"weight_defines": defines, "weight_fields": _PACKED_FIELDS, "inner_loop": _PACKED_LOOP}
+
+
+def _source(mlp: IntegerMLP, scale_a: np.ndarray, offset_c: np.ndarray, action_names: list[str],
+            obs_mean: Any, obs_std: Any, weight_bits: int) -> str:
+    layers = list(enumerate(mlp.layers))
+    return _template("policy.c.tmpl").substitute(
+        action_names=", ".join(_c_string(n) for n in action_names), obs_stats=_obs_stats(obs_mean, obs_std),
+        input_a=_c_floats(scale_a), input_c=_c_floats(offset_c), **_weight_form(weight_bits),
+        layer_arrays="\n".join(_layer_arrays(k, l, weight_bits) for k, l in layers),
+        layer_table="\n".join(_layer_row(k, l, weight_bits < 8) for k, l in layers),
+        n_layers=len(mlp.layers), width=scratch_width(mlp))
+
+
 def generate(mlp: IntegerMLP, scale_a: np.ndarray, offset_c: np.ndarray, action_names: list[str],
              obs_mean: Any = None, obs_std: Any = None, weight_bits: int = 8) -> tuple[str, str]:
-    """``policy.h`` and ``policy.c`` for ``mlp``.
+    """``policy.h`` and ``policy.c`` for ``mlp``, from the templates in ``dqnc/templates``.
 
     ``scale_a``/``offset_c`` are the float32 input map ``q = round_half_even(obs * a + c)`` (the
     observation standardization and the input quantization folded together, as the Python runner
@@ -254,193 +357,7 @@ def generate(mlp: IntegerMLP, scale_a: np.ndarray, offset_c: np.ndarray, action_
     ``weight_bits`` 4 or 2 stores each layer's weights as packed indices into a 16- or 4-entry
     int8 table (:func:`pack_weights`); the arithmetic, and so every output, stays the same.
     """
-    packed_mode = weight_bits < 8
-    n_in, n_out = mlp.obs_dim, mlp.n_actions
-    width = max(int(l.weights.shape[0]) for l in mlp.layers)
-    names = ", ".join(_c_string(n) for n in action_names)
-    h = f"""/* Generated by dqnc export: a dependency-free int8 policy (C99, no malloc, no TFLM).
- *
- *   int8_t scores[DQNC_N_ACTIONS];
- *   int action = dqnc_policy_act(obs, scores);   // scores may be NULL
- *
- * Observation -> int8: q = round_half_even(clamp(obs[i] * a[i] + c[i], -128, 127)), the
- * standardization (obs - mean) / std and the input quantization folded into one float32 map.
- * After that, integer arithmetic only (TFLite's quantized multipliers, rounding and saturation):
- * the int8 scores equal TensorFlow Lite Micro's reference kernels bit for bit.
- * The action is the index of the first maximum score (ties go to the lower index).
- * Not reentrant: activations live in two static buffers ({2 * width} bytes of RAM).
- * Needs arithmetic right shift of negative int32 (GCC, Clang, Arm Compiler: yes).
- */
-#ifndef DQNC_POLICY_H
-#define DQNC_POLICY_H
-
-#include <stdint.h>
-
-#define DQNC_OBS_DIM {n_in}
-#define DQNC_N_ACTIONS {n_out}
-#define DQNC_INPUT_SCALE {_c_float(mlp.input_scale)}
-#define DQNC_INPUT_ZERO_POINT {mlp.input_zero_point}
-#define DQNC_OUTPUT_SCALE {_c_float(mlp.output_scale)}
-#define DQNC_OUTPUT_ZERO_POINT {mlp.output_zero_point}
-
-#ifdef __cplusplus
-extern "C" {{
-#endif
-
-extern const char *const dqnc_policy_action_names[DQNC_N_ACTIONS];
-
-/* Quantize one observation to the model's int8 input. */
-void dqnc_policy_quantize(const float obs[DQNC_OBS_DIM], int8_t input[DQNC_OBS_DIM]);
-
-/* The int8 network alone: integer input in, int8 scores out; returns the greedy action. */
-int dqnc_policy_act_int8(const int8_t input[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]);
-
-/* Observation in, greedy action out (scores, if not NULL, receive the int8 scores). */
-int dqnc_policy_act(const float obs[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]);
-
-#ifdef __cplusplus
-}}
-#endif
-
-#endif /* DQNC_POLICY_H */
-"""
-    arrays, table = [], []
-    for k, layer in enumerate(mlp.layers):
-        out_n, in_n = (int(s) for s in layer.weights.shape)
-        if packed_mode:
-            packed, values = pack_weights(layer.weights, weight_bits)
-            weights_c = (f"/* {weight_bits}-bit indices into k_t{k}, packed row-major, the first in the high bits */\n"
-                         f"static const uint8_t k_w{k}[{len(packed)}] = {{\n{_c_ints(packed)}\n}};\n"
-                         f"static const int8_t k_t{k}[{len(values)}] = {{\n{_c_ints(values)}\n}};\n")
-        else:
-            weights_c = f"static const int8_t k_w{k}[{out_n * in_n}] = {{\n{_c_ints(layer.weights)}\n}};\n"
-        arrays.append(f"/* layer {k}: {in_n} -> {out_n} */\n"
-                      f"{weights_c}"
-                      f"static const int32_t k_b{k}[{out_n}] = {{\n{_c_ints(layer.bias, 8)}\n}};\n"
-                      f"static const int32_t k_m{k}[{out_n}] = {{\n{_c_ints(layer.multiplier, 6)}\n}};\n"
-                      f"static const int8_t k_s{k}[{out_n}] = {{\n{_c_ints(layer.shift)}\n}};\n")
-        table.append(f"  {{k_w{k}, {f'k_t{k}, ' if packed_mode else ''}k_b{k}, k_m{k}, k_s{k}, {in_n}, {out_n}, {layer.input_offset}, "
-                     f"{layer.output_offset}, {layer.act_min}, {layer.act_max}}},")
-    stats = ""
-    if obs_mean is not None and obs_std is not None:
-        stats = ("/* The observation statistics folded into k_in_a/k_in_c (for reference):\n"
-                 f" * mean = {{{', '.join(_c_float(v) for v in np.ravel(obs_mean))}}}\n"
-                 f" * std  = {{{', '.join(_c_float(v) for v in np.ravel(obs_std))}}}\n */\n")
-    if packed_mode:
-        weight_decl = (f"/* Weights: {weight_bits}-bit indices into a per-layer int8 table of {2 ** weight_bits} values. */\n"
-                       f"#define DQNC_WEIGHT_BITS {weight_bits}\n#define DQNC_PER_BYTE {8 // weight_bits}\n"
-                       f"#define DQNC_INDEX_MASK {2 ** weight_bits - 1}\n\n")
-        weight_fields = ("  const uint8_t *w;      /* [out][in] packed indices into table */\n"
-                         "  const int8_t *table;   /* the layer's int8 weight values */")
-        inner_loop = """      uint32_t j = (uint32_t)o * (uint32_t)L->in_n; /* unsigned: / and % by a power of two are a shift and a mask */
-      int32_t acc = L->bias[o];
-      for (i = 0; i < L->in_n; ++i, ++j) {
-        int32_t w = L->table[(L->w[j / DQNC_PER_BYTE] >> (8 - DQNC_WEIGHT_BITS * (1 + j % DQNC_PER_BYTE))) & DQNC_INDEX_MASK];
-        acc += w * ((int32_t)x[i] + L->in_offset);
-      }"""
-    else:
-        weight_decl = ""
-        weight_fields = "  const int8_t *w;       /* [out][in], symmetric int8 */"
-        inner_loop = """      const int8_t *w = L->w + (int32_t)o * L->in_n;
-      int32_t acc = L->bias[o];
-      for (i = 0; i < L->in_n; ++i) acc += (int32_t)w[i] * ((int32_t)x[i] + L->in_offset);"""
-    c = f"""/* Generated by dqnc export. See policy.h. */
-#include "policy.h"
-
-const char *const dqnc_policy_action_names[DQNC_N_ACTIONS] = {{{names}}};
-
-{stats}static const float k_in_a[DQNC_OBS_DIM] = {{{', '.join(_c_float(v) for v in np.ravel(scale_a))}}};
-static const float k_in_c[DQNC_OBS_DIM] = {{{', '.join(_c_float(v) for v in np.ravel(offset_c))}}};
-
-{weight_decl}typedef struct {{
-{weight_fields}
-  const int32_t *bias;   /* int32, scale = input scale * weight scale */
-  const int32_t *mult;   /* per output channel: Q31 multiplier ... */
-  const int8_t *shift;   /* ... and power-of-two exponent */
-  int32_t in_n, out_n, in_offset, out_offset, act_min, act_max;
-}} dqnc_layer_t;
-
-{chr(10).join(arrays)}
-#define DQNC_N_LAYERS {len(mlp.layers)}
-#define DQNC_WIDTH {width}
-static const dqnc_layer_t k_layers[DQNC_N_LAYERS] = {{
-{chr(10).join(table)}
-}};
-
-static int8_t s_act[2][DQNC_WIDTH];
-
-/* gemmlowp SaturatingRoundingDoublingHighMul */
-static int32_t srdhm(int32_t a, int32_t b) {{
-  int64_t ab = (int64_t)a * (int64_t)b;
-  int32_t nudge = ab >= 0 ? (1 << 30) : (1 - (1 << 30));
-  if (a == b && a == INT32_MIN) return INT32_MAX;
-  return (int32_t)((ab + nudge) / ((int64_t)1 << 31));
-}}
-
-/* gemmlowp RoundingDivideByPOT */
-static int32_t rdbpot(int32_t x, int exponent) {{
-  int32_t mask = (int32_t)(((int64_t)1 << exponent) - 1);
-  int32_t remainder = x & mask;
-  int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
-  return (x >> exponent) + (remainder > threshold ? 1 : 0);
-}}
-
-/* TFLite MultiplyByQuantizedMultiplier (double rounding, as TFLM's reference kernels) */
-static int32_t requantize(int32_t x, int32_t mult, int shift) {{
-  int left = shift > 0 ? shift : 0;
-  int right = shift > 0 ? 0 : -shift;
-  return rdbpot(srdhm((int32_t)((uint32_t)x << left), mult), right);
-}}
-
-static int8_t quantize_one(float obs, float a, float c) {{
-  volatile float scaled = obs * a; /* rounded to float before the add: no fused multiply-add */
-  float x = scaled + c;
-  int32_t i;
-  float frac;
-  if (!(x >= -128.0f)) x = -128.0f; /* also NaN */
-  if (x > 127.0f) x = 127.0f;
-  i = (int32_t)x; /* toward zero: exact */
-  frac = x - (float)i;
-  if (frac > 0.5f || (frac == 0.5f && (i & 1))) i += 1; /* round half to even, as numpy.rint */
-  else if (frac < -0.5f || (frac == -0.5f && (i & 1))) i -= 1;
-  return (int8_t)i;
-}}
-
-void dqnc_policy_quantize(const float obs[DQNC_OBS_DIM], int8_t input[DQNC_OBS_DIM]) {{
-  int i;
-  for (i = 0; i < DQNC_OBS_DIM; ++i) input[i] = quantize_one(obs[i], k_in_a[i], k_in_c[i]);
-}}
-
-int dqnc_policy_act_int8(const int8_t input[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]) {{
-  const int8_t *x = input;
-  int8_t *y = s_act[0];
-  int l, o, i, best = 0;
-  for (l = 0; l < DQNC_N_LAYERS; ++l) {{
-    const dqnc_layer_t *L = &k_layers[l];
-    for (o = 0; o < L->out_n; ++o) {{
-{inner_loop}
-      acc = requantize(acc, L->mult[o], L->shift[o]) + L->out_offset;
-      if (acc < L->act_min) acc = L->act_min;
-      if (acc > L->act_max) acc = L->act_max;
-      y[o] = (int8_t)acc;
-    }}
-    x = y;
-    y = (y == s_act[0]) ? s_act[1] : s_act[0];
-  }}
-  for (o = 0; o < DQNC_N_ACTIONS; ++o) {{
-    if (scores) scores[o] = x[o];
-    if (x[o] > x[best]) best = o;
-  }}
-  return best;
-}}
-
-int dqnc_policy_act(const float obs[DQNC_OBS_DIM], int8_t scores[DQNC_N_ACTIONS]) {{
-  int8_t input[DQNC_OBS_DIM];
-  dqnc_policy_quantize(obs, input);
-  return dqnc_policy_act_int8(input, scores);
-}}
-"""
-    return h, c
+    return _header(mlp), _source(mlp, scale_a, offset_c, action_names, obs_mean, obs_std, weight_bits)
 
 
 def host_compiler() -> str | None:
@@ -477,7 +394,7 @@ class CPolicy:
     ``q_values`` returns the dequantized int8 scores, as the Python runner does.
     """
 
-    runtime = "c"
+    runtime = C  # the registry's name (dqnc.runtimes.c)
 
     def __init__(self, lib_path: Path, obs_dim: int, n_actions: int, output_scale: float, output_zero_point: int) -> None:
         self._lib = ctypes.CDLL(str(lib_path))
@@ -526,7 +443,7 @@ class CPolicy:
 def write(mlp: IntegerMLP, policy: Any, action_names: list[str], out_dir: Path,
           obs_mean: Any = None, obs_std: Any = None, weight_bits: int = 8) -> None:
     """Write policy.h/policy.c into ``out_dir``; ``policy`` is the runtime.Policy whose input map is used."""
-    h, c = generate(mlp, policy._a, policy._c, action_names, obs_mean, obs_std, weight_bits)
+    h, c = generate(mlp, *policy.input_map, action_names, obs_mean, obs_std, weight_bits)
     (Path(out_dir) / HEADER).write_text(h, encoding="utf-8")
     (Path(out_dir) / SOURCE).write_text(c, encoding="utf-8")
 
@@ -542,6 +459,5 @@ def sizes(mlp: IntegerMLP, weight_bits: int = 8) -> dict[str, int]:
     """Bytes the C policy's data needs: constants (flash) and activations (RAM), code excluded."""
     flash = weight_bytes(mlp, weight_bits) + sum(4 * l.bias.size + 4 * l.multiplier.size + l.shift.size for l in mlp.layers)
     flash += 8 * mlp.obs_dim  # the float input map
-    width = max(int(l.weights.shape[0]) for l in mlp.layers)
     return {"const_data_bytes": int(flash), "weight_bytes": weight_bytes(mlp, weight_bits),
-            "activation_ram_bytes": 2 * width}
+            "activation_ram_bytes": 2 * scratch_width(mlp)}

@@ -31,7 +31,7 @@ def latency_us(q_fn: QFunction, states: np.ndarray, samples: int) -> dict[str, A
     result = {"action": _time_calls(act, rows)}
     invoke = getattr(q_fn, "invoke_quantized", None)
     if invoke is not None:  # the interpreter alone, as a C control loop on a device would call it
-        prepared = [q_fn._quantize(r).reshape(q_fn._in_shape) for r in rows]
+        prepared = [q_fn.quantize_input(r).reshape(q_fn.input_shape) for r in rows]
         result["invoke"] = _time_calls(invoke, prepared)
     return result
 
@@ -119,7 +119,7 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
             bounds = int8_output_bounds((source.manifest.get("quantization") or {}).get("output"))
             result["reference"].update(q_errors_unsaturated(q_ref, res.q_values, source.outputs == "centered_q_values",
                                                             bounds))
-    _apply_gates(cfg, result)
+    apply_gates(cfg, result)
     return result
 
 
@@ -128,7 +128,7 @@ def _gate(result: dict[str, Any], name: str, threshold: float, value: float, ok:
     return None if ok else f"gate {name} failed: {failure}"
 
 
-def _apply_gates(cfg: EvalConfig, result: dict[str, Any]) -> None:
+def apply_gates(cfg: EvalConfig, result: dict[str, Any]) -> None:
     g = cfg.gates
     fails: list[str | None] = []
     mean = result["mean_return"]

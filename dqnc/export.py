@@ -34,6 +34,8 @@ import numpy as np
 
 from dqnc.config import ExportConfig
 from dqnc.errors import DqncError, GateFailed, UsageError
+# The comparison lives in dqnc.runtimes.crosscheck; these names stay for their callers.
+from dqnc.runtimes.crosscheck import NEAR_TIE_STEPS, NO_PARENT_MAX_MISMATCH, first_max  # noqa: F401
 
 RUNNER = "run_policy.py"
 
@@ -99,8 +101,10 @@ def mcu_refusal(quantization: dict[str, Any], content: bytes, litert: Any) -> st
     if mode == "dynamic":
         return "a dynamic-range (hybrid) model has int8 weights with float activations, which TFLite Micro cannot run: " \
                "quantize with --mode int8"
-    dtypes = {d["dtype"] for d in litert.interpreter.get_tensor_details()}
-    if np.float16 in dtypes:
+    from dqnc.tflite_model import Model
+
+    model = Model(content)
+    if any(model.tensor(i).dtype == "float16" for i in range(len(model.subgraph.tensors or []))):
         return "the model holds float16 tensors, which TFLite Micro cannot run: quantize with --mode int8"
     ops = model_ops(content)
     if "DENSIFY" in ops:
@@ -108,169 +112,41 @@ def mcu_refusal(quantization: dict[str, Any], content: bytes, litert: Any) -> st
     return None
 
 
-# int8 output steps within which TFLM and LiteRT may rank two actions differently for models whose
-# arithmetic dqnc does not recompute (conv nets): one requantization rounding per layer or two.
-NEAR_TIE_STEPS = 2
-
-
-def _first_max(raw: np.ndarray) -> np.ndarray:
-    return raw.argmax(axis=1)  # numpy's argmax returns the first maximum: the tie rule shipped
-
-
-# Without a parent to judge by, the share of states on which TFLM may act unlike LiteRT (each flip
-# explained by the runtimes' rounding): measured 0.61% for an unpruned 128x128 CartPole model.
-NO_PARENT_MAX_MISMATCH = 0.01
+_MCU_CONSEQUENCE = "the bundle would act differently on a microcontroller; nothing written"
 
 
 def verify_tflm(content: bytes, litert: Any, manifest: dict[str, Any], states: np.ndarray,
                 max_mismatch: float | None = None, q_parent: np.ndarray | None = None,
                 max_regret: float = 0.05, min_decisive_agreement: float | None = None,
                 ) -> tuple[Any, dict[str, Any], np.ndarray, np.ndarray]:
-    """Run ``states`` through TFLM and LiteRT on identical quantized inputs. Returns the TFLM
-    policy, the figures, the quantized inputs and TFLM's raw outputs.
+    """Run ``states`` through TFLM and LiteRT on identical quantized inputs and judge TFLM
+    (:func:`dqnc.runtimes.crosscheck`: by the parent's Q-values ``q_parent`` where given, else by
+    the runtimes' rounding and ``max_mismatch``). Returns the TFLM policy, the figures, the
+    quantized inputs and TFLM's raw outputs; a failure raises GateFailed."""
+    from dqnc.runtimes import crosscheck, get
+    from dqnc.runtimes.names import TFLM
 
-    Every action must agree, with one measured exception: TFLM's reference kernels requantize
-    with TFLite's default double rounding, while LiteRT 2.x's kernels round once
-    (TFLITE_SINGLE_ROUNDING; XNNPACK nearly so), so an int8 activation can differ by one step
-    and, near a tie, the action flips (measured: 61 of 10,000 CartPole states for an unpruned
-    128x128 model with a narrowed output range). For int8 fully connected models dqnc recomputes
-    TFLM's arithmetic exactly (:mod:`dqnc.cpolicy`); disagreements are then accepted, and
-    counted, only when every TFLM output equals that computation and they are at most
-    ``max_mismatch`` of the states. For conv nets, whose arithmetic dqnc does not recompute, a
-    flip is accepted as a tie: where the parent itself (``q_parent``, its Q-values on ``states``)
-    rates the two actions within the decisive threshold (``fidelity.DECISIVE_FRAC`` of its Q
-    range), or, without a parent, where both runtimes' outputs are within NEAR_TIE_STEPS int8
-    steps.
-
-    With the parent's Q-values (``q_parent``), the parent is the judge: TFLM's actions must meet
-    the gates quantize's check applies to LiteRT's (``max_regret``, ``min_decisive_agreement``);
-    the raw TFLM-vs-LiteRT mismatch is reported, and refuses only beyond ``max_mismatch`` when
-    that is set. Without a parent, every flip must be explained by the runtimes' rounding and
-    at most ``max_mismatch`` (default NO_PARENT_MAX_MISMATCH) of the states. A failure raises
-    GateFailed.
-    """
-    from dqnc import cpolicy, tflm
-
-    micro = tflm.policy(content, manifest)
-    xq = litert._quantize(states).reshape((len(states), *litert._in_shape[1:]))
-    raw_tflm = np.stack([np.array(micro.invoke_quantized(x[None]), copy=True).reshape(-1) for x in xq])
-    raw_lite = np.stack([np.array(litert.invoke_quantized(x[None]), copy=True).reshape(-1) for x in xq])
-    same = _first_max(raw_tflm) == _first_max(raw_lite)
-    figures: dict[str, Any] = {"states": int(len(states)), "actions_equal": int(same.sum())}
-    if raw_tflm.dtype.kind in "iu":
-        diff = np.abs(raw_tflm.astype(np.int64) - raw_lite.astype(np.int64))
-        figures["int_output_differences"] = int((diff > 0).sum())
-        figures["int_output_max_difference"] = int(diff.max()) if diff.size else 0
-    else:
-        figures["output_max_abs_difference"] = float(np.abs(raw_tflm - raw_lite).max())
-    explained = False
-    if not same.all() and raw_tflm.dtype.kind in "iu":
-        mlp = cpolicy.extract(content)
-        if not isinstance(mlp, str):
-            flat = xq.reshape(len(xq), -1)
-            tflm_exact = bool((mlp.forward(flat, "double") == raw_tflm).all())
-            single = mlp.forward(flat, "single")
-            figures.update(tflm_equals_double_rounding=tflm_exact,
-                           litert_outputs_equal_single_rounding=int((single == raw_lite).all(axis=1).sum()))
-            explained = tflm_exact
-        else:
-            # Conv nets: dqnc does not recompute TFLM's conv arithmetic, so a flip is accepted only
-            # as a near tie: every output within NEAR_TIE_STEPS int8 steps in both runtimes, and the
-            # two actions within that many steps of each other in both (measured on MinAtar
-            # Breakout: outputs differ by <= 2 steps, 36 of 40 flips are exact ties in LiteRT).
-            rows = np.flatnonzero(~same)
-            a_t, a_l = _first_max(raw_tflm)[rows], _first_max(raw_lite)[rows]
-            t, l = raw_tflm.astype(np.int64)[rows], raw_lite.astype(np.int64)[rows]
-            gaps = np.concatenate([l[np.arange(len(rows)), a_l] - l[np.arange(len(rows)), a_t],
-                                   t[np.arange(len(rows)), a_t] - t[np.arange(len(rows)), a_l]])
-            explained = bool(diff.max() <= NEAR_TIE_STEPS and gaps.max() <= NEAR_TIE_STEPS)
-            figures.update(int8_near_ties=int(len(rows)) if explained else 0, near_tie_steps=NEAR_TIE_STEPS,
-                           flip_gap_max_steps=int(gaps.max()))
-            if q_parent is not None:
-                # The output scale may be narrowed (quantize's 'ranking' range), which counts the
-                # same rounding in more int8 steps; what matters is whether the parent cares.
-                from dqnc.fidelity import DECISIVE_FRAC, actions_of, fidelity
-
-                q_range = float(q_parent.max() - q_parent.min())
-                parent_gap = np.abs(q_parent[rows, a_t] - q_parent[rows, a_l])
-                parent_ties = bool((parent_gap < DECISIVE_FRAC * q_range).all()) if q_range > 0 else True
-                explained = explained or parent_ties
-                on_tflm, on_lite = fidelity(q_parent, actions_of(raw_tflm)), fidelity(q_parent, actions_of(raw_lite))
-                figures.update(parent_ties=int(len(rows)) if parent_ties else 0,
-                               flip_parent_gap_max=float(parent_gap.max() / q_range) if q_range > 0 else 0.0,
-                               **{f"{k}_vs_parent": {"tflm": on_tflm[k], "litert": on_lite[k]}
-                                  for k in ("regret", "agreement", "decisive_agreement")})
-    elif not same.all():
-        # Float kernels sum in different orders: a flip is a float tie when TFLM's choice scores
-        # within float32 rounding of LiteRT's best in LiteRT's own outputs.
-        rows = np.flatnonzero(~same)
-        lite_best = raw_lite[rows, _first_max(raw_lite)[rows]]
-        lite_of_tflm = raw_lite[rows, _first_max(raw_tflm)[rows]]
-        tol = 1e-5 * np.maximum(1.0, np.abs(raw_lite[rows]).max(axis=1))
-        explained = bool((lite_best - lite_of_tflm <= tol).all())
-        figures["float_ties"] = int(len(rows)) if explained else 0
-    share = float((~same).mean())
-    figures["action_mismatch_share"] = share
-    if q_parent is not None:
-        _judge_by_parent(q_parent, raw_tflm, raw_lite, figures, share, max_mismatch, max_regret,
-                         min_decisive_agreement, litert.runtime, len(states))
-        return micro, figures, xq, raw_tflm
-    limit = NO_PARENT_MAX_MISMATCH if max_mismatch is None else max_mismatch
-    if not same.all() and (not explained or share > limit):
-        why = (f"{100 * share:.2f}% exceeds the allowed {100 * limit:.2f}% (--max-action-mismatch)" if explained
-               else "more than the two runtimes' rounding explains")
-        raise GateFailed(f"TensorFlow Lite Micro and LiteRT ({litert.runtime}) choose different actions on "
-                         f"{int((~same).sum())} of {len(states):,} held-out states, {why}: the bundle would act "
-                         "differently on a microcontroller; nothing written (export --target linux ships for LiteRT only)",
-                         {"tflm_check": figures})
-    return micro, figures, xq, raw_tflm
-
-
-def _judge_by_parent(q_parent: np.ndarray, raw_tflm: np.ndarray, raw_lite: np.ndarray, figures: dict[str, Any],
-                     share: float, max_mismatch: float | None, max_regret: float,
-                     min_decisive_agreement: float | None, lite_name: str, n: int) -> None:
-    """Judge TFLM's actions by the parent's Q-values, as quantize's check judges LiteRT's."""
-    from dqnc.fidelity import actions_of, fidelity
-
-    on_tflm, on_lite = fidelity(q_parent, actions_of(raw_tflm)), fidelity(q_parent, actions_of(raw_lite))
-    figures.update({f"{k}_vs_parent": {"tflm": on_tflm[k], "litert": on_lite[k]}
-                    for k in ("regret", "agreement", "decisive_agreement")})
-    figures["decisive_states"] = on_tflm["decisive_states"]
-    problems = []
-    if on_tflm["regret"] > max_regret:
-        problems.append(f"regret {on_tflm['regret']:.4f} of the parent's action spread > {max_regret:g} "
-                        f"(LiteRT: {on_lite['regret']:.4f})")
-    if min_decisive_agreement is not None and on_tflm["decisive_agreement"] < min_decisive_agreement:
-        problems.append(f"decisive agreement {on_tflm['decisive_agreement']:.4f} < {min_decisive_agreement:g} "
-                        f"(LiteRT: {on_lite['decisive_agreement']:.4f})")
-    if max_mismatch is not None and share > max_mismatch:
-        problems.append(f"TFLM and LiteRT ({lite_name}) choose different actions on {100 * share:.2f}% of the "
-                        f"states > {100 * max_mismatch:.2f}% (--max-action-mismatch)")
-    if problems:
-        raise GateFailed(f"on TensorFlow Lite Micro the policy strays from its parent on {n:,} held-out states: "
-                         f"{'; '.join(problems)}: the bundle would act differently on a microcontroller; nothing written",
-                         {"tflm_check": figures})
+    micro = get(TFLM).open(content, manifest)
+    check = crosscheck(litert, micro, states, q_parent=q_parent, max_mismatch=max_mismatch, max_regret=max_regret,
+                       min_decisive_agreement=min_decisive_agreement, content=content)
+    if not check.ok:
+        advice = "" if check.by_parent else " (export --target linux ships for LiteRT only)"
+        raise GateFailed(f"{check.why}: {_MCU_CONSEQUENCE}{advice}", {"tflm_check": check.figures})
+    return micro, check.figures, check.xq, check.raw_candidate
 
 
 def tflm_return_check(cfg: ExportConfig, micro: Any, parent_fn: Any, env: Any, figures: dict[str, Any]) -> None:
     """Closed-loop episodes of TFLM's policy and its parent on the same seeds: the return gate."""
-    from dqnc.envs import rollout
-    from dqnc.fidelity import return_drop
+    from dqnc.runtimes.crosscheck import closed_loop
     from dqnc.seeds import episode_seed
 
     if cfg.check_episodes <= 0 or parent_fn is None:
         return
     seed0 = episode_seed("export_check", cfg.seed) + RETURN_SEED_OFFSET
-    ref = rollout(parent_fn, env, cfg.check_episodes, seed0).returns
-    new = rollout(micro.q_values, env, cfg.check_episodes, seed0).returns
-    drop = return_drop(ref, new)
-    figures.update(check_episodes=cfg.check_episodes, return_seed=seed0, parent_mean_return=float(ref.mean()),
-                   tflm_mean_return=float(new.mean()), **drop)
-    if drop["return_drop_frac"] > cfg.max_return_drop and drop["return_drop_ci95"][0] > 0:
-        raise GateFailed(f"on TensorFlow Lite Micro the policy returns {new.mean():.2f} over {cfg.check_episodes} check "
-                         f"episodes against the parent's {ref.mean():.2f} (drop {100 * drop['return_drop_frac']:.2f}%, "
-                         f"allowed {100 * cfg.max_return_drop:.2f}%, the paired 95% CI excludes 0): nothing written",
-                         {"tflm_check": figures})
+    found, why = closed_loop(parent_fn, micro.q_values, env, cfg.check_episodes, seed0, cfg.max_return_drop)
+    figures.update(found)
+    if why:
+        raise GateFailed(f"on TensorFlow Lite Micro the policy {why}: nothing written", {"tflm_check": figures})
 
 
 # The return episodes start past the verification states' episodes in the export_check block.
@@ -282,17 +158,18 @@ def _resolver_method(op: str) -> str:
 
 
 def _c_floats(values: Any) -> str:
-    from dqnc.cpolicy import _c_float
+    from dqnc.cpolicy import c_float
 
-    return "{" + ", ".join(_c_float(v) for v in np.ravel(values)) + "}"
+    return "{" + ", ".join(c_float(v) for v in np.ravel(values)) + "}"
 
 
 def tflm_header(litert: Any, preprocess: dict[str, Any] | None, names: list[str], arena: dict[str, Any],
                 ops: list[str], tflm_version: str) -> str:
     """``dqnc_policy.h``: every constant firmware needs to run model_data.cc with TFLM."""
-    from dqnc.cpolicy import _c_string
+    from dqnc.cpolicy import c_string
 
     io = litert.io()
+    input_a, input_c = litert.input_map
     pre = preprocess or {}
     stats = ""
     if pre.get("obs_mean") is not None:
@@ -308,14 +185,14 @@ def tflm_header(litert: Any, preprocess: dict[str, Any] | None, names: list[str]
 
 constexpr int kDqncObsDim = {litert.obs_dim};
 constexpr int kDqncNumActions = {litert.n_actions};
-constexpr const char* kDqncActionNames[kDqncNumActions] = {{{", ".join(_c_string(n) for n in names)}}};
+constexpr const char* kDqncActionNames[kDqncNumActions] = {{{", ".join(c_string(n) for n in names)}}};
 // The action is the first index holding the maximum output (ties go to the lower index).
 
 {stats}// Model input ({io["input"]["dtype"]}): standardization and input quantization folded into one float32 map,
 //   q = round_half_even(obs[i] * kDqncInputA[i] + kDqncInputC[i]), clamped to the input type's range
 //   (a float input takes the value unrounded). The Python runner computes exactly this.
-constexpr float kDqncInputA[kDqncObsDim] = {_c_floats(litert._a)};
-constexpr float kDqncInputC[kDqncObsDim] = {_c_floats(litert._c)};
+constexpr float kDqncInputA[kDqncObsDim] = {_c_floats(input_a)};
+constexpr float kDqncInputC[kDqncObsDim] = {_c_floats(input_c)};
 constexpr float kDqncInputScale = {_c_floats([io["input"]["scale"]])[1:-1]};
 constexpr int kDqncInputZeroPoint = {io["input"]["zero_point"]};
 // Model output ({io["output"]["dtype"]}, {pre.get("outputs", "q_values")}): score = (q - zero point) * scale.
@@ -393,6 +270,45 @@ int main() {{
 """
 
 
+def mcu_files(cfg: ExportConfig, source: art.Artifact, content: bytes, policy: Any, quantization: dict[str, Any],
+              ops: list[str], metrics: dict[str, Any], extra_files: dict[str, str], extra_binary: dict[str, bytes]) -> None:
+    """Target mcu: refuse what TFLM cannot run, verify TFLM against LiteRT and the parent, and add
+    the TFLM, C-policy and LUT deliverables (into ``extra_files``/``extra_binary``) and figures."""
+    from dqnc import tflm
+
+    preprocess = source.manifest.get("preprocess")
+    manifest_view = {"preprocess": preprocess}
+    env = source.env
+    reason = mcu_refusal(quantization, content, policy)
+    if reason is None:
+        try:
+            tflm.Interpreter(content)
+        except tflm.TflmError as e:
+            reason = str(e)
+    if reason:
+        raise UsageError(f"cannot export for target mcu: {reason} (or export with --target linux)")
+    states, who, q_parent, parent_fn = check_states(cfg, source, policy)
+    micro, figures, xq, raw_tflm = verify_tflm(content, policy, manifest_view, states, cfg.max_action_mismatch,
+                                                 q_parent, cfg.max_regret, cfg.min_decisive_agreement)
+    tflm_return_check(cfg, micro, parent_fn, env, figures)
+    arena = tflm.arena(content)
+    from importlib import metadata
+
+    tflm_version = metadata.version("tflite-micro")
+    metrics.update(tflm_compatible=True, tflm_check={**figures, "states_from": who, "tflite_micro": tflm_version},
+                   tflm_arena_bytes={k: arena[k] for k in ("total", "head", "tail") if k in arena},
+                   tflm_arena_shipped_bytes=arena["shipped"], tflm_flash_bytes=len(content))
+    names = env.action_meanings or [f"action {i}" for i in range(env.n_actions)]
+    extra_files["dqnc_policy.h"] = tflm_header(policy, preprocess, names, arena, ops, tflm_version)
+    first_action = int(first_max(raw_tflm[:1])[0])
+    extra_files["main.cc"] = tflm_main(policy, cfg.c_name, states[0], first_action)
+    bits = int(quantization.get("weight_bits") or 8)
+    metrics["c_policy"] = c_policy_files(policy, content, names, preprocess, states, xq, raw_tflm,
+                                          extra_files, weight_bits=bits)
+    if bits < 8:
+        metrics["lut"] = lut_files(content, bits, xq, raw_tflm, cfg.c_name, extra_binary, extra_files)
+
+
 def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = False,
         command: list[str] | None = None) -> art.Artifact:
     """Write the edge bundle for ``source`` at ``out`` (verified for its target first)."""
@@ -420,7 +336,6 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         policy = runtime.Policy(model_content=content)
         quantization = {"mode": "fp32", "float_io": True}
     preprocess = source.manifest.get("preprocess")
-    manifest_view = {"preprocess": preprocess}
     env = source.env
     from dqnc import tflm
     from dqnc.inspection import gzip_size
@@ -431,34 +346,7 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     extra_files: dict[str, str] = {}
     extra_binary: dict[str, bytes] = {}
     if cfg.target == "mcu":
-        reason = mcu_refusal(quantization, content, policy)
-        if reason is None:
-            try:
-                tflm.Interpreter(content)
-            except tflm.TflmError as e:
-                reason = str(e)
-        if reason:
-            raise UsageError(f"cannot export for target mcu: {reason} (or export with --target linux)")
-        states, who, q_parent, parent_fn = check_states(cfg, source, policy)
-        micro, figures, xq, raw_tflm = verify_tflm(content, policy, manifest_view, states, cfg.max_action_mismatch,
-                                                     q_parent, cfg.max_regret, cfg.min_decisive_agreement)
-        tflm_return_check(cfg, micro, parent_fn, env, figures)
-        arena = tflm.arena(content)
-        from importlib import metadata
-
-        tflm_version = metadata.version("tflite-micro")
-        metrics.update(tflm_compatible=True, tflm_check={**figures, "states_from": who, "tflite_micro": tflm_version},
-                       tflm_arena_bytes={k: arena[k] for k in ("total", "head", "tail") if k in arena},
-                       tflm_arena_shipped_bytes=arena["shipped"], tflm_flash_bytes=len(content))
-        names = env.action_meanings or [f"action {i}" for i in range(env.n_actions)]
-        extra_files["dqnc_policy.h"] = tflm_header(policy, preprocess, names, arena, ops, tflm_version)
-        first_action = int(_first_max(raw_tflm[:1])[0])
-        extra_files["main.cc"] = tflm_main(policy, cfg.c_name, states[0], first_action)
-        bits = int(quantization.get("weight_bits") or 8)
-        metrics["c_policy"] = c_policy_files(policy, content, names, preprocess, states, xq, raw_tflm,
-                                              extra_files, weight_bits=bits)
-        if bits < 8:
-            metrics["lut"] = lut_files(content, bits, xq, raw_tflm, cfg.c_name, extra_binary, extra_files)
+        mcu_files(cfg, source, content, policy, quantization, ops, metrics, extra_files, extra_binary)
     io = policy.io()
     io["output"]["meaning"] = (preprocess or {}).get("outputs", "q_values")
     header = "model_data.h"
@@ -508,18 +396,18 @@ def lut_files(content: bytes, bits: int, xq: np.ndarray, raw_tflm: np.ndarray, c
     runtimes load and run it is measured, not assumed (LiteRT and tflite-runtime have no DECODE).
     """
     from dqnc import lowbit, tflm
+    from dqnc.runtimes.names import TFLM
 
     lut = lowbit.lut_compress(content, bits)
-    plain, packed = tflm.read_model(content), tflm.read_model(lut)
-    originals = [lowbit._tensor_array(plain, i) for i in lowbit._fc_weight_tensors(plain)]
+    originals = lowbit.fc_kernels(content)
     decoded = lowbit.decode_lut(lut)
-    fed = [decoded.get(i) for i in lowbit._fc_weight_tensors(packed)]
+    fed = [decoded.get(i) for i in lowbit.fc_weight_tensors(lut)]
     if len(fed) != len(originals) or any(d is None or not np.array_equal(d, o) for d, o in zip(fed, originals)):
         raise VerificationError("the LUT-compressed model does not decode to the int8 kernels: a dqnc bug, please report it")
     runtimes = lowbit.runtime_check(lut, xq, raw_tflm)
-    if runtimes["tflm"] != "ran":
+    if runtimes[TFLM] != "ran":
         raise VerificationError(f"TFLM's outputs for the LUT-compressed model differ from the uncompressed model's: "
-                                f"{runtimes['tflm']}")
+                                f"{runtimes[TFLM]}")
     arena = tflm.arena(lut)
     h, cc = c_array(lut, c_name + lowbit.LUT_SUFFIX, "model_lut_data.h")
     binary[LUT_TFLITE] = lut
@@ -558,7 +446,7 @@ def c_policy_files(policy: Any, content: bytes, names: list[str], preprocess: di
     if not (mlp.forward(xq) == raw_tflm).all():
         raise VerificationError("dqnc's integer arithmetic disagrees with TFLM's reference kernels: a dqnc bug, please report it")
     pre = preprocess or {}
-    h, c = cpolicy.generate(mlp, policy._a, policy._c, names, pre.get("obs_mean"), pre.get("obs_std"), weight_bits)
+    h, c = cpolicy.generate(mlp, *policy.input_map, names, pre.get("obs_mean"), pre.get("obs_std"), weight_bits)
     files[cpolicy.HEADER], files[cpolicy.SOURCE] = h, c
     entry: dict[str, Any] = {"written": True, **cpolicy.sizes(mlp, weight_bits), "weight_bits": weight_bits,
                              "layers": len(mlp.layers)}

@@ -70,50 +70,33 @@ def _savedmodel_layers(artifact: Artifact) -> list[dict[str, Any]]:
 
 
 def _tflite_layers(artifact: Artifact) -> tuple[list[dict[str, Any]], list[str]]:
-    """Weighted ops of a .tflite model (read with LiteRT, no TensorFlow) and its op list."""
-    from dqnc import tflm
+    """Weighted ops of a .tflite model (read by :mod:`dqnc.tflite_model`, no TensorFlow) and its op list."""
     from dqnc.errors import ArtifactError
-    from dqnc.runtime import interpreter_class, quiet_stderr
+    from dqnc.tflite_model import Model
 
-    tflm.check(artifact.model_path.read_bytes())  # damaged or oversized: exit 2 before LiteRT parses it
-    module, _ = interpreter_class()
-    try:
-        with quiet_stderr():
-            interp = module.Interpreter(model_path=str(artifact.model_path))
-    except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{str(artifact.model_path)!r}: LiteRT cannot read this model ({first}); a LUT-compressed "
-                            "model (TFLite Micro's DECODE) is inspected through its uncompressed int8 parent") from None
-    ops = interp._get_ops_details()
-    tensors = {t["index"]: t for t in interp.get_tensor_details()}
-    densified = {o["outputs"][0]: o["inputs"][0] for o in ops if o["op_name"] == "DENSIFY"}
-
-    def const(idx: int) -> np.ndarray | None:
-        try:
-            return np.asarray(interp.get_tensor(idx))
-        except ValueError:
-            return None
-
+    model = Model(artifact.model_path.read_bytes())  # damaged or oversized: exit 2 before anything else reads it
+    if model.uses_decode():
+        raise ArtifactError(f"{str(artifact.model_path)!r}: a LUT-compressed model (TFLite Micro's DECODE) is inspected "
+                            "through its uncompressed int8 parent")
+    ops = model.ops()
+    densified = {o.outputs[0]: o.inputs[0] for o in ops if o.name == "DENSIFY"}
     layers = []
-    for o in ops:
-        if o["op_name"] not in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D") or len(o["inputs"]) < 2:
-            continue
-        w_idx = o["inputs"][1]
+    for op, w_idx, b_idx in model.weighted_layers():
         # Stripped models (quantize's default) carry no tensor names: name layers by position.
-        name = (tensors[w_idx]["name"] if w_idx in tensors else "") or f"{o['op_name'].lower()}_{len(layers)}"
+        name = model.tensor(w_idx).name or f"{op.name.lower()}_{len(layers)}"
         if w_idx in densified:  # sparse encoding: the stored values are the nonzeros
-            shape = [int(v) for v in tensors[w_idx]["shape"]]
+            shape = list(model.tensor(w_idx).shape)
             size = int(np.prod(shape))
-            stored = const(densified[w_idx])
+            stored = model.data(densified[w_idx])
             nonzero = int(np.count_nonzero(stored)) if stored is not None else size
-            layers.append({"name": name, "op": o["op_name"] + " (sparse)", "shape": shape, "params": size,
+            layers.append({"name": name, "op": op.name + " (sparse)", "shape": shape, "params": size,
                            "kernel_params": size, "nonzero": nonzero, "sparsity": 1 - nonzero / size})
             continue
-        w = const(w_idx)
-        b = const(o["inputs"][2]) if len(o["inputs"]) > 2 and o["inputs"][2] >= 0 else None
+        w = model.data(w_idx)
+        b = model.data(b_idx) if b_idx is not None else None
         if w is not None:
-            layers.append(layer_stats(name, w, b, o["op_name"]))
-    return layers, sorted({o["op_name"] for o in ops})
+            layers.append(layer_stats(name, w, b, op.name))
+    return layers, sorted({o.name for o in ops})
 
 
 def param_count(artifact: Artifact) -> int | None:

@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 
 from dqnc.errors import DqncError, UsageError
+# Moved: the reader tells whether a model is LUT-compressed; the LiteRT runtime refuses one.
+from dqnc.runtimes.litert import decode_refusal  # noqa: F401
+from dqnc.tflite_model import uses_decode  # noqa: F401
 
 # DAgger rounds of the fine-tuning. It runs at the distillation's own step size: at 0.3x of it,
 # CartPole's 2-bit student kept a validation return of 64 (of 500); at 1x, 500 (20 episodes).
@@ -64,18 +67,9 @@ def _distill_settings(source: Any, seed: int, steps: int) -> Any:
 
 def _effective(model: Any) -> list[np.ndarray]:
     """The weights a (possibly cluster-wrapped) Dense chain computes with: centroids[indices]."""
-    out: list[np.ndarray] = []
-    for layer in model.layers:
-        inner = getattr(layer, "layer", layer)
-        if type(inner).__name__ != "Dense":
-            continue
-        if hasattr(layer, "cluster_centroids"):
-            centroids = layer.cluster_centroids["kernel"].numpy()
-            kernel = centroids[layer.pulling_indices["kernel"].numpy()]
-        else:
-            kernel = inner.kernel.numpy()
-        out += [np.asarray(kernel, np.float32), inner.bias.numpy().astype(np.float32)]
-    return out
+    from dqnc.qnet.weights import effective_weights
+
+    return [np.asarray(a, np.float32) for a in effective_weights(model)]
 
 
 @dataclass
@@ -94,7 +88,8 @@ def cluster(source: Any, model: Any, calibration: np.ndarray, bits: int, steps: 
     from dqnc.distillation import Normalizer, Trainer, dagger, teacher_states
     from dqnc.keras import keras, tf, tfmot
     from dqnc.nets import NetSpec, build_plain_mlp
-    from dqnc.policy import mlp_weights
+    from dqnc.qnet.fold import center_q
+    from dqnc.qnet.weights import plain_mlp_weights as mlp_weights
 
     mlp = mlp_weights(model)
     if mlp is None:
@@ -116,8 +111,7 @@ def cluster(source: Any, model: Any, calibration: np.ndarray, bits: int, steps: 
     norm = Normalizer(mean, std, fitted.q_mean, fitted.q_std)
     w = norm.to_normalized(raw)
     # Remove the offset all actions share (as prepare_for_integer does): the greedy action is the same.
-    w[-2] = w[-2] - w[-2].mean(axis=1, keepdims=True)
-    w[-1] = w[-1] - w[-1].mean()
+    w[-2], w[-1] = center_q(w[-2], w[-1])
     spec = NetSpec(int(raw[0].shape[0]), int(raw[-2].shape[1]), tuple(int(a.shape[1]) for a in raw[0:-2:2]), acts[0] if acts else "relu")
     plain = build_plain_mlp(spec, w)
     cl = tfmot().clustering.keras
@@ -162,7 +156,8 @@ def cluster(source: Any, model: Any, calibration: np.ndarray, bits: int, steps: 
 
 
 def _fc_weight_tensors(model: Any) -> list[int]:
-    from dqnc.tflm import op_names
+    """The kernel tensor of each FULLY_CONNECTED op of a schema ``ModelT``, in execution order."""
+    from dqnc.tflite_model import op_names
 
     sg = model.subgraphs[0]
     return [int(op.inputs[1]) for op, name in zip(sg.operators, op_names(model)) if name == "FULLY_CONNECTED"]
@@ -174,12 +169,24 @@ def _tensor_array(model: Any, index: int) -> np.ndarray:
     return np.frombuffer(bytes(np.asarray(data, np.uint8)), np.int8).reshape([int(d) for d in t.shape])
 
 
-def distinct_weights(content: bytes) -> list[int]:
-    """Distinct int8 values of each FULLY_CONNECTED kernel, in execution order."""
-    from dqnc.tflm import read_model
+def fc_weight_tensors(content: bytes) -> list[int]:
+    """The kernel tensor index of each FULLY_CONNECTED op, in execution order."""
+    from dqnc.tflite_model import read_model
+
+    return _fc_weight_tensors(read_model(content))
+
+
+def fc_kernels(content: bytes) -> list[np.ndarray]:
+    """The int8 kernel of each FULLY_CONNECTED op, in execution order."""
+    from dqnc.tflite_model import read_model
 
     model = read_model(content)
-    return [int(len(np.unique(_tensor_array(model, i)))) for i in _fc_weight_tensors(model)]
+    return [_tensor_array(model, i) for i in _fc_weight_tensors(model)]
+
+
+def distinct_weights(content: bytes) -> list[int]:
+    """Distinct int8 values of each FULLY_CONNECTED kernel, in execution order."""
+    return [int(len(np.unique(w))) for w in fc_kernels(content)]
 
 
 def _snap_values(w: np.ndarray, k: int) -> np.ndarray:
@@ -199,7 +206,7 @@ def _snap_values(w: np.ndarray, k: int) -> np.ndarray:
 def snap(content: bytes, bits: int) -> tuple[bytes, list[int]]:
     """Make every FULLY_CONNECTED kernel hold at most 2^bits int8 values (a no-op for per-layer
     scales on clustered weights); returns the model and the kernels snapped (their op indices)."""
-    from dqnc.tflm import read_model
+    from dqnc.tflite_model import read_model
 
     model = read_model(content)
     k = 2 ** bits
@@ -213,11 +220,9 @@ def snap(content: bytes, bits: int) -> tuple[bytes, list[int]]:
 
 
 def _build(model: Any) -> bytes:
-    import flatbuffers
+    from dqnc.tflite_model import write_model
 
-    b = flatbuffers.Builder(0)
-    b.Finish(model.Pack(b), file_identifier=b"TFL3")
-    return bytes(b.Output())
+    return write_model(model)
 
 
 # --- 3. TFLite Micro look-up-table compression ----------------------------------------------------
@@ -236,7 +241,7 @@ def lut_compress(content: bytes, bits: int) -> bytes:
     except (ImportError, AttributeError) as e:
         raise UsageError(f"LUT compression needs a newer tflite-micro ({e}): pip install -U tflite-micro") from None
 
-    from dqnc.tflm import read_model
+    from dqnc.tflite_model import read_model
 
     model = read_model(content)
     builder = compression.SpecBuilder()
@@ -252,31 +257,10 @@ def lut_compress(content: bytes, bits: int) -> bytes:
         return bytes(compression.compress(content, builder.build()))
 
 
-def uses_decode(content: bytes) -> bool:
-    """True for a LUT-compressed model (TFLM's DECODE custom op), which only TFLM runs."""
-    from dqnc.tflm import read_model
-
-    model = read_model(content)
-    return any(getattr(c, "customCode", None) in (b"TFLM_DECODE", "TFLM_DECODE") for c in model.operatorCodes or [])
-
-
-def decode_refusal(path: Any, runtime: str | None) -> None:
-    """Raise UsageError (exit 2) if ``path`` is a LUT-compressed model, which ``runtime`` cannot run."""
-    from pathlib import Path
-
-    try:
-        compressed = uses_decode(Path(path).read_bytes())
-    except Exception:  # noqa: BLE001 - unreadable: the caller reports the file as damaged
-        return
-    if compressed:
-        raise UsageError(f"{str(path)!r} is LUT-compressed (TFLite Micro's DECODE op), which {runtime or 'LiteRT'} "
-                         "cannot run: use --runtime tflm, or the bundle's uncompressed model.tflite")
-
-
 def decode_lut(compressed: bytes) -> dict[int, np.ndarray]:
     """Read a LUT-compressed model back without TFLM: each DECODE op's output tensor index ->
     the int8 array its packed indices and value table stand for (per-tensor or per-channel)."""
-    from dqnc.tflm import read_model
+    from dqnc.tflite_model import read_model
 
     model = read_model(compressed)
     sg = model.subgraphs[0]
@@ -312,23 +296,21 @@ def decode_lut(compressed: bytes) -> dict[int, np.ndarray]:
 
 # --- which runtimes run a form (measured) --------------------------------------------------------
 
-RUNTIMES = ("litert", "tflite-runtime", "tflm")
-
-
 def runtime_check(content: bytes, xq: np.ndarray, expected: np.ndarray) -> dict[str, str]:
-    """Load ``content`` in each runtime and run the int8 inputs ``xq``: "ran" when every int8 output
-    equals ``expected`` (TFLM, or any runtime in exact agreement), "ran (N outputs differ)" when it
-    runs with other rounding, else the first line of why it could not (import or load error)."""
-    from dqnc import tflm
-    from dqnc.runtime import Policy
+    """Load ``content`` in each registered runtime that loads .tflite files and run the int8 inputs
+    ``xq``: "ran" when every int8 output equals ``expected`` (TFLM, or any runtime in exact
+    agreement), "ran (N outputs differ)" when it runs with other rounding, else the first line of
+    why it could not (import or load error)."""
+    from dqnc.runtimes import RUNTIMES
 
     found: dict[str, str] = {}
-    for name in RUNTIMES:
+    for name, rt in list(RUNTIMES.items()):
+        if not rt.loads_tflite:
+            continue
         try:
-            if name == "tflm":
-                pol = tflm.policy(content)
-            else:
-                pol = Policy(model_content=content, runtime=name.replace("-", "_").replace("litert", "ai_edge_litert"))
+            if rt.available():
+                raise ImportError(name)
+            pol = rt.open(content, None)
             raw = np.stack([np.array(pol.invoke_quantized(x[None]), copy=True).reshape(-1) for x in xq])
         except ImportError:
             found[name] = "not installed"

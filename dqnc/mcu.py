@@ -158,9 +158,9 @@ def _run(cmd: list[str], timeout: float = 300) -> str:
 
 
 def _vectors_header(obs: np.ndarray, expected: np.ndarray, litert: np.ndarray) -> str:
-    from dqnc.cpolicy import _c_float
+    from dqnc.cpolicy import c_float
 
-    rows = ",\n".join("  {" + ", ".join(_c_float(v) for v in row) + "}" for row in obs)
+    rows = ",\n".join("  {" + ", ".join(c_float(v) for v in row) + "}" for row in obs)
     return (f"#define DQNC_N_VECTORS {len(obs)}u\n#define DQNC_CALIBRATION_LOOPS {CALIBRATION_LOOPS}u\n"
             f"static const float k_obs[DQNC_N_VECTORS][DQNC_OBS_DIM] = {{\n{rows}\n}};\n"
             f"static const int k_expected[DQNC_N_VECTORS] = {{{', '.join(str(int(a)) for a in expected)}}};\n"
@@ -237,7 +237,7 @@ def verify_bundle(bundle: Path, n_vectors: int = 1000, seed: int = 0) -> dict[st
 
     litert = tflite_policy(source.model_path, source.manifest)
     obs = collect_states(litert, source.env, n_vectors, episode_seed("export_check", seed) + 50_000, 0.1)
-    xq = litert._quantize(obs.astype(np.float32))
+    xq = litert.quantize_input(obs.astype(np.float32))
     mlp = extract(source.model_path.read_bytes())
     assert not isinstance(mlp, str)  # export wrote policy.c, so the model is an int8 FC chain
     expected = mlp.forward(xq).argmax(axis=1)  # TFLM's arithmetic, first maximum

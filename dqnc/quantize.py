@@ -21,7 +21,9 @@ and Q-error limits are optional: a model whose actions differ only on near-ties 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,24 +108,28 @@ def strip_strings(content: bytes) -> bytes:
     ("q_network/dense_1/MatMul;q_network/dense_1/Relu;...") are ~660 bytes of a 3.5 KB 16x16
     int8 policy (measured: 3,496 -> 2,832 bytes). TensorFlow's own flatbuffer tool does it.
     """
-    from dqnc.keras import tf
+    from dqnc.tflite_model import read_model, write_model
 
-    tf()
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
-    flatbuffer_utils.strip_strings(model)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    model = read_model(content)
+    model.description = None  # what TensorFlow's flatbuffer_utils.strip_strings drops, and no more
+    for subgraph in model.subgraphs:
+        subgraph.name = None
+        for tensor in subgraph.tensors:
+            tensor.name = None
+    model.signatureDefs = None  # without names it is useless
+    return write_model(model)
 
 
 def tensor_types(content: bytes) -> dict[str, Any]:
     """Input/output dtypes and quantization, and how many tensors of each dtype the model holds."""
     from dqnc.runtime import Policy
+    from dqnc.tflite_model import Model
 
     pol = Policy(model_content=content)
+    model = Model(content)
     counts: dict[str, int] = {}
-    for d in pol.interpreter.get_tensor_details():
-        name = np.dtype(d["dtype"]).name
+    for i in range(len(model.subgraph.tensors or [])):
+        name = model.tensor(i).dtype
         counts[name] = counts.get(name, 0) + 1
     return {**pol.io(), "tensor_dtypes": counts}
 
@@ -145,7 +151,8 @@ def prepare_for_integer(model: Any, states: np.ndarray, sweeps: int = 0,
     Returns the rewritten model and the preprocessing the runtime must apply.
     """
     from dqnc.nets import NetSpec, build_plain_mlp
-    from dqnc.policy import mlp_weights
+    from dqnc.qnet.fold import standardize_input
+    from dqnc.qnet.weights import plain_mlp_weights as mlp_weights
 
     mlp = mlp_weights(model)
     if mlp is None:
@@ -158,7 +165,7 @@ def prepare_for_integer(model: Any, states: np.ndarray, sweeps: int = 0,
     std = states.std(axis=0).astype(np.float64)
     std = np.where(std > 1e-6, std, 1.0)
     w0, b0 = weights[0], weights[1]
-    weights[0], weights[1] = w0 * std[:, None], b0 + mean @ w0
+    weights[0], weights[1] = standardize_input(w0, b0, mean, std)
     weights[-2], weights[-1] = _centered(weights[-2], weights[-1])
     act = acts[0] if acts else "relu"
     if sweeps and act == "relu" and len(weights) > 2:
@@ -170,8 +177,9 @@ def prepare_for_integer(model: Any, states: np.ndarray, sweeps: int = 0,
 
 def _centered(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The output layer's kernel and bias minus their mean over actions (float64)."""
-    kernel, bias = np.asarray(kernel, np.float64), np.asarray(bias, np.float64)
-    return kernel - kernel.mean(axis=1, keepdims=True), bias - bias.mean()
+    from dqnc.qnet.fold import center_q
+
+    return center_q(np.asarray(kernel, np.float64), np.asarray(bias, np.float64))
 
 
 def _centered_outputs(outputs: str) -> str:
@@ -262,18 +270,18 @@ def narrow_output_range(content: bytes, score: Any) -> tuple[bytes, float, tuple
     is measured, so a narrower range is taken only where it agrees better.
     Returns the model, the factor chosen and the (dequantized) scores at which outputs saturate.
     """
-    from tensorflow.lite.tools import flatbuffer_utils
+    from dqnc.tflite_model import read_model, schema, write_model
 
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
-    tensor = _output_tensor(model, flatbuffer_utils.schema_fb)
+    model = read_model(content)
+    tensor = _output_tensor(model, schema())
     q = tensor.quantization
-    if q is None or q.scale is None or len(q.scale) != 1 or tensor.type != flatbuffer_utils.schema_fb.TensorType.INT8:
+    if q is None or q.scale is None or len(q.scale) != 1 or tensor.type != schema().TensorType.INT8:
         return content, 1.0, None
     base, zero = float(q.scale[0]), int(q.zeroPoint[0])
     best = (score(content), 1.0, content)
     for factor in OUTPUT_RANGE_FACTORS[1:]:
         q.scale = np.array([base * factor], np.float32)
-        candidate = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+        candidate = write_model(model)
         agreement_ = score(candidate)
         if agreement_ > best[0]:
             best = (agreement_, factor, candidate)
@@ -299,31 +307,22 @@ def choose_candidate(scores: dict[int, Any], verify: Any) -> tuple[int, dict[str
     return best, stats, problems, []
 
 
-def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = False,
-        command: list[str] | None = None) -> art.Artifact:
-    """Quantize ``source`` (a SavedModel artifact) into a checked ``.tflite`` artifact at ``out``."""
-    from dqnc.policy import load_keras_model, mlp_weights, q_function
-    from dqnc.runtime import Policy
+def _calibration_states(cfg: QuantizeConfig, parent_q: Any, spec: Any, model: Any) -> np.ndarray | None:
+    """Rollout observations of the parent to calibrate int8/int16x8 ranges on (None for other modes)."""
+    if cfg.mode not in ("int8", "int16x8"):
+        return None
+    calibration = collect_states(parent_q, spec, cfg.calibration_states, episode_seed("calibration", cfg.seed),
+                                 cfg.calibration_epsilon)
+    # Rollouts keep image observations' shape; the converter and the rewrites take the model's.
+    return calibration.reshape((len(calibration), *(int(d) for d in model.input_shape[1:])))
 
-    out = Path(out)
-    art.check_output(out, force)
-    if source.kind != "savedmodel":
-        raise UsageError(
-            f"{str(source.path)!r} is already a .tflite model: quantize its parent SavedModel instead "
-            "(TFLite files cannot be re-quantized)"
-        )
-    model = load_keras_model(source.model_path)
-    parent_q = q_function(source, model=model)
-    spec = source.env
-    calibration = None
-    if cfg.mode in ("int8", "int16x8"):
-        calibration = collect_states(parent_q, spec, cfg.calibration_states, episode_seed("calibration", cfg.seed),
-                                     cfg.calibration_epsilon)
-        # Rollouts keep image observations' shape; the converter and the rewrites take the model's.
-        calibration = calibration.reshape((len(calibration), *(int(d) for d in model.input_shape[1:])))
-    sparsity = _sparsity(model)
-    # TFLite Micro has no DENSIFY op and no sparse kernels (tflite-micro#491): auto is dense for mcu.
-    sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and cfg.target == "linux" and sparsity >= 0.3)
+
+def _rewrites(cfg: QuantizeConfig, source: art.Artifact, model: Any, calibration: np.ndarray | None,
+              parent_q: Any) -> tuple[dict[int, Any], dict[str, Any], Any]:
+    """The models to convert, keyed by equalization sweeps (0: none), the preprocessing the runtime
+    must apply, and the low-bit clustering (None unless ``weight_bits`` < 8)."""
+    from dqnc.policy import mlp_weights
+
     preprocess: dict[str, Any] = {}
     models = {0: model}
     clustered = None
@@ -340,143 +339,240 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
             # Equalized candidates are compared on agreement, which is what 'ranking' optimizes.
             models.update({k: prepare_for_integer(model, calibration, k, source.outputs)[0]
                            for k in EQUALIZE_SWEEPS if k})
-    if calibration is not None and preprocess.get("obs_mean") is not None:
-        mean, std = np.asarray(preprocess["obs_mean"]), np.asarray(preprocess["obs_std"])
-        calibration = ((calibration - mean) / std).astype(np.float32)
-    check = collect_states(parent_q, spec, cfg.check_states, episode_seed("check", cfg.seed), cfg.calibration_epsilon)
-    q_parent = parent_q(check)
-    centered = preprocess.get("outputs") == "centered_q_values" or clustered is not None or (
-        preprocess.get("outputs") == "action_scores" and source.outputs == "action_scores")
+    return models, preprocess, clustered
 
-    def policy(content: bytes) -> Policy:
-        return Policy(model_content=content, obs_mean=preprocess.get("obs_mean"), obs_std=preprocess.get("obs_std"))
 
-    narrow = cfg.mode == "int8" and cfg.output_range == "ranking" and centered  # centered: see prepare_for_integer
-    if narrow:
-        # Candidates are compared on their own states: rollouts that neither set the int8 ranges
-        # (calibration) nor judge the result (check), so a range that fits calibration too
-        # tightly shows up as flipped decisive states.
-        selection = collect_states(parent_q, spec, cfg.calibration_states, episode_seed("selection", cfg.seed),
-                                   cfg.calibration_epsilon)
-        q_selection = parent_q(selection)
+class _Checker:
+    """Converted models held against their parent (dqnc.fidelity's vocabulary): the gate
+    (:meth:`verify`, on the check states) and, when the int8 output range is narrowed, the ranking
+    of candidates (:meth:`score`, on their own selection states)."""
 
-        def score(content: bytes) -> tuple[bool, float, float]:
-            try:
-                stats = fidelity(q_selection, actions_of(policy(content).q_values(selection)))
-            except (RuntimeError, ValueError):  # the runtime cannot load it: rank it last
-                return False, -1.0, -1.0
-            ok = stats["regret"] <= cfg.max_regret
-            # Candidates within the regret limit rank first, by agreement on all states; the others
-            # by how little they lose.
-            return ok, stats["agreement"] if ok else -stats["regret"], -stats["regret"]
+    def __init__(self, cfg: QuantizeConfig, source: art.Artifact, parent_q: Any, preprocess: dict[str, Any],
+                 clustered: bool) -> None:
+        self.cfg, self.spec, self.parent_q, self.preprocess = cfg, source.env, parent_q, preprocess
+        self.check = collect_states(parent_q, self.spec, cfg.check_states, episode_seed("check", cfg.seed),
+                                    cfg.calibration_epsilon)
+        self.q_parent = parent_q(self.check)
+        self.centered = preprocess.get("outputs") == "centered_q_values" or clustered or (
+            preprocess.get("outputs") == "action_scores" and source.outputs == "action_scores")
+        # centered: see prepare_for_integer
+        self.narrow = cfg.mode == "int8" and cfg.output_range == "ranking" and self.centered
+        self.check_episode_seed = episode_seed("check", cfg.seed) + CHECK_EPISODE_OFFSET
+        if self.narrow:
+            # Candidates are compared on their own states: rollouts that neither set the int8 ranges
+            # (calibration) nor judge the result (check), so a range that fits calibration too
+            # tightly shows up as flipped decisive states.
+            self.selection = collect_states(parent_q, self.spec, cfg.calibration_states,
+                                            episode_seed("selection", cfg.seed), cfg.calibration_epsilon)
+            self.q_selection = parent_q(self.selection)
 
-    def verify(content: bytes, bounds: tuple[float, float] | None) -> tuple[dict[str, Any], list[str]]:
+    def policy(self, content: bytes) -> Any:
+        from dqnc.runtime import Policy
+
+        return Policy(model_content=content, obs_mean=self.preprocess.get("obs_mean"),
+                      obs_std=self.preprocess.get("obs_std"))
+
+    def score(self, content: bytes) -> tuple[bool, float, float]:
         try:
-            pol = policy(content)
+            stats = fidelity(self.q_selection, actions_of(self.policy(content).q_values(self.selection)))
+        except (RuntimeError, ValueError):  # the runtime cannot load it: rank it last
+            return False, -1.0, -1.0
+        ok = stats["regret"] <= self.cfg.max_regret
+        # Candidates within the regret limit rank first, by agreement on all states; the others
+        # by how little they lose.
+        return ok, stats["agreement"] if ok else -stats["regret"], -stats["regret"]
+
+    @functools.cached_property
+    def parent_returns(self) -> np.ndarray:  # the parent's closed-loop episodes, rolled out once
+        return rollout(self.parent_q, self.spec, self.cfg.check_episodes, self.check_episode_seed).returns
+
+    def verify(self, content: bytes, bounds: tuple[float, float] | None) -> tuple[dict[str, Any], list[str]]:
+        try:
+            pol = self.policy(content)
         except (RuntimeError, ValueError) as e:
             return {}, [f"the runtime cannot load the converted model ({str(e).splitlines()[0][:120]})"]
-        q_new = pol.q_values(check)
-        stats = fidelity(q_parent, actions_of(q_new))
-        stats.update(q_errors_unsaturated(q_parent, q_new, centered, bounds))
-        problems = []
-        if stats["regret"] > cfg.max_regret:
-            problems.append(f"regret {stats['regret']:.4f} of the parent's action spread > {cfg.max_regret:g}")
-        if cfg.min_agreement is not None and stats["agreement"] < cfg.min_agreement:
-            problems.append(f"agreement {100 * stats['agreement']:.2f}% < {100 * cfg.min_agreement:.2f}%")
-        if cfg.min_decisive_agreement is not None and stats["decisive_agreement"] < cfg.min_decisive_agreement:
-            problems.append(f"decisive agreement {100 * stats['decisive_agreement']:.2f}% of "
-                            f"{stats['decisive_states']:,} decisive states < {100 * cfg.min_decisive_agreement:.2f}%")
-        if cfg.max_q_rel_error is not None and stats["q_rel_error"] > cfg.max_q_rel_error:
-            problems.append(f"p99 Q error {stats['q_p99_abs_error']:.4g} is {100 * stats['q_rel_error']:.1f}% of the Q "
-                            f"range {stats['q_range']:.4g} (allowed {100 * cfg.max_q_rel_error:.1f}%)")
-        if not problems and cfg.check_episodes > 0:
-            # Closed loop: the same start states for both, so the paired difference is what the
-            # model loses, not which episodes it happened to get.
-            new_r = rollout(pol.q_values, spec, cfg.check_episodes, check_episode_seed).returns
-            drop = return_drop(parent_returns(), new_r)
-            stats.update(drop, check_episodes=cfg.check_episodes, mean_return=float(new_r.mean()),
-                         parent_mean_return=float(parent_returns().mean()))
-            if drop["return_drop_frac"] > cfg.max_return_drop and drop["return_drop_ci95"][0] > 0:
-                problems.append(f"mean return {new_r.mean():.2f} over {cfg.check_episodes} check episodes is "
-                                f"{100 * drop['return_drop_frac']:.2f}% below the parent's {parent_returns().mean():.2f} "
-                                f"(95% CI of the drop {drop['return_drop_ci95'][0]:.2f}..{drop['return_drop_ci95'][1]:.2f}; "
-                                f"allowed {100 * cfg.max_return_drop:.2f}%)")
+        q_new = pol.q_values(self.check)
+        stats = fidelity(self.q_parent, actions_of(q_new))
+        stats.update(q_errors_unsaturated(self.q_parent, q_new, self.centered, bounds))
+        problems = _open_loop_problems(self.cfg, stats)
+        if not problems and self.cfg.check_episodes > 0:
+            problems = self._closed_loop(pol, stats)
         return stats, problems
 
-    check_episode_seed = episode_seed("check", cfg.seed) + CHECK_EPISODE_OFFSET
+    def _closed_loop(self, pol: Any, stats: dict[str, Any]) -> list[str]:
+        # Closed loop: the same start states for both, so the paired difference is what the
+        # model loses, not which episodes it happened to get.
+        cfg = self.cfg
+        new_r = rollout(pol.q_values, self.spec, cfg.check_episodes, self.check_episode_seed).returns
+        drop = return_drop(self.parent_returns, new_r)
+        stats.update(drop, check_episodes=cfg.check_episodes, mean_return=float(new_r.mean()),
+                     parent_mean_return=float(self.parent_returns.mean()))
+        if drop["return_drop_frac"] > cfg.max_return_drop and drop["return_drop_ci95"][0] > 0:
+            return [f"mean return {new_r.mean():.2f} over {cfg.check_episodes} check episodes is "
+                    f"{100 * drop['return_drop_frac']:.2f}% below the parent's {self.parent_returns.mean():.2f} "
+                    f"(95% CI of the drop {drop['return_drop_ci95'][0]:.2f}..{drop['return_drop_ci95'][1]:.2f}; "
+                    f"allowed {100 * cfg.max_return_drop:.2f}%)"]
+        return []
 
-    @functools.cache
-    def parent_returns() -> np.ndarray:  # the parent's closed-loop episodes, rolled out once
-        return rollout(parent_q, spec, cfg.check_episodes, check_episode_seed).returns
 
-    snapped: list[int] = []
+def _open_loop_problems(cfg: QuantizeConfig, stats: dict[str, Any]) -> list[str]:
+    """The check-state limits ``stats`` break: regret, then the optional agreement and Q-error limits."""
+    problems = []
+    if stats["regret"] > cfg.max_regret:
+        problems.append(f"regret {stats['regret']:.4f} of the parent's action spread > {cfg.max_regret:g}")
+    if cfg.min_agreement is not None and stats["agreement"] < cfg.min_agreement:
+        problems.append(f"agreement {100 * stats['agreement']:.2f}% < {100 * cfg.min_agreement:.2f}%")
+    if cfg.min_decisive_agreement is not None and stats["decisive_agreement"] < cfg.min_decisive_agreement:
+        problems.append(f"decisive agreement {100 * stats['decisive_agreement']:.2f}% of "
+                        f"{stats['decisive_states']:,} decisive states < {100 * cfg.min_decisive_agreement:.2f}%")
+    if cfg.max_q_rel_error is not None and stats["q_rel_error"] > cfg.max_q_rel_error:
+        problems.append(f"p99 Q error {stats['q_p99_abs_error']:.4g} is {100 * stats['q_rel_error']:.1f}% of the Q "
+                        f"range {stats['q_range']:.4g} (allowed {100 * cfg.max_q_rel_error:.1f}%)")
+    return problems
 
-    def build(sparse_: bool, sweeps: int) -> tuple[bytes, float, tuple[float, float] | None]:
-        content_ = convert(models[sweeps], cfg.mode, calibration, cfg.float_io, sparse_, cfg.strip_strings,
-                           per_layer_weights=clustered is not None or cfg.weight_scales == "layer")
-        if clustered is not None:
+
+@dataclass(frozen=True)
+class _Builder:
+    """Converts one candidate (sparse encoding or not, equalization sweeps) to TFLite bytes: snapped
+    to 2^bits int8 values when clustered, the output range narrowed when ``score`` is given."""
+
+    cfg: QuantizeConfig
+    models: dict[int, Any]
+    calibration: np.ndarray | None
+    clustered: Any
+    score: Any  # None: the converter's output range
+    snapped: list[int] = field(default_factory=list)  # the last build's snapped layers
+
+    def __call__(self, sparse: bool, sweeps: int) -> tuple[bytes, float, tuple[float, float] | None]:
+        cfg = self.cfg
+        content = convert(self.models[sweeps], cfg.mode, self.calibration, cfg.float_io, sparse, cfg.strip_strings,
+                          per_layer_weights=self.clustered is not None or cfg.weight_scales == "layer")
+        if self.clustered is not None:
             from dqnc import lowbit
 
-            content_, snapped[:] = lowbit.snap(content_, cfg.weight_bits)
-        return narrow_output_range(content_, score) if narrow else (content_, 1.0, None)
+            content, self.snapped[:] = lowbit.snap(content, cfg.weight_bits)
+        return narrow_output_range(content, self.score) if self.score is not None else (content, 1.0, None)
 
+
+@dataclass(frozen=True)
+class _Choice:
+    """The converted model quantize keeps, its check, and how it was chosen."""
+
+    content: bytes
+    factor: float  # output range factor
+    sweeps: int  # equalization sweeps
+    stats: dict[str, Any]
+    problems: list[str]
+    notes: list[str]
+    encoding: str  # the sparsity_encoding metric
+
+
+def _choose(cfg: QuantizeConfig, checker: _Checker, build: _Builder, sparse: bool) -> _Choice:
+    """The candidates in order: each equalization in the chosen encoding, then (auto encoding only)
+    the dense encoding when the sparse one fails the check or is not smaller."""
     # int8 rounding decides near-tied actions almost at random, and which rewrite of the weights
     # keeps most of them is an empirical question: each equalization is converted and the one
     # that agrees best with the parent on the selection states is kept (see choose_candidate).
-    built = {k: build(sparse, k) for k in (sorted(models) if narrow else [0])}
-    scores = {k: score(b[0]) for k, b in built.items()} if len(built) > 1 else {0: 0.0}
-    sweeps, stats, problems, notes = choose_candidate(scores, lambda k: verify(built[k][0], built[k][2]))
-    content, factor = built[sweeps][0], built[sweeps][1]
-    encoding_note = "sparse" if sparse else "dense"
-    if problems and sparse and cfg.sparse_encoding == "auto":
-        # TFLite's sparse int8 kernels mis-compute some layers (measured: a pruned first layer with
-        # 4 inputs); the dense encoding of the same weights is the safe fallback.
-        dense = {k: build(False, k) for k in dict.fromkeys([sweeps, 0])}
-        # The chosen sweeps are checked first (ranked higher), then the unequalized model.
-        d_sweeps, d_stats, d_problems, d_notes = choose_candidate(
-            {k: (k == sweeps) for k in dense}, lambda k: verify(dense[k][0], dense[k][2]))
-        if not d_problems:
-            encoding_note = f"dense (sparse encoding failed the check: {'; '.join(problems)})"
-            sweeps, stats, problems, notes = d_sweeps, d_stats, d_problems, notes + d_notes
-            content, factor = dense[sweeps][0], dense[sweeps][1]
-    if not problems and encoding_note == "sparse" and cfg.sparse_encoding == "auto":
-        # The sparse encoding's index arrays cost more than the zeros they drop below ~50-60%
-        # sparsity (measured: a 2:4-pruned 128x128 CartPole net, 27,976 B sparse vs 25,904 B dense);
-        # auto keeps whichever file is smaller, and dense runs everywhere.
-        d_content, d_factor, d_range = build(False, sweeps)
-        if len(d_content) <= len(content):
-            d_stats, d_problems = verify(d_content, d_range)
-            if not d_problems:
-                encoding_note = f"dense (the sparse encoding was not smaller: {len(content):,} vs {len(d_content):,} B)"
-                content, factor, stats = d_content, d_factor, d_stats
-    result = {"mode": cfg.mode, "check": stats}
-    if problems:
-        raise GateFailed(f"{cfg.mode} model strays from its parent on {cfg.check_states:,} held-out states: "
-                         + "; ".join(problems) + "; nothing written (try int16x8, or fine-tune the parent)", result)
+    built = {k: build(sparse, k) for k in (sorted(build.models) if checker.narrow else [0])}
+    scores = {k: checker.score(b[0]) for k, b in built.items()} if len(built) > 1 else {0: 0.0}
+    sweeps, stats, problems, notes = choose_candidate(scores, lambda k: checker.verify(built[k][0], built[k][2]))
+    choice = _Choice(built[sweeps][0], built[sweeps][1], sweeps, stats, problems, notes, "sparse" if sparse else "dense")
+    if choice.problems and sparse and cfg.sparse_encoding == "auto":
+        choice = _dense_after_failed_sparse(choice, checker, build)
+    if not choice.problems and choice.encoding == "sparse" and cfg.sparse_encoding == "auto":
+        choice = _dense_if_smaller(choice, checker, build)
+    return choice
 
-    io = tensor_types(content)
+
+def _dense_after_failed_sparse(choice: _Choice, checker: _Checker, build: _Builder) -> _Choice:
+    # TFLite's sparse int8 kernels mis-compute some layers (measured: a pruned first layer with
+    # 4 inputs); the dense encoding of the same weights is the safe fallback.
+    dense = {k: build(False, k) for k in dict.fromkeys([choice.sweeps, 0])}
+    # The chosen sweeps are checked first (ranked higher), then the unequalized model.
+    sweeps, stats, problems, notes = choose_candidate(
+        {k: (k == choice.sweeps) for k in dense}, lambda k: checker.verify(dense[k][0], dense[k][2]))
+    if problems:
+        return choice
+    return _Choice(dense[sweeps][0], dense[sweeps][1], sweeps, stats, problems, choice.notes + notes,
+                   f"dense (sparse encoding failed the check: {'; '.join(choice.problems)})")
+
+
+def _dense_if_smaller(choice: _Choice, checker: _Checker, build: _Builder) -> _Choice:
+    # The sparse encoding's index arrays cost more than the zeros they drop below ~50-60%
+    # sparsity (measured: a 2:4-pruned 128x128 CartPole net, 27,976 B sparse vs 25,904 B dense);
+    # auto keeps whichever file is smaller, and dense runs everywhere.
+    content, factor, bounds = build(False, choice.sweeps)
+    if len(content) > len(choice.content):
+        return choice
+    stats, problems = checker.verify(content, bounds)
+    if problems:
+        return choice
+    encoding = f"dense (the sparse encoding was not smaller: {len(choice.content):,} vs {len(content):,} B)"
+    return dataclasses.replace(choice, content=content, factor=factor, stats=stats, encoding=encoding)
+
+
+def _metrics(choice: _Choice, sparsity: float, calibration: np.ndarray | None, build: _Builder) -> dict[str, Any]:
     metrics = {
-        "size_bytes": len(content),
+        "size_bytes": len(choice.content),
         "parent_sparsity": sparsity,
-        "sparsity_encoding": encoding_note,
-        "check": stats,
+        "sparsity_encoding": choice.encoding,
+        "check": choice.stats,
         "calibration_states": 0 if calibration is None else int(len(calibration)),
-        "output_range_factor": factor,
-        "equalization_sweeps": sweeps,
-        "notes": notes,
+        "output_range_factor": choice.factor,
+        "equalization_sweeps": choice.sweeps,
+        "notes": choice.notes,
     }
-    if clustered is not None:
+    if build.clustered is not None:
         from dqnc import lowbit
 
-        metrics["weight_bits"] = {**clustered.info, "distinct_int8_weights": lowbit.distinct_weights(content),
-                                  "snapped_layers": snapped}
+        metrics["weight_bits"] = {**build.clustered.info, "distinct_int8_weights": lowbit.distinct_weights(choice.content),
+                                  "snapped_layers": build.snapped}
+    return metrics
+
+
+def _write(out: Path, force: bool, cfg: QuantizeConfig, source: art.Artifact, content: bytes, metrics: dict[str, Any],
+           preprocess: dict[str, Any], clustered: bool, command: list[str] | None) -> None:
+    io = tensor_types(content)
     with art.atomic_output(out, force) as tmp:
         (tmp / art.TFLITE).write_bytes(content)
         # Clustering fine-tunes by distillation: the outputs are then action scores, whatever the source's were.
-        network = {**(source.network or {}), "outputs": "action_scores"} if clustered is not None else source.network
-        art.write_manifest(tmp, stage="quantize", env=spec, network=network, config=cfg.model_dump(mode="json"),
+        network = {**(source.network or {}), "outputs": "action_scores"} if clustered else source.network
+        art.write_manifest(tmp, stage="quantize", env=source.env, network=network, config=cfg.model_dump(mode="json"),
                            metrics=metrics, parent=source, command=command,
                            extra={"quantization": {"mode": cfg.mode, "float_io": cfg.float_io, **io,
-                                                   **({"weight_bits": cfg.weight_bits} if clustered is not None else {})},
+                                                   **({"weight_bits": cfg.weight_bits} if clustered else {})},
                                   "preprocess": preprocess or None})
+
+
+def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = False,
+        command: list[str] | None = None) -> art.Artifact:
+    """Quantize ``source`` (a SavedModel artifact) into a checked ``.tflite`` artifact at ``out``."""
+    from dqnc.policy import load_keras_model, q_function
+
+    out = Path(out)
+    art.check_output(out, force)
+    if source.kind != "savedmodel":
+        raise UsageError(
+            f"{str(source.path)!r} is already a .tflite model: quantize its parent SavedModel instead "
+            "(TFLite files cannot be re-quantized)"
+        )
+    model = load_keras_model(source.model_path)
+    parent_q = q_function(source, model=model)
+    calibration = _calibration_states(cfg, parent_q, source.env, model)
+    sparsity = _sparsity(model)
+    # TFLite Micro has no DENSIFY op and no sparse kernels (tflite-micro#491): auto is dense for mcu.
+    sparse = cfg.sparse_encoding == "on" or (cfg.sparse_encoding == "auto" and cfg.target == "linux" and sparsity >= 0.3)
+    models, preprocess, clustered = _rewrites(cfg, source, model, calibration, parent_q)
+    if calibration is not None and preprocess.get("obs_mean") is not None:
+        mean, std = np.asarray(preprocess["obs_mean"]), np.asarray(preprocess["obs_std"])
+        calibration = ((calibration - mean) / std).astype(np.float32)
+    checker = _Checker(cfg, source, parent_q, preprocess, clustered is not None)
+    build = _Builder(cfg, models, calibration, clustered, checker.score if checker.narrow else None)
+    choice = _choose(cfg, checker, build, sparse)
+    if choice.problems:
+        raise GateFailed(f"{cfg.mode} model strays from its parent on {cfg.check_states:,} held-out states: "
+                         + "; ".join(choice.problems) + "; nothing written (try int16x8, or fine-tune the parent)",
+                         {"mode": cfg.mode, "check": choice.stats})
+    metrics = _metrics(choice, sparsity, calibration, build)
+    _write(out, force, cfg, source, choice.content, metrics, preprocess, clustered is not None, command)
     return art.load(out)

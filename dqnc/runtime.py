@@ -79,6 +79,9 @@ def interpreter_class(prefer: str | None = None) -> tuple[Any, str]:
 # tensor that declares 4 TB is allocated, or tried. check_model() walks every table, vector and
 # string the runtimes read, with every read bounds-checked, and refuses what would make them read
 # out of bounds or allocate without bound. It is pure Python and linear in the file size.
+# The one deliberate second .tflite reader: dqnc's own code reads models through dqnc.tflite_model
+# (tflite-micro's schema), but this file ships as the bundle's run_policy.py, which a device runs
+# with numpy and a TFLite interpreter only, so it walks the flatbuffer itself.
 
 # Element limits: the same figures as dqnc.limits (this file imports nothing from dqnc).
 MAX_TENSOR_ELEMENTS = 64 * 1024 * 1024  # one tensor
@@ -311,6 +314,156 @@ def _check_op(where: str, code: int, decode: bool, inputs: tuple, outputs: tuple
                   f"{_shape_text(y)} channels do not agree")
 
 
+def _operator_codes(model: _Table) -> tuple[list[int], set[int]]:
+    """Each operator code's builtin operator, and which codes are TFLM's DECODE custom op."""
+    codes = model.tables(1, "operator code")
+    decode = {k for k, code in enumerate(codes) if code.string(1, "custom_code") == _TFLM_DECODE}
+    builtin = []
+    for code in codes:
+        old, new, version = code.scalar(0, "<b"), code.scalar(3, "<i"), code.scalar(2, "<i", 1)
+        if old < 0 or not 0 <= new <= _MAX_BUILTIN or not 0 < version < 1000:
+            raise ModelCheckError(f"damaged TFLite flatbuffer: {code.what} has builtin code {new} ({old}), "
+                                  f"version {version}")
+        builtin.append(max(old, new))
+    return builtin, decode
+
+
+def _buffer_sizes(model: _Table, file_size: int) -> list[int]:
+    """Each buffer's bytes (inside the flatbuffer, or after it); the metadata's buffer indices checked."""
+    buffer_bytes = []
+    for buf in model.tables(4, "buffer"):
+        size = buf.nbytes(0, "data")
+        offset, outside = buf.scalar(1, "<Q"), buf.scalar(2, "<Q")
+        if offset > 1:  # data stored after the flatbuffer (models over 2 GB)
+            if offset + outside > file_size:
+                raise ModelCheckError(f"damaged TFLite flatbuffer: {buf.what} points past the end of the file")
+            size = outside
+        buffer_bytes.append(size)
+    n_buffers = len(buffer_bytes)
+    for k in model.numbers(5, "i", "metadata_buffer"):
+        if not 0 <= k < n_buffers:
+            raise ModelCheckError(f"damaged TFLite flatbuffer: metadata buffer {k} out of range ({n_buffers} buffers)")
+    for meta in model.tables(6, "metadata"):
+        meta.string(0, "name")
+        if meta.scalar(1, "<I") >= n_buffers:
+            raise ModelCheckError(f"damaged TFLite flatbuffer: {meta.what} names buffer {meta.scalar(1, '<I')} of {n_buffers}")
+    return buffer_bytes
+
+
+def _operators(sg: _Table, nt: int, builtin: list[int], decode: set[int], file_size: int) -> tuple[list[tuple], set[int]]:
+    """A subgraph's operators as :func:`_check_op` records (indices and vectors checked), and the
+    tensors DECODE ops read (encoded)."""
+    encoded: set[int] = set()
+    ops = []
+    for op in sg.tables(3, "operator"):
+        where = f"TFLite {op.what}"
+        code = op.scalar(0, "<I")
+        if code >= len(builtin):
+            raise ModelCheckError(f"{where}: operator code {code} out of range ({len(builtin)} codes; damaged file)")
+        for what, field in (("input", 1), ("output", 2), ("intermediate", 8)):
+            for i in op.numbers(field, "i", f"{what}s"):
+                if not -1 <= i < nt:
+                    raise ModelCheckError(f"{where}: {what} tensor {i} out of range ({nt} tensors; damaged file)")
+        inputs, outputs = op.numbers(1, "i", "inputs"), op.numbers(2, "i", "outputs")
+        if code in decode:
+            encoded.update(inputs)
+        options = op.table(4, "builtin_options")
+        option_type = op.scalar(3, "<B")
+        if options is not None and option_type == _RESHAPE_OPTIONS:
+            options.numbers(0, "i", "new_shape")
+        ops.append((where, builtin[code], code in decode, inputs, outputs, options, option_type))
+        op.nbytes(5, "custom_options")
+        op.nbytes(7, "mutating_variable_inputs")
+        start, size = op.scalar(9, "<Q"), op.scalar(10, "<Q")
+        if size and start + size > file_size:
+            raise ModelCheckError(f"{where}: custom options point past the end of the file (damaged file)")
+        op.table(12, "builtin_options_2")
+    return ops, encoded
+
+
+def _tensor_elements(where: str, shape: tuple, total: int, max_tensor_elements: int, max_total_elements: int) -> int:
+    """The elements ``shape`` declares, refused when negative or over the limits (``total``: so far)."""
+    if any(d < 0 for d in shape):
+        raise ModelCheckError(f"{where}: shape {_shape_text(shape)} has a negative dimension (damaged file)")
+    count = _elements(shape)
+    if count > max_tensor_elements:
+        raise ModelLimitError(f"{where}: shape {_shape_text(shape)} declares {count:,} elements, over the limit "
+                              f"of {max_tensor_elements:,} per tensor (MAX_TENSOR_ELEMENTS in dqnc.limits); "
+                              "this is not a Q-network to deploy: re-create the model")
+    if total + count > max_total_elements:
+        raise ModelLimitError(f"TFLite model: its tensors declare over {max_total_elements:,} elements in all "
+                              "(MAX_TOTAL_ELEMENTS in dqnc.limits); this is not a Q-network to deploy")
+    return count
+
+
+def _check_tensor(t: _Table, where: str, shape: tuple, count: int, encoded: bool, buffer_bytes: list[int]) -> bool:
+    """A tensor's type, buffer, quantization and sparsity; returns whether it is a constant."""
+    ttype = t.scalar(1, "<b")
+    if ttype not in _TYPE_BITS:
+        raise ModelCheckError(f"{where}: unknown tensor type {ttype} (damaged file)")
+    k = t.scalar(2, "<I")
+    if k >= len(buffer_bytes):
+        raise ModelCheckError(f"{where}: buffer {k} out of range ({len(buffer_bytes)} buffers; damaged file)")
+    t.string(3, "name")
+    q = t.table(4, "quantization")
+    if q is not None:
+        _check_quantization(q, shape, ttype, where, encoded)
+    sparsity = t.table(6, "sparsity")
+    if sparsity is not None:
+        _check_sparsity(sparsity)
+    if any(d < -1 for d in t.numbers(7, "i", "shape_signature")):
+        raise ModelCheckError(f"{where}: shape_signature has a dimension below -1 (damaged file)")
+    t.tables(9, "variant_tensors")
+    bits = _TYPE_BITS[ttype]
+    need = (count * bits + 7) // 8 if bits else 0
+    sizes = (need, count if bits and bits < 8 else need)  # 4- and 2-bit values: packed or a byte each
+    have = buffer_bytes[k]
+    if k and have and bits and (have not in sizes if sparsity is None else have > max(sizes)):
+        raise ModelCheckError(f"{where}: shape {_shape_text(shape)} of {bits}-bit values needs "
+                              f"{need:,} bytes but its buffer {k} holds {have:,} (damaged file)")
+    return bool(k and buffer_bytes[k])
+
+
+def _check_subgraph(s: int, sg: _Table, builtin: list[int], decode: set[int], buffer_bytes: list[int],
+                    file_size: int, total: int, limits: tuple[int, int]) -> tuple[int, int]:
+    """Subgraph ``s``: operators, tensors (``total``: elements declared before it), then each op's
+    shapes; returns its tensor count and the new total."""
+    tensors = sg.tables(0, "tensor")
+    nt = len(tensors)
+    ops, encoded = _operators(sg, nt, builtin, decode, file_size)
+    shapes: list[tuple] = []
+    constant: list[bool] = []
+    for index, t in enumerate(tensors):
+        where = f"TFLite {t.what}"
+        shape = t.numbers(0, "i", "shape")
+        count = _tensor_elements(where, shape, total, *limits)
+        total += count
+        shapes.append(shape)
+        constant.append(_check_tensor(t, where, shape, count, index in encoded, buffer_bytes))
+    for op_record in ops:
+        _check_op(*op_record, shapes, constant)
+    for what, field in (("input", 1), ("output", 2)):
+        for i in sg.numbers(field, "i", f"{what}s"):
+            if not 0 <= i < nt:
+                raise ModelCheckError(f"TFLite subgraph {s}: {what} tensor {i} out of range ({nt} tensors; damaged file)")
+    sg.string(4, "name")
+    return nt, total
+
+
+def _check_signatures(model: _Table, n_tensors: list[int]) -> None:
+    """Signatures name a subgraph and tensors of it that exist."""
+    for sig in model.tables(7, "signature"):
+        s = sig.scalar(4, "<I")
+        if s >= len(n_tensors):
+            raise ModelCheckError(f"TFLite {sig.what}: subgraph {s} out of range (damaged file)")
+        sig.string(2, "signature_key")
+        for field, what in ((0, "input"), (1, "output")):
+            for tm in sig.tables(field, what):
+                tm.string(0, "name")
+                if tm.scalar(1, "<I") >= n_tensors[s]:
+                    raise ModelCheckError(f"TFLite {tm.what}: tensor {tm.scalar(1, '<I')} out of range (damaged file)")
+
+
 def check_model(content: bytes, max_tensor_elements: int = MAX_TENSOR_ELEMENTS,
                 max_total_elements: int = MAX_TOTAL_ELEMENTS) -> None:
     """Refuse (``ModelCheckError``, a ValueError) a .tflite that is damaged or declares tensors over
@@ -324,127 +477,19 @@ def check_model(content: bytes, max_tensor_elements: int = MAX_TENSOR_ELEMENTS,
     version = model.scalar(0, "<I")
     if version != 3:
         raise ModelCheckError(f"TFLite schema version {version}, not 3 (damaged, or not a TFLite model)")
-    codes = model.tables(1, "operator code")
-    decode = {k for k, code in enumerate(codes) if code.string(1, "custom_code") == _TFLM_DECODE}
-    builtin = []
-    for code in codes:
-        old, new, version = code.scalar(0, "<b"), code.scalar(3, "<i"), code.scalar(2, "<i", 1)
-        if old < 0 or not 0 <= new <= _MAX_BUILTIN or not 0 < version < 1000:
-            raise ModelCheckError(f"damaged TFLite flatbuffer: {code.what} has builtin code {new} ({old}), "
-                                  f"version {version}")
-        builtin.append(max(old, new))
+    builtin, decode = _operator_codes(model)
     model.string(3, "description")
-    buffer_bytes = []
-    for buf in model.tables(4, "buffer"):
-        size = buf.nbytes(0, "data")
-        offset, outside = buf.scalar(1, "<Q"), buf.scalar(2, "<Q")
-        if offset > 1:  # data stored after the flatbuffer (models over 2 GB)
-            if offset + outside > b.n:
-                raise ModelCheckError(f"damaged TFLite flatbuffer: {buf.what} points past the end of the file")
-            size = outside
-        buffer_bytes.append(size)
-    n_buffers = len(buffer_bytes)
-    for k in model.numbers(5, "i", "metadata_buffer"):
-        if not 0 <= k < n_buffers:
-            raise ModelCheckError(f"damaged TFLite flatbuffer: metadata buffer {k} out of range ({n_buffers} buffers)")
-    for meta in model.tables(6, "metadata"):
-        meta.string(0, "name")
-        if meta.scalar(1, "<I") >= n_buffers:
-            raise ModelCheckError(f"damaged TFLite flatbuffer: {meta.what} names buffer {meta.scalar(1, '<I')} of {n_buffers}")
+    buffer_bytes = _buffer_sizes(model, b.n)
     subgraphs = model.tables(2, "subgraph")
     if not subgraphs:
         raise ModelCheckError("damaged TFLite flatbuffer: the model has no subgraph")
     total = 0
     n_tensors = []
     for s, sg in enumerate(subgraphs):
-        tensors = sg.tables(0, "tensor")
-        nt = len(tensors)
+        nt, total = _check_subgraph(s, sg, builtin, decode, buffer_bytes, b.n, total,
+                                    (max_tensor_elements, max_total_elements))
         n_tensors.append(nt)
-        encoded: set[int] = set()
-        ops = []
-        for op in sg.tables(3, "operator"):
-            where = f"TFLite {op.what}"
-            code = op.scalar(0, "<I")
-            if code >= len(codes):
-                raise ModelCheckError(f"{where}: operator code {code} out of range ({len(codes)} codes; damaged file)")
-            for what, field in (("input", 1), ("output", 2), ("intermediate", 8)):
-                for i in op.numbers(field, "i", f"{what}s"):
-                    if not -1 <= i < nt:
-                        raise ModelCheckError(f"{where}: {what} tensor {i} out of range ({nt} tensors; damaged file)")
-            inputs, outputs = op.numbers(1, "i", "inputs"), op.numbers(2, "i", "outputs")
-            if code in decode:
-                encoded.update(inputs)
-            options = op.table(4, "builtin_options")
-            option_type = op.scalar(3, "<B")
-            if options is not None and option_type == _RESHAPE_OPTIONS:
-                options.numbers(0, "i", "new_shape")
-            ops.append((where, builtin[code], code in decode, inputs, outputs, options, option_type))
-            op.nbytes(5, "custom_options")
-            op.nbytes(7, "mutating_variable_inputs")
-            start, size = op.scalar(9, "<Q"), op.scalar(10, "<Q")
-            if size and start + size > b.n:
-                raise ModelCheckError(f"{where}: custom options point past the end of the file (damaged file)")
-            op.table(12, "builtin_options_2")
-        shapes: list[tuple] = []
-        constant: list[bool] = []
-        for index, t in enumerate(tensors):
-            where = f"TFLite {t.what}"
-            shape = t.numbers(0, "i", "shape")
-            shapes.append(shape)
-            if any(d < 0 for d in shape):
-                raise ModelCheckError(f"{where}: shape {_shape_text(shape)} has a negative dimension (damaged file)")
-            count = 1
-            for d in shape:
-                count *= d
-            if count > max_tensor_elements:
-                raise ModelLimitError(f"{where}: shape {_shape_text(shape)} declares {count:,} elements, over the limit "
-                                      f"of {max_tensor_elements:,} per tensor (MAX_TENSOR_ELEMENTS in dqnc.limits); "
-                                      "this is not a Q-network to deploy: re-create the model")
-            total += count
-            if total > max_total_elements:
-                raise ModelLimitError(f"TFLite model: its tensors declare over {max_total_elements:,} elements in all "
-                                      "(MAX_TOTAL_ELEMENTS in dqnc.limits); this is not a Q-network to deploy")
-            ttype = t.scalar(1, "<b")
-            if ttype not in _TYPE_BITS:
-                raise ModelCheckError(f"{where}: unknown tensor type {ttype} (damaged file)")
-            k = t.scalar(2, "<I")
-            if k >= n_buffers:
-                raise ModelCheckError(f"{where}: buffer {k} out of range ({n_buffers} buffers; damaged file)")
-            t.string(3, "name")
-            q = t.table(4, "quantization")
-            if q is not None:
-                _check_quantization(q, shape, ttype, where, index in encoded)
-            sparsity = t.table(6, "sparsity")
-            if sparsity is not None:
-                _check_sparsity(sparsity)
-            if any(d < -1 for d in t.numbers(7, "i", "shape_signature")):
-                raise ModelCheckError(f"{where}: shape_signature has a dimension below -1 (damaged file)")
-            t.tables(9, "variant_tensors")
-            bits = _TYPE_BITS[ttype]
-            need = (count * bits + 7) // 8 if bits else 0
-            sizes = (need, count if bits and bits < 8 else need)  # 4- and 2-bit values: packed or a byte each
-            have = buffer_bytes[k]
-            if k and have and bits and (have not in sizes if sparsity is None else have > max(sizes)):
-                raise ModelCheckError(f"{where}: shape {_shape_text(shape)} of {bits}-bit values needs "
-                                      f"{need:,} bytes but its buffer {k} holds {have:,} (damaged file)")
-            constant.append(bool(k and buffer_bytes[k]))
-        for op_record in ops:
-            _check_op(*op_record, shapes, constant)
-        for what, field in (("input", 1), ("output", 2)):
-            for i in sg.numbers(field, "i", f"{what}s"):
-                if not 0 <= i < nt:
-                    raise ModelCheckError(f"TFLite subgraph {s}: {what} tensor {i} out of range ({nt} tensors; damaged file)")
-        sg.string(4, "name")
-    for sig in model.tables(7, "signature"):
-        s = sig.scalar(4, "<I")
-        if s >= len(subgraphs):
-            raise ModelCheckError(f"TFLite {sig.what}: subgraph {s} out of range (damaged file)")
-        sig.string(2, "signature_key")
-        for field, what in ((0, "input"), (1, "output")):
-            for tm in sig.tables(field, what):
-                tm.string(0, "name")
-                if tm.scalar(1, "<I") >= n_tensors[s]:
-                    raise ModelCheckError(f"TFLite {tm.what}: tensor {tm.scalar(1, '<I')} out of range (damaged file)")
+    _check_signatures(model, n_tensors)
 
 
 class Policy:
@@ -479,7 +524,8 @@ class Policy:
         self.output_dtype = np.dtype(self._out["dtype"])
         self.input_scale, self.input_zero_point = _qparams(self._in)
         self.output_scale, self.output_zero_point = _qparams(self._out)
-        self._in_shape = tuple(int(s) for s in self._in["shape"])
+        self.input_shape = tuple(int(s) for s in self._in["shape"])  # with the batch dimension (1)
+        self._in_shape = self.input_shape  # the name before 0.3, for callers outside dqnc
         self._in_index, self._out_index = self._in["index"], self._out["index"]
         self._set = self.interpreter.set_tensor
         self._get = self.interpreter.get_tensor
@@ -507,7 +553,14 @@ class Policy:
         pre = (manifest or {}).get("preprocess") or {}
         return cls(model_path, obs_mean=pre.get("obs_mean"), obs_std=pre.get("obs_std"), **kwargs)
 
-    def _quantize(self, obs: np.ndarray) -> np.ndarray:
+    @property
+    def input_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 map ``q = round_half_even(obs * a + c)`` (clamped to the input type): the
+        observation standardization and the input quantization folded together, as ``(a, c)``."""
+        return self._a, self._c
+
+    def quantize_input(self, obs: np.ndarray) -> np.ndarray:
+        """Float observations ``[N, ...]`` as the model's input values ``[N, obs_dim]`` (flat rows)."""
         if obs.shape[-1:] != (self.obs_dim,):  # images (HWC): the per-feature map is over the flat order
             obs = obs.reshape(-1, self.obs_dim)
         if self._identity:
@@ -521,6 +574,8 @@ class Policy:
         np.minimum(x, self._hi, out=x)
         return x.astype(self.input_dtype)
 
+    _quantize = quantize_input  # the name before 0.3, for callers outside dqnc
+
     def _dequantize(self, q: np.ndarray) -> np.ndarray:
         if self.output_dtype.kind == "f":
             return q.astype(np.float32)
@@ -531,9 +586,9 @@ class Policy:
         rows = np.asarray(obs).reshape(-1, self.obs_dim)
         out = np.empty((len(rows), self.n_actions), np.float32)
         for start in range(0, len(rows), 1024):  # chunks: 10,000 Atari states are 1.1 GB as float32
-            xq = self._quantize(rows[start:start + 1024].astype(np.float32))
+            xq = self.quantize_input(rows[start:start + 1024].astype(np.float32))
             for i in range(len(xq)):
-                self._set(self._in_index, xq[i].reshape(self._in_shape))
+                self._set(self._in_index, xq[i].reshape(self.input_shape))
                 self._invoke()
                 out[start + i] = self._dequantize(self._get(self._out_index).reshape(-1))
         return out
@@ -557,7 +612,7 @@ class Policy:
 
         Dequantizing is monotonic (scale > 0), so the argmax is taken on the raw output.
         """
-        self._set(self._in_index, self._quantize(np.asarray(obs, np.float32)).reshape(self._in_shape))
+        self._set(self._in_index, self.quantize_input(np.asarray(obs, np.float32)).reshape(self.input_shape))
         self._invoke()
         return int(self._get(self._out_index).argmax())
 

@@ -19,8 +19,11 @@ from typing import Any
 import numpy as np
 
 from dqnc.errors import UsageError
+from dqnc.runtimes.names import TFLM
+# The .tflite reader lives in dqnc.tflite_model; these names stay for their callers.
+from dqnc.tflite_model import check, model_ops, op_names, read_model, schema  # noqa: F401
 
-RUNTIME = "tflm"
+RUNTIME = TFLM  # the registry's name of this runtime (dqnc.runtimes.tflm)
 # The arena the probe interpreter gets: generous, the real need is measured (see arena()).
 PROBE_ARENA_MIN = 64 * 1024
 PROBE_ARENA_MAX = 256 * 1024 * 1024  # 10x a padded file is not an arena to allocate (the Nature DQN needs ~1 MB)
@@ -57,50 +60,6 @@ def captured_fds() -> Iterator[list[str]]:
                 os.close(saved[1])
                 capture.seek(0)
                 out.append(capture.read().decode(errors="replace"))
-
-
-def schema() -> Any:
-    """The TFLite flatbuffer schema module shipped with tflite-micro (no TensorFlow import)."""
-    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated
-
-    return schema_py_generated
-
-
-def check(content: bytes) -> None:
-    """Refuse (exit 2) a .tflite whose flatbuffer is damaged or declares tensors over dqnc.limits,
-    before TFLM (which verifies nothing) or the schema's Python reader touches it."""
-    from dqnc import limits
-    from dqnc.errors import ArtifactError
-    from dqnc.runtime import ModelCheckError, ModelLimitError, check_model
-
-    try:
-        check_model(content, limits.MAX_TENSOR_ELEMENTS, limits.MAX_TOTAL_ELEMENTS)
-    except ModelLimitError as e:
-        raise limits.LimitError(str(e)) from None
-    except ModelCheckError as e:
-        raise ArtifactError(f"not a valid TFLite model: {e}; re-create it with dqnc quantize or export") from None
-
-
-def read_model(content: bytes) -> Any:
-    check(content)
-    fb = schema()
-    return fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(bytearray(content), 0))
-
-
-def op_names(model: Any) -> list[str]:
-    """The builtin operator name of each operator of subgraph 0, in execution order."""
-    fb = schema()
-    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
-    out = []
-    for op in model.subgraphs[0].operators or []:
-        code = model.operatorCodes[op.opcodeIndex]
-        out.append(names.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode)), "CUSTOM"))
-    return out
-
-
-def model_ops(content: bytes) -> list[str]:
-    """The distinct ops a model uses, in order of first use."""
-    return list(dict.fromkeys(op_names(read_model(content))))
 
 
 class Interpreter:

@@ -63,7 +63,7 @@ def test_c_policy_int8_outputs_are_bit_identical_to_tflm(bundle, tmp_path):
     assert (c.scores_int8(xq) == raw).all()
     assert (mlp.forward(xq) == raw).all()
     obs = np.random.default_rng(1).normal(scale=[1.0, 1.0, 0.1, 1.0], size=(2000, 4)).astype(np.float32)
-    assert (c.quantize(obs) == micro._quantize(obs)).all()  # C and the Python runner quantize alike
+    assert (c.quantize(obs) == micro.quantize_input(obs)).all()  # C and the Python runner quantize alike
     assert (c.q_values(obs) == micro.q_values(obs)).all()
     sizes = manifest["metrics"]["c_policy"]
     assert sizes["host_verified"] and sizes["const_data_bytes"] >= sum(l.weights.size for l in mlp.layers)

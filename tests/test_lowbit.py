@@ -86,9 +86,9 @@ def test_lut_file_decodes_to_the_int8_kernels_and_runs_on_tflm_only(w2_bundle):
 
     plain, lut = (w2_bundle / "model.tflite").read_bytes(), (w2_bundle / "model_lut.tflite").read_bytes()
     assert lowbit.uses_decode(lut) and not lowbit.uses_decode(plain)
-    originals = [lowbit._tensor_array(tflm.read_model(plain), i) for i in lowbit._fc_weight_tensors(tflm.read_model(plain))]
+    originals = lowbit.fc_kernels(plain)
     decoded = lowbit.decode_lut(lut)
-    fed = [decoded[i] for i in lowbit._fc_weight_tensors(tflm.read_model(lut))]
+    fed = [decoded[i] for i in lowbit.fc_weight_tensors(lut)]
     assert len(fed) == 3 and all(np.array_equal(d, o) for d, o in zip(fed, originals))
     # The same outputs from TFLM on random int8 inputs, compressed or not.
     xq = np.random.default_rng(0).integers(-128, 128, size=(500, 4)).astype(np.int8)

@@ -16,6 +16,8 @@ enough that one chunk's intermediate results stay within ``MAX_ACTIVATION_ELEMEN
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +269,112 @@ def _vector(c: np.ndarray, width: int, what: str, node: Any) -> np.ndarray:
                                 f"with a constant of shape {c.shape}; only per-feature constants are supported")
 
 
+@dataclass
+class _Step:
+    """One node on the observation's chain, as its handler sees it."""
+
+    node: Any
+    name: str
+    at: dict[str, Any]
+    on_stream: list[int]
+    width: int
+    what: str
+    consts: dict[str, np.ndarray]
+
+    def arg(self, i: int) -> np.ndarray | None:
+        return self.consts[self.node.input[i]] if len(self.node.input) > i and self.node.input[i] else None
+
+
+# A handler returns the dqnc ops for its node, the mapping entry (or None) and the width after it.
+_Result = tuple[list[Op], dict[str, Any] | None, int]
+
+
+def _gemm(s: _Step) -> _Result:
+    if s.on_stream != [0] or s.at.get("transA", 0):
+        raise UnsupportedModelError(f"{s.what}: Gemm {s.name!r} multiplies the observation from the right or "
+                                    "transposed; only x @ W (+ b) layers are supported")
+    w = s.arg(1).astype(np.float64)
+    w = (w.T if s.at.get("transB", 0) else w) * float(s.at.get("alpha", 1.0))
+    c = s.arg(2)
+    b = (_vector(c, w.shape[1], s.what, s.node) * float(s.at.get("beta", 1.0))) if c is not None else np.zeros(w.shape[1])
+    return [Affine(w, b)], {"source": s.name, "op": "Gemm", "shape": list(w.shape),
+                            "transB": int(s.at.get("transB", 0))}, w.shape[1]
+
+
+def _matmul(s: _Step) -> _Result:
+    w = s.arg(1)
+    if s.on_stream != [0] or w is None or w.ndim != 2:
+        raise UnsupportedModelError(f"{s.what}: MatMul {s.name!r} is not observation @ 2-D constant")
+    return [Affine(w.astype(np.float64), np.zeros(w.shape[1]))], {"source": s.name, "op": "MatMul",
+                                                                  "shape": list(w.shape)}, w.shape[1]
+
+
+def _elementwise(s: _Step) -> _Result:
+    op, width = s.node.op_type, s.width
+    c = _vector(s.arg(1 - s.on_stream[0]), width, s.what, s.node)
+    if len(s.on_stream) != 1:
+        raise UnsupportedModelError(f"{s.what}: {op} {s.name!r} combines the observation with itself")
+    first = s.on_stream[0] == 0
+    if op == "Div" and not first:
+        raise UnsupportedModelError(f"{s.what}: Div {s.name!r} divides a constant by the observation")
+    if op == "Div" and np.any(c == 0):
+        raise UnsupportedModelError(f"{s.what}: Div {s.name!r} divides by zero")
+    scale, shift = {
+        "Add": lambda: (np.ones(width), c),
+        "Sub": lambda: (np.ones(width), -c) if first else (-np.ones(width), c),
+        "Mul": lambda: (c, np.zeros(width)),
+        "Div": lambda: (1.0 / c, np.zeros(width)),
+    }[op]()
+    return [ScaleShift(scale, shift)], {"source": s.name, "op": op, "folded": True}, width
+
+
+def _activation(s: _Step) -> _Result:
+    op = s.node.op_type
+    if op == "Elu" and float(s.at.get("alpha", 1.0)) != 1.0:
+        raise UnsupportedModelError(f"{s.what}: Elu {s.name!r} has alpha {s.at['alpha']}; only alpha 1 is supported")
+    return [Act(_ACTS[op])], {"source": s.name, "op": op}, s.width
+
+
+def _clip(s: _Step) -> _Result:
+    lo, hi = s.arg(1), s.arg(2)
+    lo = float(lo) if lo is not None else float(s.at.get("min", -np.inf))
+    hi = float(hi) if hi is not None else float(s.at.get("max", np.inf))
+    if lo == 0.0 and hi == np.inf:
+        ops: list[Op] = [Act("relu")]
+    elif np.isfinite(lo) and np.isfinite(hi) and lo < hi:
+        ops = [Clip(lo, hi)]
+    else:
+        raise UnsupportedModelError(f"{s.what}: Clip {s.name!r} with one open bound ({lo}, {hi}) is not supported")
+    return ops, {"source": s.name, "op": "Clip", "range": [lo, hi]}, s.width
+
+
+def _reshape(s: _Step) -> _Result:
+    shape = [int(v) for v in np.asarray(s.arg(1)).ravel()]
+    if len(shape) != 2 or shape[0] not in (-1, 0, 1) or shape[1] not in (-1, s.width):
+        raise UnsupportedModelError(f"{s.what}: Reshape {s.name!r} to {shape} is not a flatten to [batch, {s.width}]")
+    return [], None, s.width
+
+
+def _cast(s: _Step) -> _Result:
+    if int(s.at.get("to", 0)) != ONNX_FLOAT:
+        raise UnsupportedModelError(f"{s.what}: Cast {s.name!r} to ONNX type {s.at.get('to')} is not supported "
+                                    "(only a cast to float32, which changes no value)")
+    return [], None, s.width
+
+
+def _flatten(s: _Step) -> _Result:
+    if s.at.get("axis", 1) != 1:
+        raise UnsupportedModelError(f"{s.what}: Flatten {s.name!r} with axis {s.at.get('axis')} is not supported (axis 1 is)")
+    return [], None, s.width
+
+
+_HANDLERS: dict[str, Callable[[_Step], _Result]] = {
+    "Gemm": _gemm, "MatMul": _matmul, "Add": _elementwise, "Sub": _elementwise, "Mul": _elementwise,
+    "Div": _elementwise, "Clip": _clip, "Reshape": _reshape, "Cast": _cast, "Flatten": _flatten,
+    **{op: _activation for op in _ACTS},
+}
+
+
 def chain_ops(graph: Graph) -> tuple[list[Op], list[dict[str, Any]]]:
     """Follow the observation through the graph and return it as dqnc ops (one chain, no branches)."""
     what = graph.what
@@ -276,80 +384,19 @@ def chain_ops(graph: Graph) -> tuple[list[Op], list[dict[str, Any]]]:
     mapping: list[dict[str, Any]] = []
     for node in graph.nodes:
         name = node.name or node.output[0]
-        ins = [n for n in node.input if n]
         if node.output[0] in consts:  # a constant subgraph, folded by Graph()
             continue
         on_stream = [i for i, n in enumerate(node.input) if n == stream]
-        others = [n for n in ins if n != stream and n not in consts]
+        others = [n for n in node.input if n and n != stream and n not in consts]
         if not on_stream or others:
             raise UnsupportedModelError(f"{what}: node {name!r} ({node.op_type}) does not continue the single chain "
                                         "from the observation (the graph branches or merges): only layer chains are supported")
-        at = _attrs(node)
-        op = node.op_type
-        arg = lambda i: consts[node.input[i]] if len(node.input) > i and node.input[i] else None  # noqa: E731
-        if op == "Gemm":
-            if on_stream != [0] or at.get("transA", 0):
-                raise UnsupportedModelError(f"{what}: Gemm {name!r} multiplies the observation from the right or "
-                                            "transposed; only x @ W (+ b) layers are supported")
-            w = arg(1).astype(np.float64)
-            w = (w.T if at.get("transB", 0) else w) * float(at.get("alpha", 1.0))
-            c = arg(2)
-            b = (_vector(c, w.shape[1], what, node) * float(at.get("beta", 1.0))) if c is not None else np.zeros(w.shape[1])
-            ops.append(Affine(w, b))
-            mapping.append({"source": name, "op": "Gemm", "shape": list(w.shape), "transB": int(at.get("transB", 0))})
-            width = w.shape[1]
-        elif op == "MatMul":
-            w = arg(1)
-            if on_stream != [0] or w is None or w.ndim != 2:
-                raise UnsupportedModelError(f"{what}: MatMul {name!r} is not observation @ 2-D constant")
-            ops.append(Affine(w.astype(np.float64), np.zeros(w.shape[1])))
-            mapping.append({"source": name, "op": "MatMul", "shape": list(w.shape)})
-            width = w.shape[1]
-        elif op in ("Add", "Sub", "Mul", "Div"):
-            c = _vector(arg(1 - on_stream[0]), width, what, node)
-            if len(on_stream) != 1:
-                raise UnsupportedModelError(f"{what}: {op} {name!r} combines the observation with itself")
-            first = on_stream[0] == 0
-            if op == "Div" and not first:
-                raise UnsupportedModelError(f"{what}: Div {name!r} divides a constant by the observation")
-            if op == "Div" and np.any(c == 0):
-                raise UnsupportedModelError(f"{what}: Div {name!r} divides by zero")
-            scale, shift = {
-                "Add": lambda: (np.ones(width), c),
-                "Sub": lambda: (np.ones(width), -c) if first else (-np.ones(width), c),
-                "Mul": lambda: (c, np.zeros(width)),
-                "Div": lambda: (1.0 / c, np.zeros(width)),
-            }[op]()
-            ops.append(ScaleShift(scale, shift))
-            mapping.append({"source": name, "op": op, "folded": True})
-        elif op in _ACTS:
-            if op == "Elu" and float(at.get("alpha", 1.0)) != 1.0:
-                raise UnsupportedModelError(f"{what}: Elu {name!r} has alpha {at['alpha']}; only alpha 1 is supported")
-            ops.append(Act(_ACTS[op]))
-            mapping.append({"source": name, "op": op})
-        elif op == "Clip":
-            lo, hi = arg(1), arg(2)
-            lo = float(lo) if lo is not None else float(at.get("min", -np.inf))
-            hi = float(hi) if hi is not None else float(at.get("max", np.inf))
-            if lo == 0.0 and hi == np.inf:
-                ops.append(Act("relu"))
-            elif np.isfinite(lo) and np.isfinite(hi) and lo < hi:
-                ops.append(Clip(lo, hi))
-            else:
-                raise UnsupportedModelError(f"{what}: Clip {name!r} with one open bound ({lo}, {hi}) is not supported")
-            mapping.append({"source": name, "op": "Clip", "range": [lo, hi]})
-        elif op == "Reshape":
-            shape = [int(s) for s in np.asarray(arg(1)).ravel()]
-            if len(shape) != 2 or shape[0] not in (-1, 0, 1) or shape[1] not in (-1, width):
-                raise UnsupportedModelError(f"{what}: Reshape {name!r} to {shape} is not a flatten to [batch, {width}]")
-        elif op == "Cast":
-            if int(at.get("to", 0)) != ONNX_FLOAT:
-                raise UnsupportedModelError(f"{what}: Cast {name!r} to ONNX type {at.get('to')} is not supported "
-                                            "(only a cast to float32, which changes no value)")
-        elif op == "Flatten":
-            if at.get("axis", 1) != 1:
-                raise UnsupportedModelError(f"{what}: Flatten {name!r} with axis {at.get('axis')} is not supported (axis 1 is)")
-        # Identity, Dropout (inference), Reshape/Flatten of a flat vector: nothing to do
+        handler = _HANDLERS.get(node.op_type)
+        if handler is not None:  # Identity, Dropout (inference): nothing to do
+            new_ops, entry, width = handler(_Step(node, name, _attrs(node), on_stream, width, what, consts))
+            ops += new_ops
+            if entry is not None:
+                mapping.append(entry)
         stream = node.output[0]
     if stream != graph.output:
         raise UnsupportedModelError(f"{what}: the output {graph.output!r} is not the end of the chain from the observation")

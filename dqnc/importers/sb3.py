@@ -51,7 +51,7 @@ def load(path: Path, cfg: Any) -> Source:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError, NotImplementedError) as e:
         raise ArtifactError(f"{what}: damaged Stable-Baselines3 zip ({type(e).__name__}: "
-                            f"{torchzip._first_line(e)}); re-save the model") from None
+                            f"{torchzip.first_line(e)}); re-save the model") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{what}: the zip's 'data' entry is not a JSON object; re-save the model")
     obs_space = data.get("observation_space") or {}

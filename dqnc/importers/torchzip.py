@@ -165,7 +165,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self.storages(key, stype, numel)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]
 
@@ -311,7 +311,7 @@ def load_state_dict(data: bytes, what: str) -> dict[str, np.ndarray]:
     except (ArtifactError, limits.LimitError):
         raise
     except (Exception, RecursionError) as e:  # any damage in an untrusted file is bad input, not a crash
-        raise ArtifactError(f"{what}: damaged PyTorch archive ({type(e).__name__}: {_first_line(e)}); "
+        raise ArtifactError(f"{what}: damaged PyTorch archive ({type(e).__name__}: {first_line(e)}); "
                             "re-save the checkpoint") from None
     if not isinstance(obj, dict):
         raise ArtifactError(f"{what}: holds a {type(obj).__name__}, not a state_dict; save model.state_dict()")
@@ -333,7 +333,7 @@ def load_pickle(data: bytes, profile: str, what: str) -> Any:
     except (ArtifactError, limits.LimitError):
         raise
     except (Exception, RecursionError) as e:
-        raise ArtifactError(f"{what}: not a readable pickle ({type(e).__name__}: {_first_line(e)})") from None
+        raise ArtifactError(f"{what}: not a readable pickle ({type(e).__name__}: {first_line(e)})") from None
 
 
 def read_file(path: Path, limit: int = MAX_ENTRY_BYTES, limit_name: str = "dqnc.limits.MAX_DECOMPRESSED_BYTES") -> bytes:
