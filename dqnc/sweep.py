@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from dqnc.errors import DqncError, GateFailed, UsageError
+from dqnc.stages import STAGES, join_names, seeded_names
 
 JOURNAL = "journal.jsonl"
-SEED_STAGES = ("prune", "distill")  # stages whose output depends on their seed (they train)
+SEED_STAGES = tuple(seeded_names())  # the built-in seeded stages (old name); trials read STAGES, registered ones too
 DONE = ("passed", "failed")  # trial outcomes that carry measurements; "error" and "timeout" do not
 
 
@@ -67,7 +68,8 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
 
 
 def _stage_seed_keys(data: dict[str, Any]) -> list[str]:
-    return [f"{s['name']}.seed" for s in data.get("stages") or [] if isinstance(s, dict) and s.get("stage") in SEED_STAGES]
+    seeded = {name for name, st in STAGES.items() if st.seeded}
+    return [f"{s['name']}.seed" for s in data.get("stages") or [] if isinstance(s, dict) and s.get("stage") in seeded]
 
 
 def _flow(value: Any) -> str:
@@ -88,12 +90,13 @@ def _flow(value: Any) -> str:
 def _check_stage_keys(data: dict[str, Any], keys: list[str]) -> None:
     import difflib
 
-    from dqnc.recipe.schema import STAGE_MODELS
+    from dqnc.recipe.schema import stage_models
 
+    models = stage_models()
     stages = {s.get("name"): s.get("stage") for s in data.get("stages") or [] if isinstance(s, dict)}
     for key in keys:
         parts = key.split(".")
-        model = STAGE_MODELS.get(str(stages.get(parts[0])))
+        model = models.get(str(stages.get(parts[0])))
         if model is not None and len(parts) > 1 and parts[1] not in model.model_fields:
             close = difflib.get_close_matches(parts[1], list(model.model_fields), n=1)
             hint = f" (did you mean {parts[0]}.{close[0]}?)" if close else ""
@@ -121,7 +124,7 @@ def expand(recipe_text: str, data: dict[str, Any], grid: dict[str, list[Any]], s
         combos = random.Random(sample_seed).sample(combos, samples)
     seed_keys = _stage_seed_keys(data)
     if seeds > 1 and not seed_keys:
-        raise UsageError("--seeds needs a prune or distill stage to seed: drop --seeds or add such a stage")
+        raise UsageError(f"--seeds needs a {join_names(seeded_names(), 'or')} stage to seed: drop --seeds or add such a stage")
     digest = hashlib.sha256(recipe_text.encode()).hexdigest()
     trials = []
     for combo in combos:

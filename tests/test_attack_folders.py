@@ -183,7 +183,7 @@ def test_recipe_out_dir_root_or_system_folder_is_refused_before_writing(tmp_path
         raise AssertionError(f"dqnc started writing into out_dir {out_dir!r}")
 
     monkeypatch.setattr(art, "ensure_writable_dir", must_not_write)
-    monkeypatch.setattr(recipe_runner, "_Lock", must_not_write)
+    monkeypatch.setattr(recipe_runner, "Lock", must_not_write)
     monkeypatch.setattr(recipe_runner, "_save_effective", must_not_write)
     listing = sorted(os.listdir(out_dir))
     p = write_recipe(tmp_path, out_dir)

@@ -239,14 +239,14 @@ def test_until_the_last_stage_still_checks_the_gates(tmp_path, trained):
 def test_report_table_fits_80_columns_without_a_tty(tmp_path, trained, monkeypatch):
     from rich.console import Console
 
-    from dqnc import cli
+    from dqnc.cli import render
 
     p = _write(tmp_path, _fast_recipe(trained))
     report = recipe.run(recipe.load(p))
     console = Console(width=80, force_terminal=False, color_system=None, highlight=False)
-    monkeypatch.setattr(cli, "stdout", console)
+    monkeypatch.setattr(render, "stdout", console)
     with console.capture() as cap:
-        cli._render_report(report.to_dict(), recipe.load(p), as_json=False)
+        render.report(report.to_dict(), recipe.load(p), as_json=False)
     text = cap.get()
     table = [ln for ln in text.splitlines() if "|" not in ln][:8]
     assert "…" not in text, text
@@ -290,7 +290,7 @@ def test_second_run_on_the_same_out_dir_is_refused(tmp_path, trained):
     loaded.out_dir.mkdir(parents=True)
     import os
 
-    with recipe._Lock(loaded.out_dir):
+    with recipe.Lock(loaded.out_dir):
         r = runner.invoke(app, ["run", str(p)])
         assert r.exit_code == 2
         assert f"in use by pid {os.getpid()}" in r.output

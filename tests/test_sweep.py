@@ -124,8 +124,8 @@ def test_grid_parsing_and_expansion():
         sweep.expand("text", data, {"s.hiden": [1]})
     with pytest.raises(UsageError, match=r"--grid 'x.mode=...'.*neither a stage name"):
         sweep.expand("text", data, {"x.mode": [1]})
-    with pytest.raises(UsageError, match="--seeds"):
-        sweep.expand("text", {"stages": [{"name": "q", "stage": "quantize"}]}, {}, seeds=2)
+    with pytest.raises(UsageError, match="--seeds needs a prune, distill or quantize stage"):
+        sweep.expand("text", {"stages": [{"name": "b", "stage": "export"}]}, {}, seeds=2)
 
 
 def test_pareto_front_on_numbers():

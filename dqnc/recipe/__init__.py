@@ -2,7 +2,7 @@
 
     source:  {artifact: PATH} | {savedmodel: PATH, env: ID} | {import: PATH, env: ID, obs_norm?: PKL}
              | {train: {env: ID, ...}}
-    stages:  [{name, stage: prune|distill|quantize|export|eval, input?, gates?, ...options}]
+    stages:  [{name, stage: prune|distill|quantize|export|eval (dqnc.stages.STAGES), input?, gates?, ...options}]
     eval:    evaluation settings for the per-stage report (episodes, seed, latency_samples)
     gates:   checked on the last stage's evaluation
 
@@ -18,11 +18,12 @@ report.md/json).
 
 from __future__ import annotations
 
-from dqnc.recipe.cache import STATE_DIR, _Lock, machine_fingerprint
+from dqnc.recipe.cache import STATE_DIR, Lock, machine_fingerprint
 from dqnc.recipe.loader import LoadedRecipe, apply_sets, load
 from dqnc.recipe.report import COLUMNS, RunReport, StageRow, gate_lines, markdown, table_rows
 from dqnc.recipe.runner import run
-from dqnc.recipe.schema import STAGE_MODELS, Recipe, Source, json_schema
+from dqnc.recipe.schema import STAGE_MODELS, Recipe, Source, json_schema, recipe_model
 
-__all__ = ["COLUMNS", "STAGE_MODELS", "STATE_DIR", "LoadedRecipe", "Recipe", "RunReport", "Source", "StageRow", "_Lock",
-           "apply_sets", "gate_lines", "json_schema", "load", "machine_fingerprint", "markdown", "run", "table_rows"]
+__all__ = ["COLUMNS", "STAGE_MODELS", "STATE_DIR", "LoadedRecipe", "Lock", "Recipe", "RunReport", "Source", "StageRow",
+           "apply_sets", "gate_lines", "json_schema", "load", "machine_fingerprint", "markdown", "recipe_model", "run",
+           "table_rows"]

@@ -18,14 +18,14 @@ from dqnc.errors import DqncError, UsageError
 STATE_DIR = ".dqnc"
 
 
-class _Lock:
+class Lock:
     """One ``dqnc run`` per out_dir: a second one refuses instead of racing the first."""
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / STATE_DIR / "lock"
         self.fd: int | None = None
 
-    def __enter__(self) -> _Lock:
+    def __enter__(self) -> Lock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,11 +48,11 @@ class _Lock:
             os.close(self.fd)
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class _State:
+class State:
     """Cache keys of finished stages and evaluations, in <out_dir>/.dqnc/state.json."""
 
     def __init__(self, out_dir: Path, shared: SharedCache | None = None) -> None:
@@ -73,7 +73,7 @@ class _State:
         write_json_atomic(self.path, self.data)
 
 
-def _cached(state: _State, name: str, key: str, out: Path) -> Any:
+def cached_output(state: State, name: str, key: str, out: Path) -> Any:
     from dqnc import artifact as art
 
     entry = state.data["stages"].get(name)
@@ -149,7 +149,7 @@ class SharedCache:
         write_json_atomic(self.root / "evals" / f"{key}.json", result)
 
 
-def shared_writer(state: _State, key: str) -> Any:
+def shared_writer(state: State, key: str) -> Any:
     """The entry's writer lock when runs share a cache; a no-op otherwise."""
     return state.shared.writer(key) if state.shared is not None else nullcontext()
 
@@ -419,7 +419,7 @@ class OutDir:
     def wrote(self, *names: str) -> None:
         assert self.marker is not None
         for name in names:
-            digest = _sha(self.path / name)
-            if digest is not None:
-                self.marker["files"][name] = digest
+            sha = _sha(self.path / name)
+            if sha is not None:
+                self.marker["files"][name] = sha
         self._save()

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from dqnc.config import fields_at, first_error, read_text, unknown_key_message
 from dqnc.errors import ConfigError, UsageError
 from dqnc.limits import clip
-from dqnc.recipe.schema import MAX_YAML_NODES, NEEDS_SAVEDMODEL, PRODUCES, STAGE_MODELS, Recipe
+from dqnc.recipe.schema import MAX_YAML_NODES, Recipe, recipe_model, stage_models
+from dqnc.stages import STAGES
 
 
 def _compose(text: str, path: Path) -> Any:
@@ -93,7 +94,7 @@ def apply_sets(data: dict[str, Any], sets: list[str]) -> list[str]:
         if parts[0] in names and len(parts) > 1:
             target = stages[names.index(parts[0])]
             parts = parts[1:]
-        elif parts[0] not in Recipe.model_fields:
+        elif parts[0] not in Recipe.model_fields:  # the same keys for every registry
             close = difflib.get_close_matches(parts[0], [n for n in names if n] + list(Recipe.model_fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UsageError(f"--set {clip(item)!r}: {parts[0]!r} is neither a stage name nor a recipe key{hint}")
@@ -137,7 +138,7 @@ def load(path: str | Path, sets: list[str] | None = None) -> LoadedRecipe:
         raise ConfigError(f"{path}:1: a recipe is a mapping with 'source' and 'stages', not a {type(data).__name__}")
     set_paths = apply_sets(data, sets or [])
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = recipe_model().model_validate(data)
     except ValidationError as e:
         raise ConfigError(_recipe_error(e, path, lines, data, set_paths)) from None
     loaded = LoadedRecipe(path, recipe, data, Path(), "savedmodel", set_paths)
@@ -150,9 +151,10 @@ def load(path: str | Path, sets: list[str] | None = None) -> LoadedRecipe:
 def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data: dict[str, Any], sets: list[str]) -> str:
     err = first_error(e)
     loc = list(err["loc"])
+    models = stage_models()
     # Discriminated unions put the stage type into the location: stages.0.prune.sparsity
-    if len(loc) >= 3 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] in STAGE_MODELS:
-        model: Any = STAGE_MODELS[loc[2]]
+    if len(loc) >= 3 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] in models:
+        model: Any = models[loc[2]]
         del loc[2]
     else:
         model = None
@@ -167,10 +169,10 @@ def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data:
     if any(key_path.endswith(s.split(".")[-1]) for s in sets) and sets:
         where += " (after --set)"
     if err["type"] == "extra_forbidden":
-        fields = list(model.model_fields) if model is not None and len(loc_t) == 3 else fields_at(Recipe, loc_t[:-1])
+        fields = list(model.model_fields) if model is not None and len(loc_t) == 3 else fields_at(recipe_model(), loc_t[:-1])
         return unknown_key_message(where, key_path, str(loc_t[-1]), fields)
     if err["type"] == "union_tag_invalid" or (err["type"] == "union_tag_not_found"):
-        return (f"{where}: {key_path}: 'stage' must be one of {', '.join(STAGE_MODELS)}"
+        return (f"{where}: {key_path}: 'stage' must be one of {', '.join(models)}"
                 + (f" (got {err.get('input', {}).get('stage')!r})" if isinstance(err.get("input"), dict) else ""))
     if err["type"] == "missing" and loc_t == ("source",):
         return (f"{where}: missing key 'source': add one of source: {{artifact: PATH}}, "
@@ -228,12 +230,14 @@ def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
             raise ConfigError(f"{at('stages', i, 'input')}: stage {st.name!r} reads input {st.input!r}, which {why}: "
                               f"use one of {', '.join(kinds)}")
         inp = st.input or prev
-        kind = kinds[inp]
-        if st.stage in NEEDS_SAVEDMODEL and kind != "savedmodel":
-            raise ConfigError(f"{at('stages', i)}: stage {st.name!r} ({st.stage}) reads {inp!r}, a TFLite model; "
-                              f"{st.stage} needs a SavedModel: put {st.stage} before quantize/export, or read an earlier stage")
-        kinds[st.name] = PRODUCES.get(st.stage, kind)
-        prev = st.name if st.stage != "eval" else inp
+        kind, stage = kinds[inp], STAGES[st.stage]
+        if kind not in stage.reads:
+            raise ConfigError(f"{at('stages', i)}: stage {st.name!r} ({st.stage}) reads {inp!r}, {_KIND_NAMES[kind]}; "
+                              + (f"{st.stage} needs a SavedModel: put {st.stage} before quantize/export, or read an "
+                                 "earlier stage" if kind == "tflite" else f"{st.stage} needs a TFLite model: put "
+                                 f"{st.stage} after quantize, or read a later stage"))
+        kinds[st.name] = stage.writes or kind  # a measuring stage (eval) passes its input on
+        prev = st.name if stage.writes is not None else inp
     from dqnc.recipe.cache import check_out_dir_location
 
     try:
@@ -242,6 +246,9 @@ def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
         raise ConfigError(f"{at('out_dir')}: {e}") from None
     if loaded.out_dir.exists() and not loaded.out_dir.is_dir():
         raise ConfigError(f"{at('out_dir')}: out_dir {str(loaded.out_dir)!r} is an existing file: choose a directory path")
+
+
+_KIND_NAMES = {"tflite": "a TFLite model", "savedmodel": "a SavedModel"}
 
 
 def _check_env_id(env_id: str, where: str) -> None:

@@ -62,7 +62,7 @@ class RunReport:
         return line
 
 
-def _row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
+def row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
     m = a.manifest
     ref = res.get("reference") or {}
     lat = (res.get("latency_us") or {}).get("action") or {}
@@ -204,7 +204,7 @@ def markdown(report: RunReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_reports(loaded: LoadedRecipe, report: RunReport) -> None:
+def write_reports(loaded: LoadedRecipe, report: RunReport) -> None:
     from dqnc.artifact import write_json_atomic
 
     write_json_atomic(loaded.out_dir / "report.json", report.to_dict())

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from dqnc import __version__
-from dqnc.config import DistillConfig, EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig
+from dqnc.config import EvalConfig, Gates
 from dqnc.errors import DqncError, GateFailed, UsageError
-from dqnc.recipe.cache import (OutDir, SharedCache, _cached, _digest, _Lock, _State, machine_fingerprint,
+from dqnc.recipe.cache import (Lock, OutDir, SharedCache, State, cached_output, digest, machine_fingerprint,
                                shared_writer)
 from dqnc.recipe.loader import LoadedRecipe
-from dqnc.recipe.report import RunReport, StageRow, _row_metrics
-from dqnc.recipe.report import _write_reports as _write_report_files
+from dqnc.recipe.report import RunReport, StageRow, row_metrics, write_reports
+from dqnc.stages import STAGES, Stage
 
 Log = Callable[[str], None]
 
@@ -27,8 +28,31 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
     same key are copied from it instead of recomputed, and new ones are published to it."""
     from dqnc import artifact as art
 
-    r = loaded.recipe
     started = time.perf_counter()
+    _check_stage_flags(loaded, force, from_stage, until)
+    # Before anything is written: '/', the home folder and folders dqnc did not make are refused,
+    # and so is anything in a dqnc out_dir this run would replace that is not what dqnc wrote.
+    owner = _owner(loaded)
+    owner.check()
+    art.ensure_writable_dir(loaded.out_dir, "out_dir")
+    with Lock(loaded.out_dir):
+        owner.check()  # again, now that no other run can change it
+        owner.claim()
+        _save_effective(loaded, owner)
+        ctx = _Run(loaded, owner, State(loaded.out_dir, shared_cache), force, log, started)
+        source = ctx.source(from_stage is None or from_stage == "train")
+        stopped = ctx.chain(from_stage, until)
+        ctx.state.save()
+        if not ctx.failures:
+            ctx.evaluate_rows(source, stopped)
+        report = ctx.finish(source, stopped, until)
+    if ctx.failures:
+        raise GateFailed("; ".join(ctx.failures), report.to_dict())
+    return report
+
+
+def _check_stage_flags(loaded: LoadedRecipe, force: bool | set[str], from_stage: str | None, until: str | None) -> None:
+    r = loaded.recipe
     names = (["train"] if r.source.train is not None else []) + [s.name for s in r.stages]
     for flag, value in (("--from", from_stage), ("--until", until)):
         if value is not None and value not in names:
@@ -37,121 +61,142 @@ def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str
         unknown = sorted(force - set(names))
         if unknown:
             raise UsageError(f"--force {unknown[0]!r} is not a stage of this recipe: use one of {', '.join(names)}")
-    out_dir = loaded.out_dir
-    # Before anything is written: '/', the home folder and folders dqnc did not make are refused,
-    # and so is anything in a dqnc out_dir this run would replace that is not what dqnc wrote.
-    owner = _owner(loaded)
-    owner.check()
-    art.ensure_writable_dir(out_dir, "out_dir")
 
-    rows: list[StageRow] = []
-    failures: list[str] = []
-    with _Lock(out_dir):
-        owner.check()  # again, now that no other run can change it
-        owner.claim()
-        _save_effective(loaded, owner)
-        state = _State(out_dir, shared_cache)
-        active = from_stage is None
-        stop_after = until
 
-        def forced(name: str) -> bool:
-            return force is True or (isinstance(force, set) and name in force)
+@dataclass
+class _Run:
+    """One run in progress: the report's rows, the gate failures and each stage's output."""
 
-        # the source
+    loaded: LoadedRecipe
+    owner: OutDir
+    state: State
+    force: bool | set[str]
+    log: Log
+    started: float
+    rows: list[StageRow] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def forced(self, name: str) -> bool:
+        return self.force is True or (isinstance(self.force, set) and name in self.force)
+
+    def write(self, failures: list[str], **extra: Any) -> RunReport:
+        report = RunReport(str(self.loaded.path), str(self.loaded.out_dir), self.rows, failures,
+                           time.perf_counter() - self.started, **extra)
+        _write_owned_reports(self.loaded, self.owner, report)
+        return report
+
+    def source(self, active: bool) -> Any:
+        """The chain's start (trained here when the recipe says so); a failure is reported, then raised."""
+        r = self.loaded.recipe
         try:
-            source, row = _resolve_source(loaded, state, forced("train"), active or from_stage == "train", log)
+            source, row = _resolve_source(self.loaded, self.state, self.forced("train"), active, self.log)
         except (DqncError, KeyboardInterrupt) as e:
             why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-            rows.append(StageRow("train" if r.source.train is not None else "source", "train", status="failed", error=why))
-            _write_reports(loaded, owner, RunReport(str(loaded.path), str(out_dir), rows, [why],
-                                                    time.perf_counter() - started))
+            self.rows.append(StageRow("train" if r.source.train is not None else "source", "train", status="failed",
+                                      error=why))
+            self.write([why])
             raise
         if row is not None:
-            rows.append(row)
-        outputs: dict[str, art.Artifact] = {"source": source}
+            self.rows.append(row)
+        self.outputs["source"] = source
         if r.source.train is not None:
-            outputs["train"] = source
+            self.outputs["train"] = source
+        return source
+
+    def chain(self, from_stage: str | None, until: str | None) -> bool:
+        """Run the stages in order; True when --until stopped the chain early."""
+        r = self.loaded.recipe
+        active = from_stage is None
         prev = "train" if r.source.train is not None else "source"
-        stopped = stop_after == "train" and bool(r.stages)
+        stopped = until == "train" and bool(r.stages)
         for i, st in enumerate(r.stages):
             row = StageRow(st.name, st.stage)
-            rows.append(row)
+            self.rows.append(row)
             if stopped:
                 row.status = "skipped"
                 continue
             if from_stage == st.name:
                 active = True
-            inp = outputs[st.input or prev]
-            try:
-                if st.stage == "eval":
-                    row.path = str(inp.path)
-                    res = _evaluate(loaded, state, inp, source, st, log, f"[{i + 1}/{len(r.stages)}] {st.name}")
-                    row.metrics = _row_metrics(inp, res)
-                    row.status = "ran"
-                    _gate_row(row, res, st.gates, failures, f"stage {st.name!r}")
-                    outputs[st.name] = inp
-                else:
-                    art_out = _run_stage(loaded, state, st, inp, active, forced(st.name), row, log, i)
-                    outputs[st.name] = art_out
-                    prev = st.name
-            except GateFailed as e:
-                row.status, row.error = "failed", str(e)
-                failures.append(f"stage {st.name!r}: {e}")
-                state.save()
+            if not self.stage(st, self.outputs[st.input or prev], active, row, i):
                 break
-            except DqncError as e:
-                row.status, row.error = "failed", str(e)
-                state.save()
-                _write_reports(loaded, owner, RunReport(str(loaded.path), str(out_dir), rows, failures + [str(e)],
-                                                        time.perf_counter() - started))
-                raise
-            except KeyboardInterrupt:
-                row.status, row.error = "failed", "interrupted"
-                state.save()
-                _write_reports(loaded, owner, RunReport(str(loaded.path), str(out_dir), rows, ["interrupted"],
-                                                        time.perf_counter() - started))
-                raise
-            if st.name == stop_after and i < len(r.stages) - 1:
+            if not _measures(st.stage):
+                prev = st.name
+            if st.name == until and i < len(r.stages) - 1:
                 stopped = True
-        state.save()
-        # Per-stage evaluations for the report (cached), then the recipe's gates on the last one.
-        if not failures:
-            for row in rows:
-                if row.stage == "eval" or row.status not in ("ran", "cached") or row.name not in outputs:
-                    continue
-                res = _evaluate(loaded, state, outputs[row.name], source, r.eval, log, f"eval {row.name}")
-                row.metrics.update(_row_metrics(outputs[row.name], res))
-                stage_cfg = next((s for s in r.stages if s.name == row.name), None)
-                if stage_cfg is not None and getattr(stage_cfg, "gates", None) is not None:
-                    _gate_row(row, res, stage_cfg.gates, failures, f"stage {row.name!r}")
-            last = next((row for row in reversed(rows) if row.status in ("ran", "cached") and row.stage != "eval"), None)
-            if last is not None and not stopped:
-                res = _evaluate(loaded, state, outputs[last.name], source, r.eval, log, None)
-                _gate_row(last, res, r.gates, failures, "recipe")
-            state.save()
-        fp32_bytes = _fp32_tflite_bytes(state, source)
-        state.save()
-        report = RunReport(str(loaded.path), str(out_dir), rows, failures, time.perf_counter() - started,
-                           gates_checked=not stopped, fp32_tflite_bytes=fp32_bytes)
-        if stopped and not failures:
-            log(f"--until {stop_after}: later stages skipped; the recipe's gates were not checked")
-        _write_reports(loaded, owner, report)
-    if failures:
-        raise GateFailed("; ".join(failures), report.to_dict())
-    return report
+        return stopped
+
+    def stage(self, st: Any, inp: Any, active: bool, row: StageRow, i: int) -> bool:
+        """Run one stage into ``outputs``; False when its gates failed (the chain stops there)."""
+        try:
+            if _measures(st.stage):  # its input is its output
+                row.path = str(inp.path)
+                label = f"[{i + 1}/{len(self.loaded.recipe.stages)}] {st.name}"
+                res = _evaluate(self.loaded, self.state, inp, self.outputs["source"], st, self.log, label,
+                                measure=STAGES[st.stage])
+                row.metrics = row_metrics(inp, res)
+                row.status = "ran"
+                _gate_row(row, res, st.gates, self.failures, f"stage {st.name!r}")
+                self.outputs[st.name] = inp
+            else:
+                self.outputs[st.name] = _run_stage(self.loaded, self.state, st, inp, active, self.forced(st.name), row,
+                                                   self.log, i)
+        except GateFailed as e:
+            row.status, row.error = "failed", str(e)
+            self.failures.append(f"stage {st.name!r}: {e}")
+            self.state.save()
+            return False
+        except (DqncError, KeyboardInterrupt) as e:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            row.status, row.error = "failed", why
+            self.state.save()
+            self.write(self.failures + [why] if isinstance(e, DqncError) else [why])
+            raise
+        return True
+
+    def evaluate_rows(self, source: Any, stopped: bool) -> None:
+        """Per-stage evaluations for the report (cached), then the recipe's gates on the last one."""
+        r = self.loaded.recipe
+        for row in self.rows:
+            if _measures(row.stage) or row.status not in ("ran", "cached") or row.name not in self.outputs:
+                continue
+            res = _evaluate(self.loaded, self.state, self.outputs[row.name], source, r.eval, self.log, f"eval {row.name}")
+            row.metrics.update(row_metrics(self.outputs[row.name], res))
+            stage_cfg = next((s for s in r.stages if s.name == row.name), None)
+            if stage_cfg is not None and getattr(stage_cfg, "gates", None) is not None:
+                _gate_row(row, res, stage_cfg.gates, self.failures, f"stage {row.name!r}")
+        last = next((row for row in reversed(self.rows) if row.status in ("ran", "cached") and not _measures(row.stage)),
+                    None)
+        if last is not None and not stopped:
+            res = _evaluate(self.loaded, self.state, self.outputs[last.name], source, r.eval, self.log, None)
+            _gate_row(last, res, r.gates, self.failures, "recipe")
+        self.state.save()
+
+    def finish(self, source: Any, stopped: bool, until: str | None) -> RunReport:
+        fp32_bytes = _fp32_tflite_bytes(self.state, source)
+        self.state.save()
+        if stopped and not self.failures:
+            self.log(f"--until {until}: later stages skipped; the recipe's gates were not checked")
+        return self.write(self.failures, gates_checked=not stopped, fp32_tflite_bytes=fp32_bytes)
+
+
+def _measures(stage: str) -> bool:
+    """Whether ``stage`` measures its input and writes nothing (eval); the source row ("train") writes."""
+    entry = STAGES.get(stage)
+    return entry is not None and entry.writes is None
 
 
 def _owner(loaded: LoadedRecipe) -> OutDir:
     r = loaded.recipe
-    stage_dirs = (["train"] if r.source.train is not None else []) + [s.name for s in r.stages if s.stage != "eval"]
+    stage_dirs = (["train"] if r.source.train is not None else []) + [s.name for s in r.stages if not _measures(s.stage)]
     return OutDir(loaded.out_dir, loaded.path, stage_dirs, "train.ckpt" if r.source.train is not None else None)
 
 
-def _write_reports(loaded: LoadedRecipe, owner: OutDir, report: RunReport) -> None:
+def _write_owned_reports(loaded: LoadedRecipe, owner: OutDir, report: RunReport) -> None:
     """report.json and report.md, replacing only files dqnc wrote (the marker holds their sha256s)."""
     for name in ("report.json", "report.md"):
         owner.before_write(name)
-    _write_report_files(loaded, report)
+    write_reports(loaded, report)
     owner.wrote("report.json", "report.md")
 
 
@@ -168,7 +213,7 @@ def _save_effective(loaded: LoadedRecipe, owner: OutDir) -> None:
     owner.wrote("recipe.effective.yaml")
 
 
-def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bool, log: Log) -> tuple[Any, StageRow | None]:
+def _resolve_source(loaded: LoadedRecipe, state: State, force: bool, active: bool, log: Log) -> tuple[Any, StageRow | None]:
     from dqnc import artifact as art
     from dqnc.envs import env_spec
 
@@ -187,8 +232,8 @@ def _resolve_source(loaded: LoadedRecipe, state: _State, force: bool, active: bo
     assert src.train is not None
     out = loaded.out_dir / "train"
     row = StageRow("train", "train", str(out))
-    key = _digest({"stage": "train", "config": src.train.model_dump(mode="json"), "dqnc": __version__})
-    cached = _cached(state, "train", key, out)
+    key = digest({"stage": "train", "config": src.train.model_dump(mode="json"), "dqnc": __version__})
+    cached = cached_output(state, "train", key, out)
     if cached is not None and not force:
         row.status = "cached"
         log(f"[train] cached: {out}")
@@ -222,7 +267,7 @@ def _train(cfg: Any, out: Any, row: StageRow, log: Log) -> Any:
             log(f"[train] discarding the checkpoint in {str(ckpt)!r}: {stale}")
             import shutil
 
-            train._check_checkpoint_dir(ckpt)  # only a folder dqnc's checkpoint writer made
+            train.check_checkpoint_dir(ckpt)  # only a folder dqnc's checkpoint writer made
             shutil.rmtree(ckpt, ignore_errors=True)
             resume = False
         else:
@@ -236,14 +281,14 @@ def _train(cfg: Any, out: Any, row: StageRow, log: Log) -> Any:
     return result
 
 
-def _run_stage(loaded: LoadedRecipe, state: _State, st: Any, inp: Any, active: bool, force: bool, row: StageRow,
+def _run_stage(loaded: LoadedRecipe, state: State, st: Any, inp: Any, active: bool, force: bool, row: StageRow,
                log: Log, i: int) -> Any:
     out = loaded.out_dir / st.name
     row.path = str(out)
     options = st.model_dump(mode="json", exclude={"name", "input", "stage", "gates"})
-    key = _digest({"stage": st.stage, "options": options, "input": inp.sha256, "dqnc": __version__})
+    key = digest({"stage": st.stage, "options": options, "input": inp.sha256, "dqnc": __version__})
     label = f"[{i + 1}/{len(loaded.recipe.stages)}] {st.name} ({st.stage})"
-    cached = _cached(state, st.name, key, out)
+    cached = cached_output(state, st.name, key, out)
     if cached is not None and not force:
         row.status = "cached"
         log(f"{label}: cached")
@@ -271,29 +316,15 @@ def _run_stage(loaded: LoadedRecipe, state: _State, st: Any, inp: Any, active: b
 def _compute_stage(st: Any, options: dict[str, Any], inp: Any, out: Any, row: StageRow, log: Log, label: str) -> Any:
     log(f"{label}: running ...")
     t0 = time.perf_counter()
-    if st.stage == "prune":
-        from dqnc import prune
-
-        result = prune.run(PruneConfig(**options), inp, out, force=True)
-    elif st.stage == "distill":
-        from dqnc import distill
-
-        result = distill.run(DistillConfig(**options), inp, out, force=True, log=log)
-    elif st.stage == "quantize":
-        from dqnc import quantize
-
-        result = quantize.run(QuantizeConfig(**options), inp, out, force=True)
-    else:
-        from dqnc import export
-
-        result = export.run(ExportConfig(**options), inp, out, force=True)
+    stage = STAGES[st.stage]
+    result = stage.run(stage.config(**options), inp, out, force=True, log=log)
     row.seconds = time.perf_counter() - t0
     row.status = "ran"
     log(f"{label}: done in {row.seconds:.1f} s")
     return result
 
 
-def _fp32_tflite_bytes(state: _State, source: Any) -> int | None:
+def _fp32_tflite_bytes(state: State, source: Any) -> int | None:
     """Bytes of the source as an fp32 TFLite file, as `dqnc quantize --mode fp32` writes it
     (converted once per source and kept in the run state)."""
     if source.kind == "tflite":
@@ -311,14 +342,13 @@ def _fp32_tflite_bytes(state: _State, source: Any) -> int | None:
     return known[source.sha256]
 
 
-def _evaluate(loaded: LoadedRecipe, state: _State, target: Any, source: Any, cfg: EvalConfig, log: Log,
-              label: str | None) -> dict[str, Any]:
-    from dqnc import evaluate
-
+def _evaluate(loaded: LoadedRecipe, state: State, target: Any, source: Any, cfg: EvalConfig, log: Log,
+              label: str | None, measure: Stage | None = None) -> dict[str, Any]:
+    """``measure``'s (the eval stage's) metrics of ``target`` against the source, cached by content."""
     plain = EvalConfig(episodes=cfg.episodes, seed=cfg.seed, latency_samples=cfg.latency_samples)
     reference = None if target.sha256 == source.sha256 else source
     # Latency belongs to the machine that measured it: another machine re-evaluates.
-    key = _digest({"target": target.sha256, "reference": None if reference is None else reference.sha256,
+    key = digest({"target": target.sha256, "reference": None if reference is None else reference.sha256,
                    "eval": plain.model_dump(mode="json"), "dqnc": __version__, "machine": machine_fingerprint()})
     cached = state.data["evals"].get(key)
     if cached is not None:
@@ -328,7 +358,7 @@ def _evaluate(loaded: LoadedRecipe, state: _State, target: Any, source: Any, cfg
         if res is None:
             if label:
                 log(f"{label}: evaluating {cfg.episodes} episodes ...")
-            res = evaluate.run(plain, target, reference)
+            res = (measure or STAGES["eval"]).run(plain, target, reference, force=False, log=log)
             if state.shared is not None:
                 state.shared.put_eval(key, res)
     state.data["evals"][key] = res
@@ -342,7 +372,7 @@ def _gate_row(row: StageRow, res: dict[str, Any], gates: Gates | None, failures:
         return
     probe = dict(res, gates=[])
     try:
-        evaluate._apply_gates(EvalConfig(gates=gates), probe)
+        evaluate.apply_gates(EvalConfig(gates=gates), probe)
     except GateFailed as e:
         failures.append(f"{who}: {e}")
     row.gates += [dict(g, scope=who) for g in probe["gates"]]

@@ -1,12 +1,20 @@
-"""The recipe schema: source, stages and gates as pydantic models (also the JSON Schema)."""
+"""The recipe schema: source, stages and gates as pydantic models (also the JSON Schema).
+
+The stage entries are built from ``dqnc.stages.STAGES``; ``recipe_model()`` is the Recipe model
+for the registry as it is now (rebuilt, and cached, when a stage is registered or removed).
+``Recipe``, ``Stage`` and ``STAGE_MODELS`` are the built-in stages' models, kept for old imports.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+import functools
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from dqnc.config import DistillConfig, EvalConfig, ExportConfig, Gates, PruneConfig, QuantizeConfig, TrainConfig
+from dqnc.config import EvalConfig, Gates, TrainConfig
+from dqnc.stages import STAGES, join_names, seeded_names
+from dqnc.stages import Stage as StageEntry
 
 MAX_YAML_NODES = 20_000  # a recipe is small; this stops alias bombs ("billion laughs") early
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -61,36 +69,33 @@ class _StageBase(_Strict):
     input: str | None = Field(None, description="stage whose output this stage reads [default: the previous one]")
 
 
-class PruneStage(_StageBase, PruneConfig):
-    stage: Literal["prune"]
-    gates: Gates | None = None
+def stage_model(stage: StageEntry) -> type[BaseModel]:
+    """The recipe entry of ``stage``: its config's options plus name, input, ``stage: <name>`` and
+    gates (e.g. ``PruneStage``)."""
+    return _stage_model(stage.name, stage.config)
 
 
-class QuantizeStage(_StageBase, QuantizeConfig):
-    stage: Literal["quantize"]
-    gates: Gates | None = None
+@functools.lru_cache(maxsize=None)
+def _stage_model(name: str, config: type[BaseModel]) -> type[BaseModel]:
+    fields: dict[str, Any] = {"stage": (Literal[name], ...)}
+    if "gates" not in config.model_fields:  # eval's own gates are its config's
+        fields["gates"] = (Optional[Gates], None)
+    return create_model(f"{name.capitalize()}Stage", __base__=(_StageBase, config), __module__=__name__, **fields)
 
 
-class ExportStage(_StageBase, ExportConfig):
-    stage: Literal["export"]
-    gates: Gates | None = None
+def stage_models() -> dict[str, type[BaseModel]]:
+    """Stage name -> its recipe entry model, for every registered stage."""
+    return {name: stage_model(s) for name, s in STAGES.items()}
 
 
-class DistillStage(_StageBase, DistillConfig):
-    stage: Literal["distill"]
-    gates: Gates | None = None
+def needs_savedmodel() -> set[str]:
+    """The stages a TFLite model cannot feed: it cannot be pruned, distilled or re-quantized."""
+    return {name for name, s in STAGES.items() if "tflite" not in s.reads}
 
 
-class EvalStage(_StageBase, EvalConfig):
-    stage: Literal["eval"]
-
-
-Stage = Annotated[Union[PruneStage, DistillStage, QuantizeStage, ExportStage, EvalStage], Field(discriminator="stage")]
-STAGE_MODELS: dict[str, type[BaseModel]] = {"prune": PruneStage, "distill": DistillStage, "quantize": QuantizeStage,
-                                            "export": ExportStage, "eval": EvalStage}
-# What each stage reads and writes: a TFLite model cannot be pruned, distilled or re-quantized.
-NEEDS_SAVEDMODEL = {"prune", "distill", "quantize"}
-PRODUCES = {"prune": "savedmodel", "distill": "savedmodel", "quantize": "tflite", "export": "tflite"}
+def produces() -> dict[str, str]:
+    """What each writing stage writes (a measuring stage passes its input's kind on)."""
+    return {name: s.writes for name, s in STAGES.items() if s.writes is not None}
 
 
 class Sweep(_Strict):
@@ -98,8 +103,8 @@ class Sweep(_Strict):
 
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="--set key -> values; the trials are "
                                        "their cross product, e.g. {student.hidden: [[8, 8], [16, 16]]}")
-    seeds: int = Field(1, ge=1, le=100, description="repeat each combination with seed 0..N-1 on every prune and "
-                       "distill stage")
+    seeds: int = Field(1, ge=1, le=100, description="repeat each combination with seed 0..N-1 on every "
+                       f"{join_names(seeded_names(), 'and')} stage")
     samples: int | None = Field(None, ge=1, description="random search: run this many combinations drawn without "
                                 "replacement from the grid (seeded by sample_seed) instead of all of them")
     sample_seed: int = Field(0, ge=0)
@@ -116,19 +121,38 @@ class Sweep(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class _RecipeFields(_Strict):
     version: Literal[1] = 1
     name: str | None = None
     out_dir: str | None = Field(None, description="where stage outputs go [default: runs/<recipe file stem>]")
     source: Source
-    stages: list[Stage] = Field(min_length=1)
+    stages: list[Any] = Field(min_length=1)  # recipe_model() puts the registered stages here
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation of every stage for the report")
     gates: Gates = Field(default_factory=Gates, description="checked on the last stage's evaluation")
     sweep: Sweep | None = Field(None, description="the search space of `dqnc sweep` (ignored by `dqnc run`)")
 
 
+def recipe_model() -> type[BaseModel]:
+    """The Recipe model whose ``stages`` accept every registered stage."""
+    return _recipe_model(tuple(STAGES.values()))
+
+
+@functools.lru_cache(maxsize=8)
+def _recipe_model(stages: tuple[StageEntry, ...]) -> type[BaseModel]:
+    union = Annotated[Union[tuple(stage_model(s) for s in stages)], Field(discriminator="stage")]
+    return create_model("Recipe", __base__=_RecipeFields, __module__=__name__,
+                        stages=(list[union], Field(min_length=1)))  # type: ignore[valid-type]
+
+
+Recipe = recipe_model()
+STAGE_MODELS: dict[str, type[BaseModel]] = stage_models()
+Stage = Recipe.model_fields["stages"].annotation.__args__[0]  # the built-in stages' discriminated union
+NEEDS_SAVEDMODEL = needs_savedmodel()
+PRODUCES = produces()
+
+
 def json_schema() -> dict[str, Any]:
-    schema = Recipe.model_json_schema()
+    schema = recipe_model().model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "dqnc recipe"
     return schema
