@@ -9,7 +9,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dqnc.errors import ConfigError
 from dqnc.seeds import EVAL_SEED
@@ -21,31 +21,32 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     env: str = Field(min_length=1, description="gymnasium id, or 'module:Env-v0'")
-    env_kwargs: dict[str, Any] = Field(default_factory=dict)
-    seed: int = Field(0, ge=0, le=999)
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="env constructor kwargs (on the command line: JSON, e.g. '{\"continuous\": false}')")
+    seed: int = Field(0, ge=0, le=999, description="random seed; a run is reproducible on CPU for a given seed")
     total_steps: int = Field(100_000, ge=1, description="env steps over all vectorized envs")
-    num_envs: int = Field(1, ge=1, le=256)
-    hidden: list[int] = Field(default_factory=lambda: [128, 128], min_length=1, max_length=8)
+    num_envs: int = Field(1, ge=1, le=256, description="vectorized envs stepped together")
+    hidden: list[int] = Field(default_factory=lambda: [128, 128], min_length=1, max_length=8,
+                              description="hidden layer widths (on the command line: 64,64)")
     conv: list[list[int]] | None = Field(None, max_length=8, description="conv layers [filters, kernel, stride] "
                                          "before the hidden layers, for image observations (HWC or CHW)")
-    activation: Literal["relu", "tanh", "elu"] = "relu"
-    dueling: bool = False
-    double_dqn: bool = True
-    lr: float = Field(2.3e-3, gt=0, le=1)
-    batch_size: int = Field(64, ge=1, le=65536)
-    buffer_size: int = Field(100_000, ge=1)
-    learning_starts: int = Field(1000, ge=0)
-    gamma: float = Field(0.99, ge=0, le=1)
+    activation: Literal["relu", "tanh", "elu"] = Field("relu", description="hidden activation")
+    dueling: bool = Field(False, description="dueling head (folded into a plain MLP on save)")
+    double_dqn: bool = Field(True, description="Double DQN targets: the online network picks the next action")
+    lr: float = Field(2.3e-3, gt=0, le=1, description="Adam learning rate")
+    batch_size: int = Field(64, ge=1, le=65536, description="minibatch size")
+    buffer_size: int = Field(100_000, ge=1, description="replay buffer capacity")
+    learning_starts: int = Field(1000, ge=0, description="random-action steps before training starts")
+    gamma: float = Field(0.99, ge=0, le=1, description="discount factor")
     train_freq: int = Field(256, ge=1, description="env steps between training calls")
     gradient_steps: int = Field(128, ge=1, description="gradient steps per training call")
     target_update_interval: int = Field(128, ge=1, description="gradient steps between target updates")
     tau: float = Field(1.0, gt=0, le=1, description="1 = hard copy, < 1 = Polyak averaging")
-    max_grad_norm: float = Field(10.0, gt=0)
-    eps_start: float = Field(1.0, ge=0, le=1)
-    eps_end: float = Field(0.04, ge=0, le=1)
-    eps_fraction: float = Field(0.16, gt=0, le=1)
+    max_grad_norm: float = Field(10.0, gt=0, description="gradients are clipped to this global norm")
+    eps_start: float = Field(1.0, ge=0, le=1, description="initial exploration epsilon")
+    eps_end: float = Field(0.04, ge=0, le=1, description="final exploration epsilon")
+    eps_fraction: float = Field(0.16, gt=0, le=1, description="share of the run over which epsilon decays")
     eval_freq: int = Field(2500, ge=1, description="env steps between greedy evaluations")
-    eval_episodes: int = Field(20, ge=1)
+    eval_episodes: int = Field(20, ge=1, description="episodes per greedy evaluation")
     confirm_episodes: int = Field(50, ge=0, description="episodes (from a second, disjoint seed range) that confirm "
                                   "a new best evaluation before its weights are kept or training stops early")
     early_stop: bool = Field(True, description="stop once every episode of a greedy evaluation and its confirmation "
@@ -223,16 +224,18 @@ class PruneConfig(_StageConfig):
     """Magnitude pruning with fine-tuning (see dqnc.prune)."""
 
     sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="target sparsity of the pruned kernels")
-    schedule: Literal["polynomial", "constant"] = "polynomial"
-    distribution: Literal["uniform", "erk"] = "uniform"
-    finetune: Literal["distill", "rl", "none"] = "distill"
-    keep_dense: tuple[str, ...] = Field(("first", "last"), description="layers left dense, by name or 'first'/'last'")
-    layer_sparsity: dict[str, float] = Field(default_factory=dict, description="per-layer targets, e.g. {dense_1: 0.9}")
+    schedule: Literal["polynomial", "constant"] = Field(
+        "polynomial", description="polynomial (masks tighten gradually) or constant")
+    distribution: Literal["uniform", "erk"] = Field("uniform", description="uniform, or erk (small layers stay denser)")
+    finetune: Literal["distill", "rl", "none"] = Field(
+        "distill", description="distill (the parent teaches), rl (DQN in the env) or none (one-shot)")
+    keep_dense: tuple[str, ...] = Field(("first", "last"), description="layers left dense, by name or 'first'/'last' (on the command line: repeatable)")
+    layer_sparsity: dict[str, float] = Field(default_factory=dict, description="per-layer targets, e.g. {dense_1: 0.9} (on the command line: NAME=SPARSITY, repeatable)")
     states: int = Field(20_000, ge=64, description="rollout states to distill on")
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration of the teacher rollouts")
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    epochs: int = Field(100, ge=1, description="distillation epochs")
+    batch_size: int = Field(256, ge=1, description="distillation minibatch size")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="distillation learning rate (Adam)")
     # The distillation loss, in units of the teacher's advantage spread: policy distillation
     # (cross-entropy between the teacher's action softmax at ``temperature`` and the student's at
     # ``temperature * score_gain``), a light regression on advantages (the ranking of the other
@@ -246,12 +249,13 @@ class PruneConfig(_StageConfig):
     margin: float = Field(1.5, ge=0.0, description="hinge margin, in advantage-spread units (distill_loss: hinge)")
     temperature: float = Field(0.01, gt=0.0, description="teacher softmax temperature, in advantage-spread units")
     score_gain: float = Field(20.0, ge=1.0, description="how much steeper the student's scores are than the teacher's near ties")
-    advantage_weight: float = Field(0.1, ge=0.0)
-    value_weight: float = Field(0.0, ge=0.0)
+    advantage_weight: float = Field(0.1, ge=0.0, description="weight of the advantage regression in the loss")
+    value_weight: float = Field(0.0, ge=0.0, description="weight of the raw Q error in the loss (0 frees the hidden "
+                                "layers from the state value)")
     dagger_rounds: int = Field(6, ge=0, le=10, description="extra rounds on states the student visits, labelled by the teacher")
     rl_steps: int = Field(20_000, ge=100, description="env steps of RL fine-tuning (finetune: rl)")
-    seed: int = Field(0, ge=0, le=999)
-    check_states: int = Field(2000, ge=16)
+    seed: int = Field(0, ge=0, le=999, description="random seed")
+    check_states: int = Field(2000, ge=16, description="held-out states the pruned policy is checked on")
     structure: Literal["weights", "units", "2by4"] = Field(
         "weights", description="weights: zero single weights (TFMOT magnitude pruning, same shape); units: remove whole "
         "hidden units, 'sparsity' being the share of each hidden layer's units removed (a narrower dense network); "
@@ -274,8 +278,9 @@ class PruneConfig(_StageConfig):
 class QuantizeConfig(_StageConfig):
     """TFLite conversion, calibrated on rollouts and checked against the parent (see dqnc.quantize)."""
 
-    mode: Literal["int8", "int16x8", "float16", "dynamic", "fp32"] = "int8"
-    float_io: bool = False
+    mode: Literal["int8", "int16x8", "float16", "dynamic", "fp32"] = Field(
+        "int8", description="int8 (full integer), int16x8, float16, dynamic or fp32")
+    float_io: bool = Field(False, description="keep float32 input/output (int8/int16x8 inside)")
     target: Literal["mcu", "linux"] = Field(
         "mcu", description="where the model will run: mcu (TFLite Micro too: dense encoding) or linux (LiteRT, "
         "tflite-runtime: the sparse encoding is allowed)")
@@ -287,10 +292,10 @@ class QuantizeConfig(_StageConfig):
         "ranking", description="int8 output scale: 'ranking' narrows it so near-tied actions stay apart (larger scores "
         "saturate) and also tries cross-layer equalization, each variant chosen by greedy agreement with the parent on "
         "separate selection rollouts; 'full' keeps the converter's range over every calibrated Q-value, unequalized")
-    calibration_states: int = Field(2000, ge=16)
-    calibration_epsilon: float = Field(0.1, ge=0.0, le=1.0)
-    check_states: int = Field(2000, ge=16)
-    seed: int = Field(0, ge=0, le=999)
+    calibration_states: int = Field(2000, ge=16, description="rollout states to calibrate on")
+    calibration_epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration of the calibration rollouts")
+    check_states: int = Field(2000, ge=16, description="held-out states the result is checked on")
+    seed: int = Field(0, ge=0, le=999, description="seed of the calibration, selection and check rollouts")
     # The check refuses what loses something (dqnc.fidelity): regret on the parent's states, and
     # the return of closed-loop episodes. Agreement and Q-error limits are opt-in.
     max_regret: float = Field(0.05, ge=0.0, description="mean regret on the check states, as a fraction of the "
@@ -353,27 +358,57 @@ class ExportConfig(_StageConfig):
 class Gates(_StageConfig):
     """Quality gates: each failing one makes the command exit 1."""
 
-    min_return: float | None = None
-    max_return_drop: float | None = Field(None, description="fraction of |reference mean return|, e.g. 0.01")
-    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on every visited state")
-    min_decisive_agreement: float | None = Field(None, ge=0.0, le=1.0, description="greedy agreement on decisive states")
-    max_regret: float | None = Field(None, ge=0.0, description="mean regret, as a fraction of the reference's action spread")
-    max_size_kb: float | None = Field(None, gt=0.0, description="file size in kB (1 kB = 1,000 bytes)")
-    max_size_kib: float | None = Field(None, gt=0.0, description="file size in KiB (1 KiB = 1,024 bytes)")
-    max_latency_us: float | None = Field(None, gt=0.0, description="p50 per action")
+    min_return: float | None = Field(None, description="gate: exit 1 if the mean return is below this")
+    max_return_drop: float | None = Field(None, description="gate: exit 1 if the mean return is more than this "
+                                           "fraction of |reference mean return| below it (0.01 = 1%)")
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="gate: exit 1 if greedy agreement with the "
+                                         "reference over every visited state is below this (0.95 = 95%)")
+    min_decisive_agreement: float | None = Field(None, ge=0.0, le=1.0, description="gate: the same on "
+                                                  "decisive states only (their count is reported)")
+    max_regret: float | None = Field(None, ge=0.0, description="gate: exit 1 if the mean regret, as a fraction of "
+                                      "the reference's action spread, exceeds this")
+    max_size_kb: float | None = Field(None, gt=0.0, description="gate: exit 1 if the model file is larger than this "
+                                       "many kB (1 kB = 1,000 bytes)")
+    max_size_kib: float | None = Field(None, gt=0.0, description="gate: the same in KiB (1 KiB = 1,024 bytes)")
+    max_latency_us: float | None = Field(None, gt=0.0, description="gate: exit 1 if the p50 latency per action exceeds this "
+                                          "many microseconds")
 
 
 class EvalConfig(_StageConfig):
     """Greedy evaluation (see dqnc.evaluate)."""
 
-    episodes: int = Field(100, ge=1, le=100_000)
+    episodes: int = Field(100, ge=1, le=100_000, description="greedy episodes to run")
     seed: int = Field(EVAL_SEED, ge=0, lt=2**31, description="episode i is reset with seed + i; the default starts "
                       "the held-out range no stage rolls out from (dqnc.seeds)")
-    latency_samples: int = Field(2000, ge=0)
-    runtime: Literal["auto", "litert", "tflite-runtime", "tflm", "c"] = Field(
+    latency_samples: int = Field(2000, ge=0, description="single-observation calls timed for the latency figures "
+                                 "(0 = skip)")
+    runtime: str = Field(
         "auto", description="what runs a .tflite policy: auto (LiteRT, else tflite-runtime), litert, tflite-runtime, "
-        "tflm (TensorFlow Lite Micro's reference kernels) or c (the bundle's policy.c, compiled for the host)")
+        "tflm (TensorFlow Lite Micro's reference kernels) or c (the bundle's policy.c, compiled for the host)",
+        json_schema_extra=lambda schema: _runtime_enum(schema))
     gates: Gates = Field(default_factory=Gates)
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, v: str) -> str:
+        choices = runtime_choices()
+        if v not in choices:
+            raise ValueError(f"unknown runtime {v!r}: choose one of {', '.join(choices)}")
+        return v
+
+
+def runtime_choices() -> list[str]:
+    """What ``EvalConfig.runtime`` accepts: auto and every registered runtime (read at call time)."""
+    from dqnc.runtimes import names
+
+    return ["auto", *names()]
+
+
+def _runtime_enum(schema: dict[str, Any]) -> None:
+    # The JSON Schema lists the registry's names where a Literal would have put them (before title).
+    fields = dict(schema, enum=runtime_choices())
+    schema.clear()
+    schema.update({k: fields[k] for k in sorted(fields)})
 
 
 class DistillConfig(_StageConfig):
@@ -382,30 +417,34 @@ class DistillConfig(_StageConfig):
     hidden: list[int] | Literal["auto"] = Field(
         default_factory=lambda: [16, 16], description="student hidden widths, e.g. [16, 16]; 'auto' = the narrowest "
         "width in 'widths' (x 'depth' layers) whose validation return meets max_return_drop")
-    activation: Literal["relu", "tanh", "elu"] = "relu"
+    activation: Literal["relu", "tanh", "elu"] = Field("relu", description="hidden activation of the student")
     states: int = Field(20_000, ge=64, description="teacher rollout states to distill on")
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration of the teacher rollouts")
     steps: int = Field(3000, ge=1, description="minibatch steps on the teacher's states")
     dagger_rounds: int = Field(4, ge=0, le=10, description="extra rounds on states the student visits, labelled by the teacher")
     dagger_steps: int = Field(1500, ge=1, description="minibatch steps per DAgger round")
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(256, ge=1, description="minibatch size")
+    lr: float = Field(3e-3, gt=0.0, le=1.0, description="learning rate (Adam)")
     # The loss, as in PruneConfig (see there): policy distillation at a low temperature plus a
     # light regression on advantages.
-    distill_loss: Literal["policy", "hinge"] = "policy"
-    margin: float = Field(1.5, ge=0.0)
-    temperature: float = Field(0.01, gt=0.0)
-    score_gain: float = Field(20.0, ge=1.0)
-    advantage_weight: float = Field(0.1, ge=0.0)
-    value_weight: float = Field(0.0, ge=0.0)
-    seed: int = Field(0, ge=0, le=999)
-    check_states: int = Field(2000, ge=16)
+    distill_loss: Literal["policy", "hinge"] = Field(
+        "policy", description="policy (softmax cross-entropy) or hinge (the teacher's action must lead by 'margin')")
+    margin: float = Field(1.5, ge=0.0, description="hinge margin, in advantage-spread units (distill_loss: hinge)")
+    temperature: float = Field(0.01, gt=0.0, description="teacher softmax temperature, in advantage-spread units")
+    score_gain: float = Field(20.0, ge=1.0, description="how much steeper the student's scores are than the "
+                              "teacher's near ties")
+    advantage_weight: float = Field(0.1, ge=0.0, description="weight of the advantage regression in the loss")
+    value_weight: float = Field(0.0, ge=0.0, description="weight of the raw Q error in the loss")
+    seed: int = Field(0, ge=0, le=999, description="random seed (weights, minibatches, rollout episodes)")
+    check_states: int = Field(2000, ge=16, description="held-out states the student is checked on")
     # Width search (hidden: auto).
-    widths: list[int] = Field(default_factory=lambda: [4, 6, 8, 12, 16, 24, 32, 48, 64], min_length=1)
+    widths: list[int] = Field(default_factory=lambda: [4, 6, 8, 12, 16, 24, 32, 48, 64], min_length=1,
+                              description="hidden: auto: the widths to try, narrowest first")
     depth: int = Field(2, ge=1, le=8, description="hidden layers of the searched students")
     max_return_drop: float = Field(0.01, ge=0.0, description="hidden: auto gate, a fraction of the parent's mean "
                                    "return on the validation episodes (as eval's --max-return-drop)")
-    validation_episodes: int = Field(20, ge=1, le=10_000)
+    validation_episodes: int = Field(20, ge=1, le=10_000, description="hidden: auto: validation episodes per "
+                                     "candidate width")
 
     @model_validator(mode="after")
     def _check_widths(self) -> DistillConfig:
@@ -421,7 +460,7 @@ class ImportConfig(_StageConfig):
     """Bringing a Q-network made elsewhere into a dqnc artifact (see dqnc.importers)."""
 
     env: str = Field(min_length=1, description="gymnasium id the network acts in, or 'module:Env-v0'")
-    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="env constructor kwargs (on the command line: JSON)")
     format: Literal["auto", "keras", "onnx", "sb3", "cleanrl", "torch"] = Field(
         "auto", description="source format; auto sniffs it from the file")
     obs_norm: str | None = Field(None, description="SB3 VecNormalize .pkl whose observation statistics are folded in")
