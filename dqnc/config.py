@@ -195,20 +195,9 @@ def read_text(path: Path, what: str) -> str:
 
 def load_yaml_mapping(path: Path) -> dict[str, Any]:
     """Load a YAML file that must hold a mapping, with safe loading and one-line errors."""
-    import yaml
-
     from dqnc import yamlio
 
-    text = read_text(path, "config file")
-    try:
-        data = yamlio.load(text)
-    except ConfigError as e:  # "line N: ..." from the bounded reader
-        raise ConfigError(f"{path}:{str(e).removeprefix('line ')}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the YAML") from None
+    data = yamlio.construct(yamlio.compose_file(read_text(path, "config file"), path))
     if data is None:
         raise ConfigError(f"{path}: the file is empty; it must hold a mapping of options")
     if not isinstance(data, dict):

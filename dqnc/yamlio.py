@@ -99,6 +99,19 @@ def compose(text: str) -> Any:
     return node
 
 
+def compose_file(text: str, path: Any) -> Any:
+    """:func:`compose` for a file's text: every error a ``ConfigError`` naming ``path:line``."""
+    try:
+        return compose(text)
+    except ConfigError as e:  # "line N: ..." from the caps above
+        raise ConfigError(f"{path}:{str(e).removeprefix('line ')}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the YAML") from None
+
+
 def construct(node: Any) -> Any:
     """A composed node as plain Python data (the node tree is already bounded)."""
     if node is None:
