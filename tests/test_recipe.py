@@ -162,7 +162,7 @@ def test_relative_paths_resolve_from_the_recipe_folder(tmp_path, trained, monkey
 def test_run_caches_and_invalidates(tmp_path, trained):
     p = _write(tmp_path, _fast_recipe(trained))
     first = recipe.run(recipe.load(p))
-    assert [r.status for r in first.rows] == ["ran", "ran", "ran"]
+    assert [r.status for r in first.rows] == ["loaded", "ran", "ran", "ran"]  # the source row first
     out = tmp_path / "out"
     for f in ("report.json", "report.md", "recipe.effective.yaml"):
         assert (out / f).is_file()
@@ -170,13 +170,13 @@ def test_run_caches_and_invalidates(tmp_path, trained):
     t0 = time.perf_counter()
     again = recipe.run(recipe.load(p))
     assert time.perf_counter() - t0 < 5
-    assert [r.status for r in again.rows] == ["cached", "cached", "cached"]
+    assert [r.status for r in again.rows] == ["loaded", "cached", "cached", "cached"]
     # an option change re-runs that stage and everything downstream of it
     changed = recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]))
-    assert [r.status for r in changed.rows] == ["cached", "ran", "ran"]
+    assert [r.status for r in changed.rows] == ["loaded", "cached", "ran", "ran"]
     # --force STAGE re-runs that stage; the unchanged output hash keeps the rest cached
     forced = recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]), force={"pruned"})
-    assert forced.rows[0].status == "ran"
+    assert forced.rows[1].status == "ran"
     # a changed output is neither trusted nor replaced (the change may be the user's): the run
     # refuses, naming it; once the folder is moved away the stage runs again
     (out / "bundle" / "model_data.h").write_text("tampered")
@@ -185,10 +185,10 @@ def test_run_caches_and_invalidates(tmp_path, trained):
     assert (out / "bundle" / "model_data.h").read_text() == "tampered"
     shutil.rmtree(out / "bundle")
     healed = recipe.run(recipe.load(p, ["int8.mode=dynamic", "bundle.target=linux"]))
-    assert [r.status for r in healed.rows] == ["cached", "cached", "ran"]
+    assert [r.status for r in healed.rows] == ["loaded", "cached", "cached", "ran"]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
-    row = report["stages"][1]["metrics"]
+    row = report["stages"][2]["metrics"]
     for key in ("size_bytes", "gzip_bytes", "sparsity", "precision", "mean_return", "agreement", "latency_p50_us"):
         assert key in row
     assert row["precision"] == "dynamic"
@@ -205,7 +205,7 @@ def test_changed_input_invalidates_downstream(tmp_path, trained):
 
     train.run(tiny_config(seed=11), src, force=True)  # a different source policy, same path
     rerun = recipe.run(recipe.load(p), until="pruned")
-    assert rerun.rows[0].status == "ran"
+    assert rerun.rows[1].status == "ran"
 
 
 def test_until_and_from(tmp_path, trained):
@@ -213,12 +213,12 @@ def test_until_and_from(tmp_path, trained):
     data["gates"] = {"max_size_kb": 1000}
     p = _write(tmp_path, data)
     part = recipe.run(recipe.load(p), until="int8")
-    assert [r.status for r in part.rows] == ["ran", "ran", "skipped"]
+    assert [r.status for r in part.rows] == ["loaded", "ran", "ran", "skipped"]
     # Stopping early never reports PASSED: the recipe's gates were not checked.
     assert part.verdict == "INCOMPLETE" and part.to_dict()["passed"] is False
     assert "gates were not checked" in (tmp_path / "out" / "report.md").read_text()
     rest = recipe.run(recipe.load(p), from_stage="bundle")
-    assert [r.status for r in rest.rows] == ["cached", "cached", "ran"] and rest.verdict == "PASSED"
+    assert [r.status for r in rest.rows] == ["loaded", "cached", "cached", "ran"] and rest.verdict == "PASSED"
     with pytest.raises(UsageError, match="not a stage"):
         recipe.run(recipe.load(p), from_stage="nope")
     # --from checks the cache keys of the stages it skips: a stale output is not reused.
@@ -317,7 +317,7 @@ def test_readme_main_recipe_runs_end_to_end_then_from_cache(tmp_path):
     first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads(first.stdout)
-    assert report["passed"] and [s["status"] for s in report["stages"]] == ["ran"] * 4
+    assert report["passed"] and [s["status"] for s in report["stages"]] == ["loaded"] + ["ran"] * 4
     bundle = report["stages"][-2]["metrics"]
     assert bundle["precision"] == "int8" and bundle["mean_return"] >= 475
     # Bytes per parameter and the ratio to the source's fp32 TFLite file (16x16: 4*16+16+16*16+16+16*2+2).
@@ -330,7 +330,7 @@ def test_readme_main_recipe_runs_end_to_end_then_from_cache(tmp_path):
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0
     assert time.perf_counter() - t0 < 10
-    assert [s["status"] for s in json.loads(second.stdout)["stages"]][:3] == ["cached"] * 3
+    assert [s["status"] for s in json.loads(second.stdout)["stages"]][1:4] == ["cached"] * 3
 
 
 def test_evaluations_are_not_reused_on_another_machine(tmp_path, trained, monkeypatch):

@@ -15,11 +15,14 @@ class StageRow:
     name: str
     stage: str
     path: str | None = None
-    status: str = "pending"  # ran | cached | failed | skipped | pending
+    status: str = "pending"  # ran | cached | loaded (a given source) | failed | skipped | pending
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    # A measuring (eval) stage's row: the name of the row it measured. When its evaluation is that
+    # row's own (same episodes and seeds), the table shows its gates on that row, not a copy of it.
+    of: str | None = None
 
 
 @dataclass
@@ -99,6 +102,27 @@ def row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def source_metrics(source: Any, reference: dict[str, Any] | None, episodes: int) -> dict[str, Any]:
+    """The source row: precision, and the mean return and CI the other rows' evaluations measured
+    for it as their reference (same episodes and seeds; no episode is rolled out for it). It is
+    its own reference: regret 0, agreement 100%. Bytes are added by ``set_source_bytes``."""
+    m: dict[str, Any] = {"precision": _precision(source.manifest), "size_bytes": None, "params": None,
+                         "mean_return": None, "return_ci95": None, "episodes": None}
+    if reference is not None:
+        m.update(mean_return=reference["mean_return"], return_ci95=reference.get("return_ci95"), episodes=episodes,
+                 regret=0.0, agreement=1.0, decisive_agreement=1.0)
+    return m
+
+
+def set_source_bytes(row: StageRow, source: Any, fp32_bytes: int | None) -> None:
+    """The source row's size: its fp32 TFLite file's bytes (a .tflite source: its own file's)."""
+    own = source.model_path.stat().st_size if source.kind == "tflite" else None
+    row.metrics["fp32_tflite_bytes"] = fp32_bytes
+    if row.stage == "source":
+        row.metrics.setdefault("precision", _precision(source.manifest))
+        row.metrics["size_bytes"] = fp32_bytes if fp32_bytes is not None else own
+
+
 def _precision(manifest: dict[str, Any]) -> str:
     """The mode, or "4-bit"/"2-bit" for int8 files whose kernels hold 16/4 values (weight_bits)."""
     q = manifest.get("quantization") or {}
@@ -156,21 +180,38 @@ COLUMNS = [("prec.", "precision", ""), ("bytes", "size_bytes", "bytes"), ("retur
            ("p50 us", "latency_p50_us", "us")]
 
 
+def shown_rows(report: RunReport) -> list[StageRow]:
+    """The table's rows: the source first, then each stage; an eval stage's row only when it
+    measured something its input's row does not show (other episodes or seeds, or it failed)."""
+    by_name = {r.name: r for r in report.rows}
+    return [r for r in report.rows
+            if not (r.of is not None and r.of in by_name and r.metrics and r.metrics == by_name[r.of].metrics)]
+
+
+def _cell(m: dict[str, Any], key: str, kind: str) -> str:
+    if kind == "ci":
+        return _ci(m)
+    if kind == "dec":
+        return _decisive(m)
+    if key == "size_bytes" and m.get("fp32_tflite_bytes") is not None:
+        return _fmt(m["fp32_tflite_bytes"], kind)  # the source row: its fp32 TFLite file
+    return _fmt(m.get(key), kind)
+
+
 def table_rows(report: RunReport) -> list[list[str]]:
-    """Name, the COLUMNS, and status for each stage (gates are listed separately)."""
+    """Name, the COLUMNS, and status for each row of ``shown_rows`` (gates are listed separately)."""
     out = []
-    for row in report.rows:
+    for row in shown_rows(report):
         cells = [row.name]
         for _, key, kind in COLUMNS:
-            m = row.metrics
-            cells.append(_ci(m) if kind == "ci" else _decisive(m) if kind == "dec" else _fmt(m.get(key), kind))
+            cells.append(_cell(row.metrics, key, kind))
         cells.append(row.status + (f" {row.seconds:.0f}s" if row.status == "ran" and row.seconds >= 0.5 else ""))
         out.append(cells)
     return out
 
 
 def gate_lines(report: RunReport) -> list[tuple[bool, str]]:
-    return [(g["passed"], f"gate {g['gate']} ({g['scope']}) on {row.name}: measured {g['value']:.4g}, "
+    return [(g["passed"], f"gate {g['gate']} ({g['scope']}) on {row.of or row.name}: measured {g['value']:.4g}, "
              f"threshold {g['threshold']:g}: {'pass' if g['passed'] else 'FAIL'}")
             for row in report.rows for g in row.gates]
 
@@ -183,7 +224,7 @@ def markdown(report: RunReport) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cells in table_rows(report):
         lines.append("| " + " | ".join(cells) + " |")
-    gates = [(row.name, g) for row in report.rows for g in row.gates]
+    gates = [(row.of or row.name, g) for row in report.rows for g in row.gates]
     if gates:
         lines += ["", "| gate | on | threshold | measured | verdict |", "|---|---|---|---|---|"]
         for name, g in gates:

@@ -14,7 +14,7 @@ from dqnc.errors import DqncError, GateFailed, UsageError
 from dqnc.recipe.cache import (Lock, OutDir, SharedCache, State, cached_output, digest, machine_fingerprint,
                                shared_writer)
 from dqnc.recipe.loader import LoadedRecipe
-from dqnc.recipe.report import RunReport, StageRow, row_metrics, write_reports
+from dqnc.recipe.report import RunReport, StageRow, row_metrics, set_source_bytes, source_metrics, write_reports
 from dqnc.stages import STAGES, Stage
 
 Log = Callable[[str], None]
@@ -97,8 +97,8 @@ class _Run:
                                       error=why))
             self.write([why])
             raise
-        if row is not None:
-            self.rows.append(row)
+        # The report's first row is the source: trained here, or the model the recipe names.
+        self.rows.append(row if row is not None else StageRow("source", "source", str(source.path), "loaded"))
         self.outputs["source"] = source
         if r.source.train is not None:
             self.outputs["train"] = source
@@ -118,6 +118,8 @@ class _Run:
                 continue
             if from_stage == st.name:
                 active = True
+            if _measures(st.stage):
+                row.of = st.input or prev
             if not self.stage(st, self.outputs[st.input or prev], active, row, i):
                 break
             if not _measures(st.stage):
@@ -157,10 +159,12 @@ class _Run:
     def evaluate_rows(self, source: Any, stopped: bool) -> None:
         """Per-stage evaluations for the report (cached), then the recipe's gates on the last one."""
         r = self.loaded.recipe
+        reference = None  # the source's returns, as every compared row's evaluation measured them
         for row in self.rows:
             if _measures(row.stage) or row.status not in ("ran", "cached") or row.name not in self.outputs:
                 continue
             res = _evaluate(self.loaded, self.state, self.outputs[row.name], source, r.eval, self.log, f"eval {row.name}")
+            reference = reference or res.get("reference")
             row.metrics.update(row_metrics(self.outputs[row.name], res))
             stage_cfg = next((s for s in r.stages if s.name == row.name), None)
             if stage_cfg is not None and getattr(stage_cfg, "gates", None) is not None:
@@ -170,10 +174,14 @@ class _Run:
         if last is not None and not stopped:
             res = _evaluate(self.loaded, self.state, self.outputs[last.name], source, r.eval, self.log, None)
             _gate_row(last, res, r.gates, self.failures, "recipe")
+        if self.rows and self.rows[0].stage == "source":
+            self.rows[0].metrics.update(source_metrics(source, reference, r.eval.episodes))
         self.state.save()
 
     def finish(self, source: Any, stopped: bool, until: str | None) -> RunReport:
         fp32_bytes = _fp32_tflite_bytes(self.state, source)
+        if self.rows and self.rows[0].stage in ("source", "train") and self.rows[0].status != "failed":
+            set_source_bytes(self.rows[0], source, fp32_bytes)
         self.state.save()
         if stopped and not self.failures:
             self.log(f"--until {until}: later stages skipped; the recipe's gates were not checked")
