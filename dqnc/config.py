@@ -197,7 +197,7 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
     """Load a YAML file that must hold a mapping, with safe loading and one-line errors."""
     from dqnc import yamlio
 
-    data = yamlio.construct(yamlio.compose_file(read_text(path, "config file"), path))
+    data = yamlio.compose_file(read_text(path, "config file"), path, construct_too=True)
     if data is None:
         raise ConfigError(f"{path}: the file is empty; it must hold a mapping of options")
     if not isinstance(data, dict):

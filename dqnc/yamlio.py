@@ -99,10 +99,12 @@ def compose(text: str) -> Any:
     return node
 
 
-def compose_file(text: str, path: Any) -> Any:
-    """:func:`compose` for a file's text: every error a ``ConfigError`` naming ``path:line``."""
+def compose_file(text: str, path: Any, construct_too: bool = False) -> Any:
+    """:func:`compose` (and with ``construct_too``, :func:`construct`) for a file's text: every
+    error a ``ConfigError`` naming ``path:line``."""
     try:
-        return compose(text)
+        node = compose(text)
+        return construct(node) if construct_too else node
     except ConfigError as e:  # "line N: ..." from the caps above
         raise ConfigError(f"{path}:{str(e).removeprefix('line ')}") from None
     except yaml.YAMLError as e:

@@ -19,19 +19,9 @@ from dqnc.stages import STAGES
 
 
 def _compose(text: str, path: Path) -> Any:
-    import yaml
-
     from dqnc import yamlio
 
-    try:
-        return yamlio.compose(text)
-    except ConfigError as e:  # "line N: ..." from the bounded reader
-        raise ConfigError(f"{path}:{str(e).removeprefix('line ')}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the YAML") from None
+    return yamlio.compose_file(text, path)
 
 
 def _to_python(node: Any, path: Path, lines: dict[tuple, int]) -> Any:
@@ -88,16 +78,7 @@ def apply_sets(data: dict[str, Any], sets: list[str]) -> list[str]:
         if not sep or not parts:
             raise UsageError(f"--set {clip(item)!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.9")
         value = yamlio.scalar(raw) if raw.strip() else ""
-        stages = data.get("stages") if isinstance(data.get("stages"), list) else []
-        names = [s.get("name") for s in stages if isinstance(s, dict)]
-        target: Any = data
-        if parts[0] in names and len(parts) > 1:
-            target = stages[names.index(parts[0])]
-            parts = parts[1:]
-        elif parts[0] not in Recipe.model_fields:  # the same keys for every registry
-            close = difflib.get_close_matches(parts[0], [n for n in names if n] + list(Recipe.model_fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"--set {clip(item)!r}: {parts[0]!r} is neither a stage name nor a recipe key{hint}")
+        target, parts = _set_target(data, parts, item)
         for p in parts[:-1]:
             nxt = target.get(p) if isinstance(target, dict) else None
             if nxt is None:
@@ -109,6 +90,41 @@ def apply_sets(data: dict[str, Any], sets: list[str]) -> list[str]:
         target[parts[-1]] = value
         done.append(key)
     return done
+
+
+def _stage_options(stage: dict[str, Any]) -> list[str]:
+    """The keys a recipe stage of this ``stage:`` type accepts (none for an unknown type)."""
+    model = stage_models().get(stage.get("stage")) if isinstance(stage.get("stage"), str) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _set_target(data: dict[str, Any], parts: list[str], item: str) -> tuple[Any, list[str]]:
+    """The mapping a --set KEY writes into, and the KEY's parts below it; a KEY that names
+    neither a stage nor a recipe key, or an option its stage lacks, is refused with the nearest."""
+    stages = [s for s in data.get("stages") or [] if isinstance(s, dict)] if isinstance(data.get("stages"), list) else []
+    names = [str(s.get("name")) for s in stages if s.get("name") is not None]
+    by_name = {str(s.get("name")): s for s in stages}
+    if parts[0] in by_name and len(parts) > 1:
+        stage, rest = by_name[parts[0]], parts[1:]
+        options = _stage_options(stage)
+        if options and rest[0] not in options:
+            close = difflib.get_close_matches(rest[0], options, n=1, cutoff=0.5)
+            hint = (f"did you mean {parts[0] + '.' + close[0]!r}?" if close
+                    else f"its options: {', '.join(o for o in options if o not in ('name', 'stage'))}")
+            raise UsageError(f"--set {clip(item)!r}: stage {parts[0]!r} ({stage.get('stage')}) has no option "
+                             f"{clip(rest[0])!r}: {hint}")
+        return stage, rest
+    if parts[0] in Recipe.model_fields:  # the same keys for every registry
+        return data, parts
+    owners = [f"{n}.{'.'.join(parts)}" for n in names if parts[0] in _stage_options(by_name[n])]
+    if not owners:
+        options = {f"{n}.{o}": o for n in names for o in _stage_options(by_name[n])}
+        close = difflib.get_close_matches(parts[0], names + list(Recipe.model_fields), n=1)
+        near = difflib.get_close_matches(parts[0], list(dict.fromkeys(options.values())), n=1, cutoff=0.7)
+        owners = close or [q for q, o in options.items() if near and o == near[0]]
+    hint = f": did you mean {' or '.join(repr(o) for o in owners[:3])}?" if owners else ""
+    raise UsageError(f"--set {clip(item)!r}: {clip(parts[0])!r} is neither a stage name nor a recipe key{hint} "
+                     f"(stages: {', '.join(names) or 'none'}; recipe keys: {', '.join(Recipe.model_fields)})")
 
 
 @dataclass
@@ -158,7 +174,7 @@ def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data:
         del loc[2]
     else:
         model = None
-    loc_t = tuple(loc)
+    loc_t = _data_path(loc, data)
     key_path = ".".join(str(p) for p in loc_t) or "(top level)"
     line = None
     for n in range(len(loc_t), 0, -1):
@@ -166,7 +182,7 @@ def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data:
             line = lines[loc_t[:n]]
             break
     where = f"{path}:{line}" if line else str(path)
-    if any(key_path.endswith(s.split(".")[-1]) for s in sets) and sets:
+    if any(s.split(".")[-1] in map(str, loc_t) for s in sets):
         where += " (after --set)"
     if err["type"] == "extra_forbidden":
         fields = list(model.model_fields) if model is not None and len(loc_t) == 3 else fields_at(recipe_model(), loc_t[:-1])
@@ -181,6 +197,25 @@ def _recipe_error(e: ValidationError, path: Path, lines: dict[tuple, int], data:
     if "input" in err and err["type"] not in ("missing", "value_error") and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
     return f"{where}: {key_path}: {msg}"
+
+
+def _data_path(loc: list[Any], data: Any) -> tuple:
+    """``loc`` without the union members pydantic names in it (``hidden.list[int].0`` is
+    ``hidden.0``): a part that is not a key of the data there and reads like a type is dropped."""
+    out: list[Any] = []
+    here = data
+    for part in loc:
+        present = (isinstance(here, dict) and part in here) or (isinstance(here, list) and isinstance(part, int))
+        if not present and isinstance(part, str) and ("[" in part or part in _TYPE_TAGS):
+            continue
+        out.append(part)
+        here = here[part] if present and isinstance(here, dict) else (
+            here[part] if present and part < len(here) else None)
+    return tuple(out)
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "none", "list", "dict", "tuple", "constrained-int", "constrained-float",
+              "literal", "function-after", "function-before", "function-plain", "function-wrap"}
 
 
 def _check_semantics(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
