@@ -94,3 +94,21 @@ def test_validation_errors_name_keys_not_pydantic_union_members(item, message):
 def test_set_on_a_stage_option_still_works():
     loaded = recipe.load(README_RECIPE, ["student.hidden=[8,8]", "check.episodes=5", "gates.max_size_kb=4"])
     assert loaded.recipe.stages[0].hidden == [8, 8] and loaded.recipe.stages[3].episodes == 5
+
+
+def test_an_eval_stage_runs_on_the_runtime_it_names(tmp_path):
+    # Before: the runner rebuilt the eval stage's config from episodes, seed and latency samples only,
+    # so `runtime: tflm` was silently evaluated on LiteRT.
+    data = yaml.safe_load((ROOT / "recipes" / "cartpole.yaml").read_text())
+    data["source"]["artifact"] = str(ROOT / "sample_models" / "cartpole")
+    data["out_dir"] = str(tmp_path / "out")
+    data["eval"] = {"episodes": 3, "latency_samples": 10}
+    data["gates"] = {}  # a student trained on a tiny budget: the runtime is what this test checks
+    data["stages"] = [s for s in data["stages"] if s["name"] in ("student", "int8")] + [
+        {"name": "on_tflm", "stage": "eval", "runtime": "tflm", "episodes": 3, "latency_samples": 10}]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    loaded = recipe.load(p, ["student.steps=200", "student.dagger_rounds=0", "student.states=500"])
+    report = recipe.run(loaded)
+    row = next(r for r in report.rows if r.name == "on_tflm")
+    assert row.metrics.get("runtime") == "tflm", row.metrics

@@ -353,7 +353,9 @@ def _fp32_tflite_bytes(state: State, source: Any) -> int | None:
 def _evaluate(loaded: LoadedRecipe, state: State, target: Any, source: Any, cfg: EvalConfig, log: Log,
               label: str | None, measure: Stage | None = None) -> dict[str, Any]:
     """``measure``'s (the eval stage's) metrics of ``target`` against the source, cached by content."""
-    plain = EvalConfig(episodes=cfg.episodes, seed=cfg.seed, latency_samples=cfg.latency_samples)
+    # Gates are applied per row (_gate_row); everything else of the eval config shapes the measurement,
+    # the runtime included (a recipe's `stage: eval` with `runtime: tflm` was once silently run on LiteRT).
+    plain = EvalConfig(episodes=cfg.episodes, seed=cfg.seed, latency_samples=cfg.latency_samples, runtime=cfg.runtime)
     reference = None if target.sha256 == source.sha256 else source
     # Latency belongs to the machine that measured it: another machine re-evaluates.
     key = digest({"target": target.sha256, "reference": None if reference is None else reference.sha256,
