@@ -85,10 +85,6 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def _q(path: Path | str) -> str:
-    return repr(limits.clip(path, 300))  # a path to act on: long enough to find it, one line
-
-
 def _plain_rel(rel: str) -> bool:
     """A manifest's file key as dqnc writes it: relative, POSIX, no '..' (never outside the folder)."""
     return bool(rel) and not rel.startswith("/") and "\\" not in rel and all(
@@ -102,9 +98,7 @@ def dqnc_manifest(root: Path) -> dict[str, Any] | None:
     try:
         if m.is_symlink() or not m.is_file():
             return None
-        with open(m, "rb") as f:
-            raw = f.read(limits.MAX_JSON_BYTES + 1)
-        data = limits.loads_json(raw, str(m))
+        data = limits.load_json_file(m)
     except (OSError, ValueError, DqncError):
         return None
     if not isinstance(data, dict) or any(k not in data for k in MANIFEST_KEYS):
@@ -118,8 +112,14 @@ def dqnc_manifest(root: Path) -> dict[str, Any] | None:
 
 
 def _sums_text(root: Path, files: dict[str, str]) -> str:
+    """SHA256SUMS for ``files`` plus the manifest, as ``sha256sum -c`` reads it."""
     sums = dict(files, **{MANIFEST: sha256_file(root / MANIFEST)})
     return "".join(f"{d}  {f}\n" for f, d in sorted(sums.items()))
+
+
+def write_sums(root: Path) -> None:
+    """Write ``root/SHA256SUMS`` over every file and the manifest (after :func:`write_manifest`)."""
+    (root / SUMS).write_text(_sums_text(root, file_checksums(root)), encoding="utf-8")
 
 
 def foreign_entry(root: Path) -> Path | None:
@@ -211,8 +211,7 @@ def foreign_checkpoint_entry(path: Path) -> Path | None:
         state = path / "state.json"
         if not state.is_file():
             return Path(entries[0].path)
-        with open(state, "rb") as f:
-            meta = limits.loads_json(f.read(limits.MAX_JSON_BYTES + 1), str(state))
+        meta = limits.load_json_file(state)
     except (OSError, ValueError, DqncError):
         return path / "state.json"
     if not isinstance(meta, dict) or "version" not in meta or not isinstance(meta.get("config"), dict):
@@ -235,7 +234,7 @@ def foreign_why(root: Path, foreign: Path) -> str:
 def foreign_message(out: Path, foreign: Path) -> str:
     why = foreign_why(out, foreign)
     what = "" if "changed" in why else " (not a dqnc artifact)"
-    return (f"output {_q(out)} holds {_q(foreign)}, {why}{what}: choose another output path; --force only "
+    return (f"output {limits.quote(out)} holds {limits.quote(foreign)}, {why}{what}: choose another output path; --force only "
             "replaces folders dqnc made, unchanged")
 
 
@@ -243,9 +242,9 @@ def check_output(out: Path, force: bool) -> None:
     """Refuse an output that would destroy something, before any work starts: an existing output
     is replaced only with --force, and only when it is exactly a folder dqnc made."""
     if out.is_symlink():
-        raise OutputExistsError(f"output {_q(out)} is a symbolic link: choose another output path")
+        raise OutputExistsError(f"output {limits.quote(out)} is a symbolic link: choose another output path")
     if out.is_file() or (out.exists() and not out.is_dir()):
-        raise OutputExistsError(f"output {_q(out)} exists and is a file, not a directory: choose another output path")
+        raise OutputExistsError(f"output {limits.quote(out)} exists and is a file, not a directory: choose another output path")
     if out.is_dir() and not _is_empty_dir(out):
         foreign = foreign_entry(out)
         if foreign is not None:
@@ -253,10 +252,10 @@ def check_output(out: Path, force: bool) -> None:
         missing = missing_files(out)
         if missing:
             raise OutputExistsError(
-                f"output {_q(out)} is a damaged dqnc artifact ({_q(out / missing[0])} is missing): choose another "
+                f"output {limits.quote(out)} is a damaged dqnc artifact ({limits.quote(out / missing[0])} is missing): choose another "
                 "output path, or delete the folder yourself")
         if not force:
-            raise OutputExistsError(f"output {_q(out)} already exists: pass --force to replace it")
+            raise OutputExistsError(f"output {limits.quote(out)} already exists: pass --force to replace it")
     ensure_writable_dir(out.resolve().parent, "output folder")
 
 
@@ -416,8 +415,7 @@ def dir_digest(root: Path) -> str:
 
 
 def _load_artifact_dir(root: Path, env: EnvSpec | None, verify: bool) -> Artifact:
-    with open(root / MANIFEST, "rb") as f:
-        raw = f.read(limits.MAX_JSON_BYTES + 1)
+    raw = (root / MANIFEST).read_bytes()
     try:
         manifest = limits.loads_json(raw, str(root / MANIFEST))
         if not isinstance(manifest, dict):

@@ -377,9 +377,7 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
                    "usage": f"python {RUNNER} --obs " + (",".join(["0.0"] * env.obs_dim) if env.obs_dim <= 16 else
                                                          f"V1,...,V{env.obs_dim} ({env.obs_layout} order)")},
         )
-        sums = art.file_checksums(tmp)
-        sums["manifest.json"] = art.sha256_file(tmp / art.MANIFEST)
-        (tmp / "SHA256SUMS").write_text("".join(f"{d}  {f}\n" for f, d in sorted(sums.items())), encoding="utf-8")
+        art.write_sums(tmp)
     return art.load(out)
 
 

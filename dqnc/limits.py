@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
+from pathlib import Path
 from typing import Any
 
 from dqnc.errors import DqncError
@@ -27,6 +29,11 @@ MAX_YAML_ALIASES = 100  # YAML alias references in one document (alias bombs)
 MAX_ECHO = 120  # characters of a user's value quoted in a message
 
 
+# What zipfile raises for a damaged or unsupported archive (a member's compression it lacks is
+# NotImplementedError, a truncated one EOFError): a reader turns these into one line, exit 2.
+DAMAGED_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError)
+
+
 class LimitError(DqncError):
     """A file declares more than dqnc will allocate for it, or nests deeper than it will parse."""
 
@@ -35,6 +42,11 @@ def clip(value: Any, limit: int = MAX_ECHO) -> str:
     """``value`` as text for a one-line message: at most ``limit`` characters."""
     text = str(value).replace("\n", " ")
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def quote(path: Any) -> str:
+    """A path for a one-line message, quoted: long enough to find it (300 characters)."""
+    return repr(clip(path, 300))
 
 
 def check_elements(shape: Any, what: str, limit: int = MAX_TENSOR_ELEMENTS, name: str = "") -> int:
@@ -114,6 +126,13 @@ def loads_json(data: bytes | str, what: str, max_bytes: int = MAX_JSON_BYTES, ma
     if _json_depth(text) > max_depth:
         raise LimitError(f"{what}: JSON nested more than {max_depth} levels deep (dqnc.limits); the file is damaged or hostile")
     return json.loads(text)
+
+
+def load_json_file(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file read with :func:`loads_json`'s limits, without reading more than ``max_bytes + 1``
+    bytes (OSError, ValueError and LimitError propagate)."""
+    with open(path, "rb") as f:
+        return loads_json(f.read(max_bytes + 1), str(path), max_bytes=max_bytes)
 
 
 def read_zip_member(zf: Any, name: str, what: str, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:

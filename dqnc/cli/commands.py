@@ -35,6 +35,15 @@ DistillOut = out_option("PATH-student-WIDTHS")
 # The chain stages' flags come from their registry entry's config (dqnc.stages); train and import are sources.
 
 
+def _config_and_source(stage: str, values: dict[str, Any], path: Path, env: str | None,
+                       env_kwargs: str | None) -> tuple[Any, Any]:
+    """A stage command's validated config and the model it reads (imported first if foreign)."""
+    from dqnc import sources
+
+    cfg = _cfg.validate(STAGES[stage].config, values, "options")
+    return cfg, sources.load(path, env=env_arg(env, env_kwargs))
+
+
 def _argv() -> list[str]:
     return ["dqnc", *sys.argv[1:]]
 
@@ -87,11 +96,9 @@ def prune(
     as_json: JsonOption = False,
 ) -> None:
     """Magnitude-prune a policy (TFMOT) while fine-tuning it to act like its parent."""
-    from dqnc import sources
     from dqnc.prune import run as run_prune
 
-    cfg = _cfg.validate(_cfg.PruneConfig, values, "options")
-    source = sources.load(path, env=env_arg(env, env_kwargs))
+    cfg, source = _config_and_source("prune", values, path, env, env_kwargs)
     sparsity = 0.5 if cfg.structure == "2by4" else cfg.sparsity
     out = out or _default_out(path, {"units": f"units{round(100 * sparsity)}", "2by4": "pruned2by4"}.get(
         cfg.structure, f"pruned{round(100 * sparsity)}"))
@@ -116,11 +123,9 @@ def quantize(
     as_json: JsonOption = False,
 ) -> None:
     """Convert a policy to TFLite (int8 by default), calibrated on its own rollouts and checked against it."""
-    from dqnc import sources
     from dqnc.quantize import run as run_quantize
 
-    cfg = _cfg.validate(_cfg.QuantizeConfig, values, "options")
-    source = sources.load(path, env=env_arg(env, env_kwargs))
+    cfg, source = _config_and_source("quantize", values, path, env, env_kwargs)
     out = out or _default_out(path, cfg.mode)
     with render.spinner(f"quantizing ({cfg.mode})", as_json):
         result = run_quantize(cfg, source, out, force=force, command=_argv())
@@ -140,11 +145,9 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner (+ TFLM/C files for mcu)."""
-    from dqnc import sources
     from dqnc.export import run as run_export
 
-    cfg = _cfg.validate(_cfg.ExportConfig, values, "options")
-    source = sources.load(path, env=env_arg(env, env_kwargs))
+    cfg, source = _config_and_source("export", values, path, env, env_kwargs)
     out = out or _default_out(path, "bundle")
     with render.spinner(f"exporting for {cfg.target}", as_json):
         result = run_export(cfg, source, out, force=force, command=_argv())
@@ -191,11 +194,9 @@ def distill(
     as_json: JsonOption = False,
 ) -> None:
     """Teach a small dense student MLP the parent's policy (policy distillation + DAgger)."""
-    from dqnc import sources
     from dqnc.distill import run as run_distill
 
-    cfg = _cfg.validate(_cfg.DistillConfig, values, "options")
-    source = sources.load(path, env=env_arg(env, env_kwargs))
+    cfg, source = _config_and_source("distill", values, path, env, env_kwargs)
     shape = "auto" if cfg.hidden == "auto" else "x".join(map(str, cfg.hidden))
     out = out or _default_out(path, "student-" + shape)
     with render.spinner(f"distilling ({shape})", as_json):

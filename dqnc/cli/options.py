@@ -163,7 +163,6 @@ def stage_options(config: type[BaseModel], *, main: tuple[str, ...] = (), flags:
     """Give a command a flag for every field of ``config``; the command receives the values given
     (parsed, nested like the config) as its ``values`` argument. Fields in ``main`` are listed
     under Options, the others under More options; ``tuned`` fields have per-env defaults."""
-    # TODO(registry): take the config from dqnc.stages.STAGES[name].config once that registry exists.
     flags = flags or {}
 
     def deco(fn: F) -> F:

@@ -28,6 +28,7 @@ from dqnc import artifact as art
 from dqnc.config import ImportConfig
 from dqnc.envs import EnvSpec, collect_states, env_spec, rollout
 from dqnc.errors import ArtifactError, UsageError
+from dqnc.limits import DAMAGED_ZIP
 from dqnc.importers.common import Source, UnsupportedModelError, fold
 from dqnc.seeds import episode_seed
 
@@ -68,7 +69,7 @@ def sniff(path: str | Path) -> str | None:
         try:
             with zipfile.ZipFile(p) as zf:
                 names = set(zf.namelist())
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):  # damaged: its reader says why
+        except DAMAGED_ZIP:  # damaged: its reader says why
             return {".keras": "keras", ".onnx": "onnx", ".zip": "sb3"}.get(p.suffix.lower(), "torch")
         if "policy.pth" in names or "data" in names:
             return "sb3"

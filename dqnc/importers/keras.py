@@ -283,11 +283,7 @@ def load_keras_zip(path: Path) -> Source:
             meta = _json(limits.read_zip_member(zf, "metadata.json", what, limits.MAX_DECOMPRESSED_BYTES),
                          f"{what}: metadata.json") if "metadata.json" in zf.namelist() else {}
             weights_raw = limits.read_zip_member(zf, "model.weights.h5", what, limits.MAX_DECOMPRESSED_BYTES)
-    except (zipfile.BadZipFile, KeyError, OSError, EOFError, NotImplementedError, RuntimeError) as e:
-        raise ArtifactError(f"{what}: damaged .keras file ({type(e).__name__}: {str(e)[:160]}); re-save the model") from None
-    except limits.LimitError:
-        raise
-    except ValueError as e:  # zlib / zipfile value errors on damaged members
+    except (*limits.DAMAGED_ZIP, KeyError, RuntimeError) as e:  # zlib/zipfile errors on damaged members
         raise ArtifactError(f"{what}: damaged .keras file ({type(e).__name__}: {str(e)[:160]}); re-save the model") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{what}: config.json is not a JSON object; the file is damaged")

@@ -49,7 +49,7 @@ def load(path: Path, cfg: Any) -> Source:
                        if "_stable_baselines3_version" in names else None)
     except (ArtifactError, limits.LimitError):
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError, NotImplementedError) as e:
+    except (*limits.DAMAGED_ZIP, KeyError) as e:
         raise ArtifactError(f"{what}: damaged Stable-Baselines3 zip ({type(e).__name__}: "
                             f"{torchzip.first_line(e)}); re-save the model") from None
     if not isinstance(data, dict):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dqnc.errors import DqncError, UsageError
+from dqnc.limits import quote
 
 STATE_DIR = ".dqnc"
 
@@ -183,12 +184,6 @@ _SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32",
                 "/private/tmp", "/private/var")
 
 
-def _q(path: Any) -> str:
-    from dqnc.limits import clip
-
-    return repr(clip(path, 300))
-
-
 def _forms(p: Path) -> set[Path]:
     return {Path(os.path.abspath(p)), Path(os.path.realpath(p))}
 
@@ -214,7 +209,7 @@ def check_out_dir_location(out_dir: Path) -> None:
         if what:
             break
     if what:
-        raise UsageError(f"out_dir {_q(out_dir)} is {what}: dqnc writes report.md, report.json and one folder per "
+        raise UsageError(f"out_dir {quote(out_dir)} is {what}: dqnc writes report.md, report.json and one folder per "
                          "stage into out_dir; choose a folder of its own, such as ~/dqnc-runs/NAME")
 
 
@@ -237,7 +232,7 @@ def _head(path: Path, n: int = 4096) -> str:
 
 def _legacy_report(path: Path) -> bool:
     """A report file as an earlier dqnc wrote it (before out_dirs carried a marker)."""
-    from dqnc.limits import MAX_JSON_BYTES, loads_json
+    from dqnc.limits import load_json_file
 
     if path.is_symlink() or not path.is_file():
         return False
@@ -246,8 +241,7 @@ def _legacy_report(path: Path) -> bool:
     if path.name == "recipe.effective.yaml":
         return _head(path).startswith("# Effective recipe: ")
     try:
-        with open(path, "rb") as f:
-            data = loads_json(f.read(MAX_JSON_BYTES + 1), str(path))
+        data = load_json_file(path)
     except (OSError, ValueError, DqncError):
         return False
     return isinstance(data, dict) and all(k in data for k in ("recipe", "out_dir", "dqnc_version", "stages", "verdict"))
@@ -280,14 +274,13 @@ class OutDir:
     # -- reading
 
     def _read_marker(self) -> dict[str, Any] | None:
-        from dqnc.limits import loads_json
+        from dqnc.limits import load_json_file
 
         m = self.path / MARKER
         if m.is_symlink() or not m.is_file():
             return None
         try:
-            with open(m, "rb") as f:
-                data = loads_json(f.read(1 << 20), str(m))
+            data = load_json_file(m, 1 << 20)
         except (OSError, ValueError, DqncError):
             return None
         if not isinstance(data, dict) or data.get("dqnc_out_dir") != 1 or not isinstance(data.get("files"), dict):
@@ -323,7 +316,7 @@ class OutDir:
         return None
 
     def _refuse(self, entry: Path, why: str = "which dqnc did not write") -> None:
-        raise UsageError(f"out_dir {_q(self.path)} holds {_q(entry)}, {why}: move it away or choose another "
+        raise UsageError(f"out_dir {quote(self.path)} holds {quote(entry)}, {why}: move it away or choose another "
                          "out_dir; dqnc replaces only what it wrote there")
 
     def check(self) -> None:
@@ -333,16 +326,16 @@ class OutDir:
         check_out_dir_location(self.path)
         p = self.path
         if p.is_symlink() and not p.is_dir():
-            raise UsageError(f"out_dir {_q(p)} is a broken symbolic link: choose another out_dir")
+            raise UsageError(f"out_dir {quote(p)} is a broken symbolic link: choose another out_dir")
         if not p.exists():
             self.marker = None
             return
         if not p.is_dir():
-            raise UsageError(f"out_dir {_q(p)} is an existing file: choose a directory path")
+            raise UsageError(f"out_dir {quote(p)} is an existing file: choose a directory path")
         try:
             entries = sorted(os.scandir(p), key=lambda e: e.name)
         except OSError as e:
-            raise UsageError(f"cannot read out_dir {_q(p)}: {e.strerror}; choose a readable folder") from None
+            raise UsageError(f"cannot read out_dir {quote(p)}: {e.strerror}; choose a readable folder") from None
         marker = self._read_marker()
         state = p / STATE_DIR
         if state.exists() or state.is_symlink():  # the lock and state file are rewritten by every run
@@ -377,8 +370,8 @@ class OutDir:
                     self._refuse(bad, art.foreign_why(d, bad))
                 missing = art.missing_files(d)
                 if missing:
-                    raise UsageError(f"out_dir {_q(p)}: stage folder {_q(d)} is a damaged dqnc artifact "
-                                     f"({_q(d / missing[0])} is missing): move it away or delete it to re-run the stage")
+                    raise UsageError(f"out_dir {quote(p)}: stage folder {quote(d)} is a damaged dqnc artifact "
+                                     f"({quote(d / missing[0])} is missing): move it away or delete it to re-run the stage")
         if self.checkpoint is not None and ((p / self.checkpoint).exists() or (p / self.checkpoint).is_symlink()):
             bad = art.foreign_checkpoint_entry(p / self.checkpoint)
             if bad is not None:
