@@ -458,4 +458,9 @@ class ImportConfig(_StageConfig):
         "files record their own")
     check_states: int = Field(2000, ge=16, description="rollout states the imported Q-values are checked on")
     seed: int = Field(0, ge=0, le=999, description="selects the check rollouts' episode seeds")
+    input_scale: float | None = Field(None, gt=0.0, description="factor the source multiplied observations by before "
+                                      "its network, when the file does not record it (CleanRL's dqn_atari: 1/255, "
+                                      "the default for uint8 0-255 images); folded into the first layer")
     max_rel_error: float = Field(1e-5, ge=0.0, le=1e-2, description="max |dQ| / Q range allowed against the source")
+    check_episodes: int = Field(20, ge=1, le=1000, description="greedy episodes whose returns are reported for the "
+                                "source and the import")

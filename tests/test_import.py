@@ -155,8 +155,8 @@ def test_conv_layers_and_wrong_env_are_refused_naming_what_is_supported(tmp_path
     src = tmp_path / "atari.cleanrl_model"
     src.write_bytes(torch_zip({"network.0.weight": np.zeros((32, 4, 8, 8), np.float32),
                                "network.0.bias": np.zeros(32, np.float32)}))
-    msg = _fails(["import", str(src), "--env", ENV])
-    assert "Conv2d" in msg and "supported: nn.Linear" in msg
+    msg = _fails(["import", str(src), "--env", ENV])  # a conv with no Linear after it
+    assert "Conv2d layers then Linear layers" in msg and "supported: nn.Conv2d" in msg
     ok = tmp_path / "lunar.cleanrl_model"
     ok.write_bytes(torch_zip(_state_dict("network", _mlp([8, 8, 4], 6))))
     assert "takes 8 inputs" in _fails(["import", str(ok), "--env", ENV])

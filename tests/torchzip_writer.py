@@ -67,8 +67,10 @@ def malicious_call(module: str = "os", name: str = "system", arg: str = "touch /
 
 
 def sb3_zip(tensors: dict[str, np.ndarray], net_arch: list[int], activation: str | None = "Tanh",
-            obs_type: str = "gymnasium.spaces.box.Box") -> bytes:
-    """An SB3 DQN model zip: 'data' JSON as SB3 writes it, plus policy.pth."""
+            obs_type: str = "gymnasium.spaces.box.Box", observation_space: dict | None = None,
+            action_space: dict | None = None, inject: bytes = b"") -> bytes:
+    """An SB3 DQN model zip: 'data' JSON as SB3 writes it, plus policy.pth (``observation_space``:
+    the readable keys SB3 writes beside the pickled space, e.g. ``_shape``, ``dtype``, ``low_repr``)."""
     policy_kwargs: dict = {"net_arch": net_arch}
     if activation:
         policy_kwargs = {":type:": "<class 'dict'>", ":serialized:": "not-decoded", "net_arch": net_arch,
@@ -76,11 +78,13 @@ def sb3_zip(tensors: dict[str, np.ndarray], net_arch: list[int], activation: str
     data = {"policy_class": {":type:": "<class 'abc.ABCMeta'>", ":serialized:": "x",
                              "__module__": "stable_baselines3.dqn.policies"},
             "policy_kwargs": policy_kwargs, "num_timesteps": 1000,
-            "observation_space": {":type:": f"<class '{obs_type}'>", ":serialized:": "x"}}
+            "observation_space": observation_space or {":type:": f"<class '{obs_type}'>", ":serialized:": "x"}}
+    if action_space is not None:
+        data["action_space"] = {":type:": "<class 'gymnasium.spaces.discrete.Discrete'>", ":serialized:": "x", **action_space}
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("data", json.dumps(data))
-        zf.writestr("policy.pth", torch_zip(tensors))
+        zf.writestr("policy.pth", torch_zip(tensors, inject=inject))
         zf.writestr("_stable_baselines3_version", "2.9.2")
     return buf.getvalue()
 

@@ -20,7 +20,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,8 +29,11 @@ from dqnc.config import ImportConfig
 from dqnc.envs import EnvSpec, collect_states, env_spec, rollout
 from dqnc.errors import ArtifactError, UsageError
 from dqnc.limits import DAMAGED_ZIP
-from dqnc.importers.common import Source, UnsupportedModelError, fold
+from dqnc.importers.common import Source, UnsupportedModelError, fold, fold_conv
 from dqnc.seeds import episode_seed
+
+if TYPE_CHECKING:
+    from dqnc.qnet import QNetSpec
 
 FORMATS: dict[str, str] = {  # format -> module with load(path, cfg) -> Source
     "keras": "dqnc.importers.keras",
@@ -41,7 +44,6 @@ FORMATS: dict[str, str] = {  # format -> module with load(path, cfg) -> Source
 }
 SUPPORTED = ("Keras 3 .keras/.h5, tf_keras SavedModel/.h5, Keras 3 export() SavedModel, ONNX (.onnx), "
              "Stable-Baselines3 DQN .zip, CleanRL .cleanrl_model / PyTorch state_dict (.pt/.pth)")
-CHECK_EPISODES = 20  # greedy episodes whose returns are reported for the source and the import
 _HDF5 = b"\x89HDF\r\n\x1a\n"
 
 
@@ -89,7 +91,7 @@ def source_digest(path: Path) -> str:
     return art.dir_digest(path) if path.is_dir() else art.sha256_file(path)
 
 
-def load_source(path: Path, cfg: ImportConfig) -> Source:
+def load_source(path: Path, cfg: ImportConfig, spec: EnvSpec | None = None) -> Source:
     """Read ``path`` with the importer for its (given or sniffed) format."""
     if not path.exists():
         raise ArtifactError(f"{str(path)!r} does not exist: check the path")
@@ -98,7 +100,7 @@ def load_source(path: Path, cfg: ImportConfig) -> Source:
         raise UsageError(f"{str(path)!r} is not a model format dqnc imports (supported: {SUPPORTED}); "
                          "pass --format if the file name hides its format")
     module = importlib.import_module(FORMATS[fmt])
-    return module.load(path, cfg)
+    return module.load(path, cfg, spec)
 
 
 def _check_dims(src: Source, spec: EnvSpec, path: Path) -> None:
@@ -108,13 +110,6 @@ def _check_dims(src: Source, spec: EnvSpec, path: Path) -> None:
     if src.n_actions != spec.n_actions:
         raise ArtifactError(f"{str(path)!r}: the network outputs {src.n_actions} Q-values but env {spec.id!r} has "
                             f"{spec.n_actions} actions: use the env it was trained on")
-
-
-def build_model(weights: list[np.ndarray], acts: list[str]) -> Any:
-    """The deployable tf_keras Sequential MLP for folded weights (per-layer activations)."""
-    from dqnc.qnet import QNetSpec
-
-    return QNetSpec.from_weights(weights, acts).build_plain(weights)
 
 
 def compare(q_src: np.ndarray, q_new: np.ndarray) -> dict[str, Any]:
@@ -136,6 +131,84 @@ def compare(q_src: np.ndarray, q_new: np.ndarray) -> dict[str, Any]:
             "tied_mismatches": int(np.sum(differ & tie))}
 
 
+def _check_image(src: Source, spec: EnvSpec, path: Path) -> None:
+    """A conv source must read the env's images (in either layout); it is then fed them as the env
+    gives them (a CHW/HWC transpose in front of a reference that reads the other layout)."""
+    from dqnc.qnet.layout import to_hwc
+
+    if not spec.is_image:
+        raise ArtifactError(f"{str(path)!r}: the network is a conv net reading {src.obs_shape} ({src.layout}) images, but "
+                            f"env {spec.id!r} gives {len(spec.obs_shape)}-D observations {tuple(spec.obs_shape)}: use the "
+                            "env it was trained on, with its wrappers (env_kwargs)")
+    env_hwc = to_hwc(tuple(spec.obs_shape), spec.obs_layout)
+    if src.hwc != env_hwc:
+        raise ArtifactError(f"{str(path)!r}: the network reads {src.hwc[0]}x{src.hwc[1]} images with {src.hwc[2]} channels "
+                            f"but env {spec.id!r} gives {env_hwc[0]}x{env_hwc[1]} with {env_hwc[2]}: use the env (and frame "
+                            "stack) it was trained on")
+    if src.n_actions != spec.n_actions:
+        raise ArtifactError(f"{str(path)!r}: the network outputs {src.n_actions} Q-values but env {spec.id!r} has "
+                            f"{spec.n_actions} actions: use the env it was trained on")
+    src.adapt_to(tuple(spec.obs_shape), spec.obs_layout)
+
+
+def _input_scale(src: Source, spec: EnvSpec, cfg: ImportConfig) -> None:
+    """Apply the input scaling a file does not record (CleanRL's ``x / 255``): ``--input-scale``, else
+    1/255 for uint8 0-255 images (CleanRL's and SB3's convention), else none."""
+    if not src.scale_unknown and cfg.input_scale is None:
+        return
+    if cfg.input_scale is not None:
+        scale, why = float(cfg.input_scale), "--input-scale"
+    elif spec.obs_dtype == "uint8" and list(spec.obs_high) == [255.0]:
+        scale, why = 1.0 / 255.0, "assumed: uint8 0-255 images (CleanRL's dqn_atari divides by 255; --input-scale 1 if not)"
+    else:
+        return
+    if scale != 1.0:
+        src.scale_input(scale, {"kind": "input_scale", "scale": scale, "why": why,
+                                "folded": "into the first layer's weights"})
+
+
+def _network(src: Source, spec: EnvSpec, path: Path) -> tuple[QNetSpec, list[np.ndarray]]:
+    """The plain dqnc network (spec and weights) the source folds into."""
+    from dqnc.qnet import QNetSpec
+
+    if not src.is_conv:
+        _check_dims(src, spec, path)
+        weights, acts = fold(src.ops, src.obs_dim)
+        return QNetSpec.from_weights(weights, acts), weights
+    _check_image(src, spec, path)
+    weights, acts, conv = fold_conv(src.ops, src.hwc, repr(str(path)))
+    if len(set(acts)) > 1:
+        raise UnsupportedModelError(f"{str(path)!r}: a conv net with mixed activations {acts} is not supported "
+                                    "(supported: one activation for every hidden layer)")
+    hidden = tuple(int(w.shape[1]) for w in weights[2 * len(conv):-2:2])
+    net = QNetSpec(tuple(spec.obs_shape), spec.n_actions, spec.obs_layout, tuple(conv), hidden, tuple(acts))
+    net.feature_shapes()
+    return net, weights
+
+
+def _q(model: Any, states: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """A Keras model's Q-values on float32 states, in chunks (Atari states are 113 KB each as float32)."""
+    return np.concatenate([np.asarray(model(np.asarray(states[i:i + chunk], np.float32), training=False))
+                           for i in range(0, len(states), chunk)])
+
+
+def _check(src: Source, net: QNetSpec, weights: list[np.ndarray], model: Any, spec: EnvSpec,
+           cfg: ImportConfig) -> dict[str, Any]:
+    """Q-values and greedy actions of the SavedModel and the numpy forward against the source's, on
+    the source policy's own rollout states (the check purpose's seed block), and returns."""
+    seed0 = episode_seed("check", cfg.seed)
+    states = collect_states(src.forward, spec, cfg.check_states, seed0, epsilon=0.1)
+    numpy_net = net.numpy(weights)
+    q_src = src.forward(states)
+    checks = {"savedmodel": compare(q_src, _q(model, states)), "numpy": compare(q_src, numpy_net(states))}
+    worst = max(checks.values(), key=lambda c: (c["action_mismatches"], c["rel_error"]))
+    src_returns = rollout(src.forward, spec, cfg.check_episodes, seed0).returns
+    new_returns = rollout(numpy_net, spec, cfg.check_episodes, seed0).returns
+    return {"check": worst | {"seed": seed0, "by_runtime": checks},
+            "source_mean_return": float(src_returns.mean()), "imported_mean_return": float(new_returns.mean()),
+            "return_episodes": cfg.check_episodes}
+
+
 def run(cfg: ImportConfig, path: str | Path, out: str | Path, *, force: bool = False,
         command: list[str] | None = None, spec: EnvSpec | None = None) -> art.Artifact:
     """Import ``path`` into an fp32 artifact at ``out``, verified against the source's forward pass."""
@@ -143,33 +216,17 @@ def run(cfg: ImportConfig, path: str | Path, out: str | Path, *, force: bool = F
     art.check_output(out, force)
     spec = spec or env_spec(cfg.env, cfg.env_kwargs)
     digest = source_digest(path) if path.exists() else ""
-    src = load_source(path, cfg)
+    src = load_source(path, cfg, spec)
     if cfg.obs_norm is not None:
         from dqnc.importers.sb3 import vecnormalize_ops
 
         ops, note = vecnormalize_ops(Path(cfg.obs_norm), src.obs_dim)
         src.prepend(ops, note)
-    _check_dims(src, spec, path)
-    weights, acts = fold(src.ops, src.obs_dim)
-
-    # Check states come from the source policy's own rollouts, in the check purpose's seed block.
-    seed0 = episode_seed("check", cfg.seed)
-    states = collect_states(src.forward, spec, cfg.check_states, seed0, epsilon=0.1)
-    model = build_model(weights, acts)
-    from dqnc.nets import NumpyMLP
-
-    mlp = NumpyMLP(weights, acts)
-    q_src = src.forward(states)
-    q_keras = np.asarray(model(states, training=False))
-    checks = {"savedmodel": compare(q_src, q_keras), "numpy": compare(q_src, mlp(states))}
-    worst = max(checks.values(), key=lambda c: (c["action_mismatches"], c["rel_error"]))
-    src_returns = rollout(src.forward, spec, CHECK_EPISODES, seed0).returns
-    new_returns = rollout(mlp, spec, CHECK_EPISODES, seed0).returns
-    metrics = {
-        "check": worst | {"seed": seed0, "by_runtime": checks},
-        "source_mean_return": float(src_returns.mean()), "imported_mean_return": float(new_returns.mean()),
-        "return_episodes": CHECK_EPISODES,
-    }
+    _input_scale(src, spec, cfg)
+    net, weights = _network(src, spec, path)
+    model = net.build_plain(weights)
+    metrics = _check(src, net, weights, model, spec, cfg)
+    worst = metrics["check"]
     if worst["rel_error"] > cfg.max_rel_error or worst["action_mismatches"]:
         raise ImportCheckError(
             f"{str(path)!r}: the imported network does not reproduce the source: max |dQ| {worst['max_abs_dq']:.3g} "
@@ -177,19 +234,20 @@ def run(cfg: ImportConfig, path: str | Path, out: str | Path, *, force: bool = F
             f"{worst['action_mismatches']} of {worst['states']} greedy actions differ; this is a dqnc bug for a "
             "supported file: please report it with the file"
         )
-    hidden = [int(weights[2 * i].shape[1]) for i in range(len(acts))]
-    network = {"obs_dim": spec.obs_dim, "n_actions": spec.n_actions, "hidden": hidden,
-               "activation": acts[0] if len(set(acts)) == 1 else "mixed", "activations": acts, "dueling": False,
-               "saved_as": "sequential_mlp"}
+    if net.family == "mlp":
+        acts = list(net.activations)
+        network = {"obs_dim": spec.obs_dim, "n_actions": spec.n_actions, "hidden": list(net.hidden),
+                   "activation": acts[0] if len(set(acts)) == 1 else "mixed", "activations": acts, "dueling": False,
+                   "saved_as": "sequential_mlp"}
+    else:
+        network = net.to_network()
     origin = {"format": src.format, "path": str(path.resolve()), "sha256": digest, "mapping": src.mapping,
               "preprocessing": src.preprocessing, **src.details}
     if cfg.obs_norm is not None:
         origin["obs_norm_sha256"] = art.sha256_file(Path(cfg.obs_norm))
-    from dqnc.nets import MLP_FILE, save_mlp
-
     with art.atomic_output(out, force) as tmp:
         model.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
-        save_mlp(tmp / MLP_FILE, weights, acts)
+        net.save_sidecar(tmp, weights)
         art.write_manifest(tmp, stage="import", env=spec, network=network, config=cfg.model_dump(mode="json"),
                            metrics=metrics, command=command, extra={"origin": origin})
     return art.load(out)

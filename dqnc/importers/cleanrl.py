@@ -3,7 +3,9 @@
 CleanRL's DQN saves ``q_network.state_dict()``: ``network.0.weight``, ``network.2.weight``, ...
 for ``nn.Sequential(Linear, ReLU, Linear, ReLU, Linear)``. A state_dict records no activations,
 so the hidden activation is ReLU (CleanRL's) unless ``--activation`` says otherwise; the
-manifest records which was used.
+manifest records which was used. Conv nets (``dqn_atari``: Conv2d 0/2/4, Linear 7/9) are read by
+:mod:`dqnc.importers.torchconv`; their ``x / 255`` lives in CleanRL's code, not the file, so the
+import applies it for uint8 images unless ``--input-scale`` says otherwise.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from dqnc.importers import torchzip
+from dqnc.importers import torchconv, torchzip
 from dqnc.importers.common import Act, Affine, Op, Source, UnsupportedModelError, check_activation
+from dqnc.qnet.layout import to_hwc
 
 SUPPORTED_MODULES = "nn.Linear layers in one nn.Sequential, with ReLU / Tanh / ELU / Sigmoid between them"
 _KEY = re.compile(r"^(?P<prefix>.*?)\.?(?P<index>\d+)\.(?P<param>weight|bias)$")
@@ -74,13 +77,36 @@ def _prefix(state: dict[str, np.ndarray], what: str) -> str:
                                 f"expected one nn.Sequential of Linear layers (CleanRL's 'network.*')")
 
 
-def load(path: Path, cfg: Any) -> Source:
+def load(path: Path, cfg: Any, spec: Any = None) -> Source:
     what = str(path)
     state = torchzip.load_state_dict(torchzip.read_file(path), what)
     prefix = _prefix(state, what)
     activation = check_activation(cfg.activation or "relu", what)
+    fmt = "cleanrl" if prefix == "network" else "torch"
+    details = {"state_dict_prefix": prefix, "activation": activation, "activation_assumed": cfg.activation is None,
+               "ignored_tensors": sorted(k for k in state if not k.startswith(prefix + "."))}
+    if any(v.ndim == 4 for k, v in state.items() if k.startswith(prefix + ".")):
+        return _conv(state, prefix, activation, fmt, details, what, spec)
     ops, mapping, obs_dim = linear_chain(state, prefix, activation, what)
-    return Source("cleanrl" if prefix == "network" else "torch", obs_dim, ops, mapping,
-                  details={"state_dict_prefix": prefix, "activation": activation,
-                           "activation_assumed": cfg.activation is None,
-                           "ignored_tensors": sorted(k for k in state if not k.startswith(prefix + "."))})
+    return Source(fmt, obs_dim, ops, mapping, details=details)
+
+
+def _conv(state: dict[str, np.ndarray], prefix: str, activation: str, fmt: str, details: dict[str, Any], what: str,
+          spec: Any) -> Source:
+    """CleanRL's ``dqn_atari`` QNetwork (``network.{0,2,4}`` Conv2d, ``network.{7,9}`` Linear) or any
+    such Sequential: torch convs read CHW images; the env's image size fixes the strides."""
+    mods = torchconv.modules(state, prefix + ".", what)
+    n_conv = next((i for i, m in enumerate(mods) if not m.is_conv), len(mods))
+    if n_conv == 0 or n_conv == len(mods):
+        raise UnsupportedModelError(f"{what}: expected Conv2d layers then Linear layers (supported: {torchconv.SUPPORTED})")
+    if spec is None or not spec.is_image:
+        shape = None if spec is None else tuple(spec.obs_shape)
+        raise UnsupportedModelError(f"{what}: a conv net needs an image env to read its strides from; env observations "
+                                    f"are {shape}: pass --env with the env (and frame stack) it was trained on")
+    h, w, c = to_hwc(tuple(spec.obs_shape), spec.obs_layout)
+    chw = (c, h, w)
+    ops, mapping = torchconv.conv_ops(mods[:n_conv], mods[n_conv], chw, what)
+    lin_ops, lin_map = torchconv.linear_ops(mods[n_conv:], activation, what)
+    return Source(fmt, int(np.prod(chw)), ops + lin_ops, mapping + lin_map,
+                  details=details | {"architecture": "conv", "conv_input": "CHW (torch)", "frame_order": "channel -1 newest"},
+                  obs_shape=chw, layout="CHW", scale_unknown=True)

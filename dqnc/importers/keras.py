@@ -381,7 +381,7 @@ def load_exported_savedmodel(path: Path) -> Source:
                   details={"container": "Keras 3 export() SavedModel", "signature": graph.signature})
 
 
-def load(path: Path, cfg: Any) -> Source:
+def load(path: Path, cfg: Any, spec: Any = None) -> Source:
     if path.is_dir():
         metadata = _tf_keras_metadata(path)
         if metadata is not None:

@@ -403,7 +403,7 @@ def chain_ops(graph: Graph) -> tuple[list[Op], list[dict[str, Any]]]:
     return ops, mapping
 
 
-def load(path: Path, cfg: Any) -> Source:
+def load(path: Path, cfg: Any, spec: Any = None) -> Source:
     what = str(path)
     model = read_model(path)
     try:

@@ -3,8 +3,12 @@
 An SB3 zip holds ``data`` (JSON: hyperparameters, spaces, ``policy_kwargs``) and ``policy.pth``
 (the policy's state_dict in the PyTorch zip format). The online network is
 ``q_net.q_net.{0,2,4...}`` (``q_net_target`` is the target copy and is ignored); its activation
-is ``policy_kwargs.activation_fn`` (default ReLU) and its widths must match ``net_arch``. The
-``:serialized:`` cloudpickle blobs in ``data`` are never decoded.
+is ``policy_kwargs.activation_fn`` (default ReLU) and its widths must match ``net_arch``. A
+CnnPolicy adds ``q_net.features_extractor.*`` (NatureCNN or a custom extractor, read from its
+tensors by :mod:`dqnc.importers.torchconv`); QR-DQN's ``quantile_net.*`` head is folded into Q
+(the mean over quantiles). The ``/255`` SB3 applies to uint8 0-255 images is read from the saved
+observation space and folded into the first kernel. The ``:serialized:`` cloudpickle blobs in
+``data`` (a custom extractor's class among them) are never decoded.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from dqnc import limits
 from dqnc.errors import ArtifactError, UsageError
-from dqnc.importers import torchzip
+from dqnc.importers import torchconv, torchzip
 from dqnc.importers.cleanrl import linear_chain
 from dqnc.importers.common import Clip, Op, ScaleShift, Source, UnsupportedModelError
 
@@ -36,8 +40,7 @@ def _activation(policy_kwargs: dict[str, Any], what: str) -> str:
     return ACTIVATIONS[name]
 
 
-def load(path: Path, cfg: Any) -> Source:
-    what = str(path)
+def _read_zip(path: Path, what: str) -> tuple[dict[str, Any], bytes, str | None]:
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
@@ -54,6 +57,12 @@ def load(path: Path, cfg: Any) -> Source:
                             f"{torchzip.first_line(e)}); re-save the model") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{what}: the zip's 'data' entry is not a JSON object; re-save the model")
+    return data, policy, version
+
+
+def load(path: Path, cfg: Any, spec: Any = None) -> Source:
+    what = str(path)
+    data, policy, version = _read_zip(path, what)
     obs_space = data.get("observation_space") or {}
     if isinstance(obs_space, dict) and "Box" not in str(obs_space.get(":type:", "Box")):
         raise UnsupportedModelError(f"{what}: observation space {obs_space.get(':type:')} is not supported "
@@ -65,21 +74,94 @@ def load(path: Path, cfg: Any) -> Source:
         raise UnsupportedModelError(f"{what}: dueling SB3 policies are not supported")
     activation = _activation(policy_kwargs, what)
     state = torchzip.load_state_dict(policy, f"{what}: policy.pth")
+    policy_class = data.get("policy_class")
+    details = {"sb3_version": version, "activation": activation,
+               "policy_class": policy_class.get("__module__") if isinstance(policy_class, dict) else policy_class,
+               "num_timesteps": data.get("num_timesteps")}
+    if any(k.startswith(("q_net.features_extractor.", "quantile_net.")) for k in state):
+        return _conv_source(state, data, policy_kwargs, activation, details, what, spec)
     extra = sorted(k for k in state if not k.startswith(("q_net.q_net.", "q_net_target.")))
     if extra:
-        raise UnsupportedModelError(f"{what}: policy tensor {extra[0]!r} is outside q_net.q_net (a features extractor "
-                                    "such as NatureCNN); supported: MlpPolicy (Linear layers after a flatten)")
+        raise UnsupportedModelError(f"{what}: policy tensor {extra[0]!r} is outside q_net.q_net and no features extractor "
+                                    "(supported: MlpPolicy, CnnPolicy and conv features extractors, QR-DQN)")
     ops, mapping, obs_dim = linear_chain(state, "q_net.q_net", activation, what)
     hidden = [m["shape"][0] for m in mapping[:-1]]
     net_arch = policy_kwargs.get("net_arch", DEFAULT_NET_ARCH)
     if isinstance(net_arch, list) and net_arch != hidden:
         raise ArtifactError(f"{what}: policy.pth layer widths {hidden} disagree with net_arch {net_arch} in 'data': "
                             "the zip was edited or mixed from two models")
-    policy_class = data.get("policy_class")
-    return Source("sb3", obs_dim, ops, mapping, details={
-        "sb3_version": version, "net_arch": hidden, "activation": activation,
-        "policy_class": policy_class.get("__module__") if isinstance(policy_class, dict) else policy_class,
-        "num_timesteps": data.get("num_timesteps"), "ignored": "q_net_target.* (the target network)"})
+    return Source("sb3", obs_dim, ops, mapping, details=details | {
+        "net_arch": hidden, "ignored": "q_net_target.* (the target network)"})
+
+
+def _space_shape(space: Any) -> tuple[int, ...] | None:
+    """The observation shape SB3 recorded (``_shape``; the space itself is pickled and never read)."""
+    shape = space.get("_shape", space.get("shape")) if isinstance(space, dict) else None
+    if isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and 0 < v <= 4096 for v in shape):
+        return tuple(shape)
+    return None
+
+
+def _normalized(space: Any, policy_kwargs: dict[str, Any]) -> bool:
+    """SB3 divides by 255 inside the policy for a uint8 Box with bounds 0-255 (``normalize_images``)."""
+    if not isinstance(space, dict) or policy_kwargs.get("normalize_images") is False:
+        return False
+    return ("uint8" in str(space.get("dtype", "")) and str(space.get("low_repr", "")).strip() == "0"
+            and str(space.get("high_repr", "")).strip() == "255")
+
+
+def _image_chw(shape: tuple[int, ...] | None, channels: int, spec: Any, what: str) -> tuple[tuple[int, int, int], str]:
+    """The CHW image the first conv reads, and how it was found."""
+    if shape is not None:
+        if shape[0] == channels:
+            return (shape[0], shape[1], shape[2]), "the zip's observation space (channels first)"
+        if shape[2] == channels:
+            return (shape[2], shape[0], shape[1]), "the zip's observation space (channels last, permuted by the extractor)"
+        raise UnsupportedModelError(f"{what}: the first conv reads {channels} channels but the saved observations are {shape}")
+    if spec is None or not spec.is_image:
+        raise UnsupportedModelError(f"{what}: the zip records no image observation shape; import it with an image env")
+    from dqnc.qnet.layout import to_hwc
+
+    h, w, c = to_hwc(tuple(spec.obs_shape), spec.obs_layout)
+    return (c, h, w), "the env's observations"
+
+
+def _conv_source(state: dict[str, np.ndarray], data: dict[str, Any], policy_kwargs: dict[str, Any], activation: str,
+                 details: dict[str, Any], what: str, spec: Any) -> Source:
+    """A CnnPolicy (NatureCNN or a custom Conv2d/ReLU/Flatten/Linear extractor) or QR-DQN policy."""
+    quantile = any(k.startswith("quantile_net.") for k in state)
+    online = "quantile_net." if quantile else "q_net."
+    head = online + ("quantile_net." if quantile else "q_net.")
+    feats = torchconv.modules(state, online + "features_extractor.", what)
+    head_mods = torchconv.modules(state, head, what)
+    other = sorted(k for k in state if k.startswith(online) and not k.startswith((head, online + "features_extractor.")))
+    if other or not feats or not head_mods:
+        raise UnsupportedModelError(f"{what}: policy tensors {other[:1] or 'under ' + online} do not form a features "
+                                    f"extractor then a {head}* head (supported: {torchconv.SUPPORTED})")
+    n_conv = next((i for i, m in enumerate(feats) if not m.is_conv), len(feats))
+    if n_conv == 0:
+        raise UnsupportedModelError(f"{what}: the features extractor has no Conv2d first (supported: {torchconv.SUPPORTED})")
+    space = data.get("observation_space")
+    chw, shape_from = _image_chw(_space_shape(space), int(feats[0].weight.shape[1]), spec, what)
+    ops, mapping = torchconv.conv_ops(feats[:n_conv], (feats[n_conv:] + head_mods)[0], chw, what)
+    lin_ops, lin_map = torchconv.linear_ops(feats[n_conv:], "relu", what, act_after_last=bool(feats[n_conv:]))
+    head_ops, head_map = torchconv.linear_ops(head_mods, activation, what)
+    ops += lin_ops + head_ops
+    n_quantiles = None
+    if quantile:
+        action_space = data.get("action_space")
+        n = action_space.get("n") if isinstance(action_space, dict) else None
+        n_actions = int(n) if isinstance(n, int) else (spec.n_actions if spec is not None else 0)
+        ops.append(torchconv.quantile_mean(int(head_mods[-1].weight.shape[0]), n_actions, what))
+        n_quantiles = int(head_mods[-1].weight.shape[0]) // n_actions
+    preprocessing = []
+    if _normalized(space, policy_kwargs):
+        ops.insert(0, ScaleShift(np.float32(1 / 255), np.float32(0)))
+        preprocessing.append({"kind": "normalize_images", "scale": 1 / 255, "folded": "into the first conv's weights"})
+    return Source("sb3-qrdqn" if quantile else "sb3", int(np.prod(chw)), ops, mapping + lin_map + head_map, preprocessing,
+                  details | {"architecture": "conv", "image_shape_from": shape_from, "frame_order": "channel -1 newest",
+                             "quantiles": n_quantiles, "ignored": f"{online.rstrip('.')}_target.* (the target network)"},
+                  obs_shape=chw, layout="CHW")
 
 
 def _state(obj: Any) -> dict[str, Any]:
