@@ -4,8 +4,9 @@ Fine-tuning is the MLP path's policy distillation with DAgger (:mod:`dqnc.distil
 loss, options and compiled loop), on image-shaped states. Unlike the MLP path, inputs are not
 standardized: a convolution cannot absorb a per-pixel scaling, and 0/1 or 0..255 pixels need
 none; only the targets are scaled, folded into the dense output layer (kept dense). On small
-images the conv layers train as im2col matmuls under XLA (as in training). ``finetune: none`` is one-shot pruning. ``rl`` fine-tuning,
-ERK and unit pruning cover MLPs only and are refused with the reason.
+images the conv layers train as im2col matmuls under XLA (as in training). ``finetune: none`` is
+one-shot pruning. ``structure: units`` removes whole filters and units (:mod:`dqnc.structured_conv`).
+``rl`` fine-tuning, ERK and 2:4 cover MLPs only and are refused with the reason.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, ou
                          "re-create it with dqnc train")
     net = source.network or {}
     spec = QNetSpec.from_network(source.env, net)
+    if cfg.structure == "units":
+        return _units(cfg, source, spec, teacher_q, out, force, command)
     targets = layer_targets(teacher, cfg, kinds=spec.prunable_kinds)
     if not any(v > 0 for v in targets.values()):
         raise UsageError("nothing to prune: every layer is kept dense (check --keep-dense / --layer-sparsity)")
@@ -62,6 +65,27 @@ def run(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any, ou
         # Policy distillation fits the teacher's action ranking, not its Q-values (as for MLPs).
         outputs = "action_scores" if cfg.finetune == "distill" else source.outputs
         art.write_manifest(tmp, stage="prune", env=source.env, network={**net, "outputs": outputs}, config=cfg.model_dump(mode="json"),
+                           metrics=metrics, parent=source, command=command)
+    return art.load(out)
+
+
+def _units(cfg: PruneConfig, source: art.Artifact, spec: QNetSpec, teacher_q: NumpyQNet, out: Path, force: bool,
+           command: list[str] | None) -> art.Artifact:
+    """Filter and unit pruning (:mod:`dqnc.structured_conv`): a narrower dense conv net."""
+    from dqnc import structured_conv
+
+    teacher_w = [a for layer in teacher_q.layers for a in layer]
+    small, raw, metrics = structured_conv.run_conv(cfg, spec, teacher_w, teacher_q, source.env)
+    plain = small.build_plain(raw)
+    check = check_states(teacher_q, source.env, cfg.check_states, cfg.seed, cfg.epsilon)
+    metrics |= {"sparsity": 0.0, "prunable_sparsity": 0.0, "check": fidelity(teacher_q(check), actions_of(small.numpy(raw)(check))),
+                "layers": [{"name": l.name, "shape": list(l.get_weights()[0].shape), "target": 0.0, "sparsity": 0.0,
+                            "zeros": 0, "params": int(l.get_weights()[0].size)} for l in plain.layers if l.get_weights()]}
+    network = {**(source.network or {}), **small.to_network(), "outputs": "action_scores"}
+    with art.atomic_output(out, force) as tmp:
+        plain.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
+        small.save_sidecar(tmp, raw)
+        art.write_manifest(tmp, stage="prune", env=source.env, network=network, config=cfg.model_dump(mode="json"),
                            metrics=metrics, parent=source, command=command)
     return art.load(out)
 

@@ -96,7 +96,7 @@ def test_capability_table_refuses_conv_features_with_one_wording_each():
     assert conv.supports("prune.weights") and not conv.supports("runtime.c")
     assert conv.refusal("runtime.c") == "no policy.c for conv nets yet"
     assert conv.prunable_kinds == ("Conv2D", "Dense") and mlp.prunable_kinds == ("Dense",)
-    for feature in ("prune.structure.units", "prune.structure.2by4", "prune.finetune.rl", "prune.distribution.erk",
+    for feature in ("prune.structure.2by4", "prune.finetune.rl", "prune.distribution.erk",
                     "quantize.weight_bits"):
         with pytest.raises(UsageError) as e:
             conv.require(feature)

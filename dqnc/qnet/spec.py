@@ -28,7 +28,7 @@ NATURE_CONV: tuple[tuple[int, int, int], ...] = ((32, 8, 4), (64, 4, 2), (64, 3,
 # refusal is worded here once; stages ask ``spec.supports(f)`` and raise ``spec.refusal(f)``.
 FEATURES: dict[str, tuple[frozenset[str], str]] = {
     "prune.weights": (frozenset(FAMILIES), ""),
-    "prune.structure.units": (frozenset({"mlp"}), "--structure units is for Dense MLPs; for a conv net use --structure weights"),
+    "prune.structure.units": (frozenset(FAMILIES), ""),
     "prune.structure.2by4": (frozenset({"mlp"}), "--structure 2by4 is for Dense MLPs; for a conv net use --structure weights"),
     "prune.finetune.rl": (frozenset({"mlp"}), "--finetune rl covers Dense MLPs so far; for a conv net use --finetune distill or none"),
     "prune.distribution.erk": (frozenset({"mlp"}), "--distribution erk covers Dense MLPs so far; for a conv net use uniform "
