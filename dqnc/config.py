@@ -15,6 +15,13 @@ from dqnc.errors import ConfigError
 from dqnc.seeds import EVAL_SEED
 
 
+def check_conv_layers(conv: list[list[int]] | None) -> None:
+    """Conv layers ``[filters, kernel, stride]`` within dqnc's bounds (ValueError naming the layer)."""
+    for layer in conv or []:
+        if len(layer) != 3 or not (1 <= layer[0] <= 4096 and 1 <= layer[1] <= 32 and 1 <= layer[2] <= 32):
+            raise ValueError(f"conv layer {layer} must be [filters 1..4096, kernel 1..32, stride 1..32]")
+
+
 class TrainConfig(BaseModel):
     """Everything that determines a training run (with the seed, the run is reproducible)."""
 
@@ -56,9 +63,7 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if any(h < 1 or h > 65536 for h in self.hidden):
             raise ValueError("hidden layer widths must be between 1 and 65536")
-        for layer in self.conv or []:
-            if len(layer) != 3 or not (1 <= layer[0] <= 4096 and 1 <= layer[1] <= 32 and 1 <= layer[2] <= 32):
-                raise ValueError(f"conv layer {layer} must be [filters 1..4096, kernel 1..32, stride 1..32]")
+        check_conv_layers(self.conv)
         return self
 
 
@@ -401,12 +406,15 @@ def _runtime_enum(schema: dict[str, Any]) -> None:
 
 
 class DistillConfig(_StageConfig):
-    """A student MLP of any shape taught the parent's policy (see dqnc.distill)."""
+    """A student (MLP, or conv net on images) of any shape taught the parent's policy (see dqnc.distill)."""
 
     hidden: list[int] | Literal["auto"] = Field(
         default_factory=lambda: [16, 16], description="student hidden widths, e.g. [16, 16]; 'auto' = the narrowest "
         "width in 'widths' (x 'depth' layers) whose validation return meets max_return_drop")
     activation: Literal["relu", "tanh", "elu"] = Field("relu", description="hidden activation of the student")
+    conv: list[list[int]] | None = Field(None, max_length=8, description="a conv student: layers [filters, kernel, "
+                                         "stride] before the hidden widths (image envs); none: a Dense MLP on the "
+                                         "flattened image")
     states: int = Field(20_000, ge=64, description="teacher rollout states to distill on")
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration of the teacher rollouts")
     steps: int = Field(3000, ge=1, description="minibatch steps on the teacher's states")
@@ -442,6 +450,7 @@ class DistillConfig(_StageConfig):
                 raise ValueError(f"hidden layer widths must be between 1 and 65536, got {w}")
         if isinstance(self.hidden, list) and not 1 <= len(self.hidden) <= 8:
             raise ValueError("give 1 to 8 hidden layers")
+        check_conv_layers(self.conv)
         return self
 
 

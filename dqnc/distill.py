@@ -1,4 +1,4 @@
-"""The distill stage: any policy artifact -> a dense fp32 student MLP of the shape asked for.
+"""The distill stage: any policy artifact -> a dense fp32 student (MLP or conv net) of the shape asked for.
 
 The student starts from scratch and learns the parent's greedy policy by policy distillation
 plus DAgger (see :mod:`dqnc.distillation`): a network that is small because it *is* small, not
@@ -6,6 +6,9 @@ a wide one with zeros, so every runtime (TFLite Micro included) runs it dense an
 shrinks with the parameter count. ``hidden: auto`` searches the listed widths from the narrowest
 and keeps the first whose greedy return on validation episodes is within ``max_return_drop`` of
 the parent's on the same episodes; the held-out episodes `dqnc eval` uses are never looked at.
+On image envs ``conv`` makes the student a conv net (``[[filters, kernel, stride], ...]`` then the
+hidden widths), small by construction: its bytes sit in the Dense layer after the flatten, so
+fewer filters and larger strides shrink it most.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 from dqnc import artifact as art
 from dqnc.fidelity import actions_of, fidelity
 from dqnc.config import DistillConfig
-from dqnc.distillation import Normalizer, Trainer, check_states, dagger, teacher_states
+from dqnc.distillation import Normalizer, OutputNormalizer, Trainer, check_states, dagger, teacher_states
 from dqnc.envs import QFunction, rollout
 from dqnc.errors import GateFailed
 from dqnc.qnet import QNetSpec
@@ -47,18 +50,37 @@ def train_student(cfg: DistillConfig, hidden: tuple[int, ...], teacher_q: QFunct
     """Distill one student of widths ``hidden`` (the same seed gives the same student)."""
     from dqnc.keras import keras, tf
 
+    from dqnc.qnet.keras_build import im2col_pays, use_im2col
+
     started = time.perf_counter()
     keras().utils.set_random_seed(cfg.seed)
     tf().config.experimental.enable_op_determinism()
-    spec = QNetSpec.mlp(env.obs_dim, env.n_actions, hidden, cfg.activation)
+    spec = student_spec(cfg, env, hidden)
     model = spec.build_plain()
-    acts = list(spec.activations)
-    trainer = Trainer(model, cfg, env.n_actions, jit=True)
-    res = dagger(trainer, model.get_weights, acts, teacher_q, norm, states, q_t, env, cfg,
+    fast = spec.family == "mlp" or im2col_pays(spec)  # small images: im2col under XLA (as in training)
+    if fast and spec.family == "conv":
+        use_im2col(model)
+    trainer = Trainer(model, cfg, env.n_actions, jit=fast)
+    res = dagger(trainer, model.get_weights, list(spec.activations), teacher_q, norm, states, q_t, env, cfg,
                  first_steps=cfg.steps, rounds=cfg.dagger_rounds, round_steps=cfg.dagger_steps,
-                 extra_states=max(64, cfg.states // 4))
+                 extra_states=max(64, cfg.states // 4), student_policy=spec.numpy)
     weights = norm.to_raw(model.get_weights())
     return Student(hidden, weights, res.history, res.states, res.steps, time.perf_counter() - started)
+
+
+def student_spec(cfg: DistillConfig, env: Any, hidden: tuple[int, ...]) -> QNetSpec:
+    """The student network: a conv net with ``cfg.conv`` on images, else a Dense MLP (flattened images)."""
+    if cfg.conv:
+        return QNetSpec.for_env(env, cfg.conv, hidden, cfg.activation, False)
+    return QNetSpec.mlp(env.obs_dim, env.n_actions, hidden, cfg.activation)
+
+
+def student_data(cfg: DistillConfig, env: Any, states: np.ndarray, q_t: np.ndarray) -> tuple[np.ndarray, Normalizer]:
+    """The distillation states as the student reads them, and its normalizer: a conv student reads
+    images and scales only its targets (a convolution cannot absorb a per-pixel scaling)."""
+    if cfg.conv:
+        return states.reshape(len(states), *env.obs_shape), OutputNormalizer.fit(states, q_t, advantages=cfg.value_weight == 0)
+    return states, Normalizer.fit(states, q_t, advantages=cfg.value_weight == 0)
 
 
 def validation_return(q_fn: QFunction, env: Any, cfg: DistillConfig) -> float:
@@ -74,8 +96,7 @@ def search_width(cfg: DistillConfig, teacher_q: QFunction, env: Any, states: np.
     for width in sorted(set(cfg.widths)):
         hidden = (width,) * cfg.depth
         student = train_student(cfg, hidden, teacher_q, env, states, q_t, norm)
-        mean = validation_return(QNetSpec.mlp(env.obs_dim, env.n_actions, hidden, cfg.activation).numpy(student.weights),
-                                 env, cfg)
+        mean = validation_return(student_spec(cfg, env, hidden).numpy(student.weights), env, cfg)
         drop = (parent_mean - mean) / max(abs(parent_mean), 1e-9)
         ok = drop <= cfg.max_return_drop
         tried.append({"hidden": list(hidden), "params": student.params, "validation_mean_return": mean,
@@ -104,13 +125,13 @@ def run(cfg: DistillConfig, source: art.Artifact, out: Path, *, force: bool = Fa
     teacher_q = q_function(source)
     env = source.env
     states, q_t = teacher_states(teacher_q, env, cfg.states, cfg)
-    norm = Normalizer.fit(states, q_t, advantages=cfg.value_weight == 0)
+    states, norm = student_data(cfg, env, states, q_t)
     search: dict[str, Any] | None = None
     if cfg.hidden == "auto":
         student, search = search_width(cfg, teacher_q, env, states, q_t, norm, log)
     else:
         student = train_student(cfg, tuple(cfg.hidden), teacher_q, env, states, q_t, norm)
-    spec = QNetSpec.mlp(env.obs_dim, env.n_actions, student.hidden, cfg.activation)
+    spec = student_spec(cfg, env, student.hidden)
     student_q = spec.numpy(student.weights)
     check = check_states(teacher_q, env, cfg.check_states, cfg.seed, cfg.epsilon)
     stats = fidelity(teacher_q(check), actions_of(student_q(check)))

@@ -91,3 +91,24 @@ def test_structure_units_narrows_filters_and_units_and_quantizes(parent: Path, t
     q8 = quantize.run(quantize.QuantizeConfig(calibration_states=200, check_states=200, check_episodes=3), out,
                       tmp_path / "int8")
     assert q8.manifest["metrics"]["check"]["regret"] <= 0.1
+
+
+def test_conv_student_is_small_by_construction_and_reads_images(parent: Path, tmp_path: Path):
+    from dqnc import artifact as art
+    from dqnc import distill
+    from dqnc.config import DistillConfig
+    from dqnc.policy import q_function
+
+    cfg = DistillConfig(conv=[[4, 3, 2]], hidden=[16], states=600, steps=300, dagger_rounds=1, dagger_steps=100,
+                        check_states=200)
+    out = distill.run(cfg, art.load(parent), tmp_path / "student")
+    assert out.network["conv"] == [[4, 3, 2]] and out.network["hidden"] == [16] and out.network["layout"] == "HWC"
+    m = out.manifest["metrics"]
+    assert m["params"] == 4 * 4 * 9 + 4 + 4 * 4 * 4 * 16 + 16 + 16 * 3 + 3  # 4x4x4 maps after a stride-2 3x3 conv
+    assert m["check"]["regret"] <= 0.2
+    assert q_function(out)(np.zeros((2, 10, 10, 4), np.float32)).shape == (2, 3)
+    from dqnc.envs import EnvSpec
+    from dqnc.errors import UsageError
+
+    with pytest.raises(UsageError, match="image observations"):  # a conv student on a vector env: one line
+        distill.student_spec(cfg, EnvSpec(id="CartPole-v1", obs_shape=(4,), n_actions=2), (8,))

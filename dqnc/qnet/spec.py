@@ -43,7 +43,6 @@ FEATURES: dict[str, tuple[frozenset[str], str]] = {
     "runtime.c": (frozenset({"mlp"}), "no policy.c for conv nets yet"),
     # export recomputes TFLM's integer arithmetic exactly (dqnc.cpolicy) for fully connected chains only.
     "tflm.recompute": (frozenset({"mlp"}), "dqnc does not recompute TFLM's conv arithmetic"),
-    "distill.student": (frozenset({"mlp"}), "distilled students are Dense MLPs"),
 }
 
 
