@@ -11,7 +11,7 @@
       dqnc_policy.h      every constant the firmware needs, the measured kTensorArenaSize and a
                          MicroMutableOpResolver with exactly the model's ops
       main.cc            one observation through TFLM
-      policy.h/.c        (int8 fully connected models) the same policy in dependency-free C99
+      policy.h/.c        (int8 fully connected and conv models) the same policy in dependency-free C99
                          (weights as packed 4/2-bit indices + per-layer tables for --weight-bits 4|2)
       model_lut.tflite   (--weight-bits 4|2) the model with TFLM look-up-table compression, and its
       model_lut_data.*   C array: TFLM only (DECODE op), checked bit-identical to model.tflite on TFLM
@@ -431,36 +431,44 @@ inline TfLiteStatus DqncRegisterOpsLut(tflite::MicroMutableOpResolver<2>& r) {{
 def c_policy_files(policy: Any, content: bytes, names: list[str], preprocess: dict[str, Any] | None,
                    states: np.ndarray, xq: np.ndarray, raw_tflm: np.ndarray, files: dict[str, str],
                    weight_bits: int = 8) -> dict[str, Any]:
-    """Generate policy.h/.c (into ``files``) where the model is an int8 FC chain, and check them:
-    the integer arithmetic in numpy and, with a host C compiler, the compiled C must reproduce
-    TFLM's int8 outputs exactly. Returns the manifest entry."""
+    """Generate policy.h/.c (into ``files``) where the model is an int8 FC chain or conv net, and
+    check them: the integer arithmetic in numpy and, with a host C compiler, the compiled C must
+    reproduce TFLM's int8 outputs exactly. Returns the manifest entry."""
     import tempfile
 
     from dqnc import cpolicy
 
-    mlp = cpolicy.extract(content)
-    if isinstance(mlp, str):
-        return {"written": False, "reason": mlp}
-    if not (mlp.forward(xq) == raw_tflm).all():
+    net = cpolicy.extract(content, conv=True)
+    if isinstance(net, cpolicy.IntegerConvNet) and weight_bits < 8:
+        net = "packed 4/2-bit weights are for fully connected models"
+    if isinstance(net, str):
+        return {"written": False, "reason": net}
+    if not (net.forward(xq) == raw_tflm).all():
         raise VerificationError("dqnc's integer arithmetic disagrees with TFLM's reference kernels: a dqnc bug, please report it")
     pre = preprocess or {}
-    h, c = cpolicy.generate(mlp, *policy.input_map, names, pre.get("obs_mean"), pre.get("obs_std"), weight_bits)
+    h, c = cpolicy.generate(net, *policy.input_map, names, pre.get("obs_mean"), pre.get("obs_std"), weight_bits)
     files[cpolicy.HEADER], files[cpolicy.SOURCE] = h, c
-    entry: dict[str, Any] = {"written": True, **cpolicy.sizes(mlp, weight_bits), "weight_bits": weight_bits,
-                             "layers": len(mlp.layers)}
+    entry: dict[str, Any] = {"written": True, **cpolicy.sizes(net, weight_bits, policy.input_map), "weight_bits": weight_bits,
+                             "layers": len(net.layers)}
+    if isinstance(net, cpolicy.IntegerConvNet):
+        entry["conv_layers"] = len(net.convs)
     if cpolicy.host_compiler() is None:
         return {**entry, "host_verified": False, "reason": "no host C compiler (cc, gcc, clang) to check it with"}
     with tempfile.TemporaryDirectory(prefix="dqnc-cpolicy-") as d:
         (Path(d) / cpolicy.HEADER).write_text(h, encoding="utf-8")
         (Path(d) / cpolicy.SOURCE).write_text(c, encoding="utf-8")
         lib = cpolicy.build_host(Path(d), Path(d))
-        cp = cpolicy.CPolicy(lib, mlp.obs_dim, mlp.n_actions, mlp.output_scale, mlp.output_zero_point)
+        cp = cpolicy.CPolicy(lib, net.obs_dim, net.n_actions, net.output_scale, net.output_zero_point)
         differences = int((cp.scores_int8(xq) != raw_tflm).sum())
         quantized = int((cp.quantize(states) != xq.reshape(len(xq), -1)).sum())
+        pixels = cp.takes_pixels and bool(((states == np.rint(states)) & (states >= 0) & (states <= 255)).all())
+        if pixels:  # byte pixels through dqnc_policy_act_u8's table
+            differences += int((cp.scores_u8(states) != raw_tflm).sum())
     if quantized:
         raise VerificationError(f"policy.c quantizes {quantized} observation values differently from the runner: "
                                 "a dqnc bug, please report it")
     if differences:
         raise VerificationError(f"the compiled policy.c differs from TFLM on {differences} int8 outputs: a dqnc bug, "
                                 "please report it")
-    return {**entry, "host_verified": True, "states": int(len(xq)), "int8_outputs_equal_tflm": int(raw_tflm.size)}
+    return {**entry, "host_verified": True, "states": int(len(xq)), "int8_outputs_equal_tflm": int(raw_tflm.size),
+            **({"pixel_input_verified": pixels} if cp.takes_pixels else {})}

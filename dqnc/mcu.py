@@ -14,6 +14,11 @@ and reports:
   instructions with a calibration loop of known length. It counts instructions, not cycles: a
   real M4's cycles per instruction (wait states, multi-cycle loads, the multiply-accumulate
   pipeline) are not modelled. A proxy.
+
+A conv policy (:class:`dqnc.cpolicy.IntegerConvNet`) on byte pixels (bool or uint8 observations)
+is run as it is deployed, through ``dqnc_policy_act_u8`` (no floating point);
+``build_and_run(..., pixels=False)`` measures its float entry instead (soft-float quantization
+under these CFLAGS: hundreds of instructions per pixel).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ BOARD = "mps2-an386"
 CFLAGS = ["-mcpu=cortex-m4", "-mthumb", "-Os", "-std=c99", "-ffreestanding", "-Wall", "-Wextra", "-Werror"]
 TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
 CALIBRATION_LOOPS = 1_000_000  # two instructions each (subs, bne)
+# The test vectors sit in flash: at most this many bytes of them (float observations, or byte pixels
+# for a conv policy's dqnc_policy_act_u8: 5,242 MinAtar frames, 74 Atari stacks).
+VECTOR_BYTES = 1 << 21
 
 _LINKER = """MEMORY {
   FLASH (rx) : ORIGIN = 0x00000000, LENGTH = 4M
@@ -124,7 +132,7 @@ int main(void) {
   for (n = 0; n < DQNC_N_VECTORS; ++n) {
     int action;
     t0 = SYST_CVR;
-    action = dqnc_policy_act(k_obs[n], 0);
+    action = DQNC_ACT(k_obs[n]);
     t1 = SYST_CVR;
     ticks += (t0 - t1) & 0x00FFFFFFu;
     t0 = SYST_CVR;
@@ -157,12 +165,16 @@ def _run(cmd: list[str], timeout: float = 300) -> str:
     return proc.stdout
 
 
-def _vectors_header(obs: np.ndarray, expected: np.ndarray, litert: np.ndarray) -> str:
+def _vectors_header(obs: np.ndarray, expected: np.ndarray, litert: np.ndarray, pixels: bool = False) -> str:
+    """The test vectors: float observations for ``dqnc_policy_act``, or bytes for ``dqnc_policy_act_u8``."""
     from dqnc.cpolicy import c_float
 
-    rows = ",\n".join("  {" + ", ".join(c_float(v) for v in row) + "}" for row in obs)
+    text = (lambda v: str(int(v))) if pixels else c_float
+    rows = ",\n".join("  {" + ", ".join(text(v) for v in row) + "}" for row in obs)
+    kind, act = ("uint8_t", "dqnc_policy_act_u8") if pixels else ("float", "dqnc_policy_act")
     return (f"#define DQNC_N_VECTORS {len(obs)}u\n#define DQNC_CALIBRATION_LOOPS {CALIBRATION_LOOPS}u\n"
-            f"static const float k_obs[DQNC_N_VECTORS][DQNC_OBS_DIM] = {{\n{rows}\n}};\n"
+            f"#define DQNC_ACT(obs) {act}(obs, 0)\n"
+            f"static const {kind} k_obs[DQNC_N_VECTORS][DQNC_OBS_DIM] = {{\n{rows}\n}};\n"
             f"static const int k_expected[DQNC_N_VECTORS] = {{{', '.join(str(int(a)) for a in expected)}}};\n"
             f"static const int k_litert[DQNC_N_VECTORS] = {{{', '.join(str(int(a)) for a in litert)}}};\n")
 
@@ -179,9 +191,10 @@ def section_sizes(obj: Path) -> dict[str, int]:
 
 
 def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, litert: np.ndarray,
-                  work: Path | None = None) -> dict[str, Any]:
+                  work: Path | None = None, pixels: bool = False) -> dict[str, Any]:
     """Cross-compile policy.c in ``source_dir`` with the harness, run ``obs`` on QEMU; count the
-    actions equal to ``expected`` (TFLM's arithmetic) and to ``litert``."""
+    actions equal to ``expected`` (TFLM's arithmetic) and to ``litert``. ``pixels``: ``obs`` are
+    byte pixels fed to ``dqnc_policy_act_u8`` (a conv policy's float-free entry), else floats."""
     missing = missing_tools()
     if missing:
         raise FileNotFoundError(f"missing {', '.join(missing)}: apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi "
@@ -191,7 +204,8 @@ def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, liter
         shutil.copy(Path(source_dir) / name, work / name)
     (work / "startup.c").write_text(_STARTUP, encoding="utf-8")
     (work / "harness.c").write_text(_HARNESS, encoding="utf-8")
-    (work / "vectors.h").write_text(_vectors_header(np.asarray(obs, np.float32), np.asarray(expected), np.asarray(litert)), encoding="utf-8")
+    (work / "vectors.h").write_text(_vectors_header(np.asarray(obs, np.float32), np.asarray(expected), np.asarray(litert),
+                                                                 pixels), encoding="utf-8")
     (work / "link.ld").write_text(_LINKER, encoding="utf-8")
     _run(["arm-none-eabi-gcc", *CFLAGS, "-c", "-o", str(work / "policy.o"), str(work / "policy.c")])
     sizes = section_sizes(work / "policy.o")
@@ -208,6 +222,7 @@ def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, liter
     per_tick = 2 * CALIBRATION_LOOPS / calib if calib else float("nan")
     return {
         "board": BOARD, "cflags": " ".join(CFLAGS), "vectors": vectors, "actions_equal": matches,
+        "entry": "dqnc_policy_act_u8 (byte pixels)" if pixels else "dqnc_policy_act (float observations)",
         "actions_equal_litert": litert_matches,
         "sections": sizes, "flash_bytes": sizes["text"] + sizes["rodata"] + sizes["data"],
         "ram_bytes": sizes["data"] + sizes["bss"],
@@ -218,8 +233,9 @@ def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, liter
 
 
 def verify_bundle(bundle: Path, n_vectors: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Run a bundle's policy.c on the emulated Cortex-M4 against LiteRT's actions on held-out states
-    (rollouts of the bundle's own policy, episode seeds of purpose ``export_check``)."""
+    """Run a bundle's policy.c (fully connected or conv) on the emulated Cortex-M4 against TFLM's
+    arithmetic and LiteRT's actions on held-out states (rollouts of the bundle's own policy, episode
+    seeds of purpose ``export_check``; at most :data:`VECTOR_BYTES` of observations)."""
     from dqnc import artifact as art
     from dqnc.envs import collect_states
     from dqnc.errors import UsageError
@@ -236,13 +252,18 @@ def verify_bundle(bundle: Path, n_vectors: int = 1000, seed: int = 0) -> dict[st
     from dqnc.cpolicy import extract
 
     litert = tflite_policy(source.model_path, source.manifest)
+    # Pixel policies are run as they are deployed: bytes in, no floating point.
+    pixels = source.env.obs_dtype in ("bool", "uint8") and "dqnc_policy_act_u8" in (source.path / "policy.h").read_text()
+    n_vectors = min(n_vectors, max(1, VECTOR_BYTES // ((1 if pixels else 4) * source.env.obs_dim)))
     obs = collect_states(litert, source.env, n_vectors, episode_seed("export_check", seed) + 50_000, 0.1)
+    obs = obs.reshape(len(obs), -1)
     xq = litert.quantize_input(obs.astype(np.float32))
-    mlp = extract(source.model_path.read_bytes())
-    assert not isinstance(mlp, str)  # export wrote policy.c, so the model is an int8 FC chain
-    expected = mlp.forward(xq).argmax(axis=1)  # TFLM's arithmetic, first maximum
-    lite = np.stack([np.array(litert.invoke_quantized(x[None]), copy=True).reshape(-1) for x in xq]).argmax(axis=1)
-    result = build_and_run(source.path, obs, expected, lite)
+    net = extract(source.model_path.read_bytes(), conv=True)
+    assert not isinstance(net, str)  # export wrote policy.c, so the model is an int8 FC chain or conv net
+    expected = net.forward(xq).argmax(axis=1)  # TFLM's arithmetic, first maximum
+    lite = np.stack([np.array(litert.invoke_quantized(x.reshape(litert.input_shape)), copy=True).reshape(-1)
+                     for x in xq]).argmax(axis=1)
+    result = build_and_run(source.path, obs, expected, lite, pixels=pixels)
     if result["actions_equal"] != result["vectors"]:
         from dqnc.errors import GateFailed
 

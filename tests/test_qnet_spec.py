@@ -93,8 +93,7 @@ def test_capability_table_refuses_conv_features_with_one_wording_each():
     mlp = QNetSpec.mlp(4, 2, (8, 8))
     conv = QNetSpec.for_env(IMAGES_HWC, [[4, 3, 1]], [8], "relu", False)
     assert all(mlp.supports(f) and mlp.refusal(f) == "" for f in FEATURES)
-    assert conv.supports("prune.weights") and not conv.supports("runtime.c")
-    assert conv.refusal("runtime.c") == "no policy.c for conv nets yet"
+    assert conv.supports("prune.weights") and conv.supports("runtime.c") and conv.supports("tflm.recompute")
     assert conv.prunable_kinds == ("Conv2D", "Dense") and mlp.prunable_kinds == ("Dense",)
     for feature in ("prune.structure.2by4", "prune.finetune.rl", "prune.distribution.erk",
                     "quantize.weight_bits"):

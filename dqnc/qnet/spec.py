@@ -40,9 +40,9 @@ FEATURES: dict[str, tuple[frozenset[str], str]] = {
     "quantize.equalize": (frozenset({"mlp"}), "cross-layer equalization covers Dense MLPs"),
     "quantize.weight_bits": (frozenset({"mlp"}), "--weight-bits 4|2 clusters plain Dense MLPs; this model has other layers "
                                                   "(quantize it with --weight-bits 8)"),
-    "runtime.c": (frozenset({"mlp"}), "no policy.c for conv nets yet"),
-    # export recomputes TFLM's integer arithmetic exactly (dqnc.cpolicy) for fully connected chains only.
-    "tflm.recompute": (frozenset({"mlp"}), "dqnc does not recompute TFLM's conv arithmetic"),
+    "runtime.c": (frozenset(FAMILIES), ""),
+    # export recomputes TFLM's integer arithmetic exactly (dqnc.cpolicy): fully connected chains and conv nets.
+    "tflm.recompute": (frozenset(FAMILIES), ""),
 }
 
 

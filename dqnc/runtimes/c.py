@@ -20,8 +20,8 @@ def _available() -> str | None:
 def _refuses(content: bytes, manifest: dict[str, Any] | None) -> str | None:
     from dqnc import cpolicy
 
-    mlp = cpolicy.extract(content)
-    return f"no C policy for this model: {mlp}" if isinstance(mlp, str) else None
+    net = cpolicy.extract(content, conv=True)
+    return f"no C policy for this model: {net}" if isinstance(net, str) else None
 
 
 def c_policy(source: Any, content: bytes | None = None, manifest: dict[str, Any] | None = None) -> Any:
@@ -35,9 +35,9 @@ def c_policy(source: Any, content: bytes | None = None, manifest: dict[str, Any]
     is_bytes = isinstance(source, (bytes, bytearray))
     content = bytes(source) if is_bytes else (content if content is not None else source.model_path.read_bytes())
     manifest = manifest if manifest is not None or is_bytes else source.manifest
-    mlp = cpolicy.extract(content)
-    if isinstance(mlp, str):
-        raise ValueError(f"no C policy for this model: {mlp}")
+    net = cpolicy.extract(content, conv=True)
+    if isinstance(net, str):
+        raise ValueError(f"no C policy for this model: {net}")
     work = Path(tempfile.mkdtemp(prefix="dqnc-cpolicy-"))
     if not is_bytes and (source.path / cpolicy.SOURCE).is_file() and (source.path / cpolicy.HEADER).is_file():
         src = source.path
@@ -45,13 +45,13 @@ def c_policy(source: Any, content: bytes | None = None, manifest: dict[str, Any]
         pre = (manifest or {}).get("preprocess") or {}
         lite = Policy(model_content=content, obs_mean=pre.get("obs_mean"), obs_std=pre.get("obs_std"))
         names = None if is_bytes else source.env.action_meanings
-        names = names or [f"action {i}" for i in range(mlp.n_actions)]
-        cpolicy.write(mlp, lite, names, work, pre.get("obs_mean"), pre.get("obs_std"))
+        names = names or [f"action {i}" for i in range(net.n_actions)]
+        cpolicy.write(net, lite, names, work, pre.get("obs_mean"), pre.get("obs_std"))
         src = work
     lib = cpolicy.build_host(src, work)
-    return cpolicy.CPolicy(lib, mlp.obs_dim, mlp.n_actions, mlp.output_scale, mlp.output_zero_point)
+    return cpolicy.CPolicy(lib, net.obs_dim, net.n_actions, net.output_scale, net.output_zero_point)
 
 
-C_RUNTIME = Runtime(name=C, summary="the bundle's policy.c (int8 fully connected models), compiled for the host",
+C_RUNTIME = Runtime(name=C, summary="the bundle's policy.c (int8 fully connected and conv models), compiled for the host",
                     available=_available, refuses=_refuses,
                     open=lambda source, manifest: c_policy(source, None, manifest), loads_tflite=False)
