@@ -42,6 +42,20 @@ class TrainConfig(BaseModel):
     lr: float = Field(2.3e-3, gt=0, le=1, description="Adam learning rate")
     batch_size: int = Field(64, ge=1, le=65536, description="minibatch size")
     buffer_size: int = Field(100_000, ge=1, description="replay buffer capacity")
+    frame_dedup: Literal["auto", "on", "off"] = Field("auto", description="store each frame of frame-stacked image "
+                                                      "observations once (Atari: 7 kB a transition, not 56 kB); "
+                                                      "training is the same either way; auto: on when the env's "
+                                                      "last wrapper is FrameStackObservation")
+    replay: Literal["uniform", "prioritized"] = Field("uniform", description="how minibatches are drawn: uniformly, "
+                                                      "or in proportion to |TD error|^per_alpha (Schaul et al. 2016)")
+    per_alpha: float = Field(0.6, ge=0, le=1, description="prioritized replay: how strongly priorities skew "
+                             "sampling (0: uniform)")
+    per_beta_start: float = Field(0.4, ge=0, le=1, description="prioritized replay: importance-weight exponent at "
+                                  "the start, annealed linearly to 1 at the end of the run")
+    n_step: int = Field(1, ge=1, le=100, description="n-step returns: rewards summed over up to n steps before "
+                        "bootstrapping (an episode's end shortens them; a truncation still bootstraps)")
+    actors: int = Field(0, ge=0, le=64, description="Ape-X: Ray actors that step the envs (each num_envs of them, "
+                        "at its own epsilon) while this process learns; 0: act and learn in this process")
     learning_starts: int = Field(1000, ge=0, description="random-action steps before training starts")
     gamma: float = Field(0.99, ge=0, le=1, description="discount factor")
     train_freq: int = Field(256, ge=1, description="env steps between training calls")
@@ -465,11 +479,11 @@ class ImportConfig(_StageConfig):
     activation: Literal["relu", "tanh", "elu", "sigmoid"] | None = Field(
         None, description="hidden activation of a bare state_dict (CleanRL saves none); SB3 zips and Keras/ONNX "
         "files record their own")
-    check_states: int = Field(2000, ge=16, description="rollout states the imported Q-values are checked on")
-    seed: int = Field(0, ge=0, le=999, description="selects the check rollouts' episode seeds")
     input_scale: float | None = Field(None, gt=0.0, description="factor the source multiplied observations by before "
                                       "its network, when the file does not record it (CleanRL's dqn_atari: 1/255, "
                                       "the default for uint8 0-255 images); folded into the first layer")
-    max_rel_error: float = Field(1e-5, ge=0.0, le=1e-2, description="max |dQ| / Q range allowed against the source")
+    check_states: int = Field(2000, ge=16, description="rollout states the imported Q-values are checked on")
     check_episodes: int = Field(20, ge=1, le=1000, description="greedy episodes whose returns are reported for the "
                                 "source and the import")
+    seed: int = Field(0, ge=0, le=999, description="selects the check rollouts' episode seeds")
+    max_rel_error: float = Field(1e-5, ge=0.0, le=1e-2, description="max |dQ| / Q range allowed against the source")

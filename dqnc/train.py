@@ -25,7 +25,8 @@ from dqnc.errors import Interrupted, UsageError
 from dqnc.qnet import QNetSpec
 from dqnc.qnet.keras_build import im2col_pays, use_im2col
 from dqnc.qnet.weights import effective_weights
-from dqnc.replay import ReplayBuffer
+from dqnc import replay as rp
+from dqnc.replay import Replay, ReplayBuffer
 from dqnc.schedules import linear
 from dqnc.seeds import episode_seed
 
@@ -62,6 +63,7 @@ class _State:
     recent_returns: list[float] = field(default_factory=list)
     wall_time: float = 0.0
     stopped_early: bool = False
+    actor_restarts: list[int] = field(default_factory=list)  # Ape-X: each actor's starts so far (its seeds)
 
 
 def _set_seeds(seed: int) -> None:
@@ -76,6 +78,9 @@ def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig, jit: 
 
     ``jit=False`` for models holding ops XLA cannot compile (e.g. TFMOT's pruning wrappers).
     Observations may come as bool/uint8 (the replay buffer's own dtype): they are cast inside.
+    ``discounts`` (``[K, B]``, n-step returns) replace ``gamma``. With importance ``weights``
+    (``[K, B]``, prioritized replay) each loss is weighted and the call returns ``(loss, td)``, the
+    per-sample TD errors ``[K, B]`` that set the new priorities; without, the mean loss alone.
     """
     from dqnc.keras import tf
 
@@ -91,10 +96,12 @@ def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig, jit: 
         return t.where(ax < 1.0, 0.5 * t.square(x), ax - 0.5)
 
     @t.function(jit_compile=jit, reduce_retracing=True)
-    def update(obs: Any, actions: Any, rewards: Any, next_obs: Any, terminated: Any) -> Any:
+    def update(obs: Any, actions: Any, rewards: Any, next_obs: Any, terminated: Any, discounts: Any = None,
+               weights: Any = None) -> Any:
         total = t.constant(0.0)
         obs, next_obs = t.cast(obs, t.float32), t.cast(next_obs, t.float32)
         k = t.shape(obs)[0]
+        tds = t.TensorArray(t.float32, size=k)
         for i in t.range(k):
             q_next_target = target(next_obs[i], training=False)
             if cfg.double_dqn:
@@ -102,10 +109,13 @@ def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig, jit: 
             else:
                 a_next = t.argmax(q_next_target, axis=1, output_type=t.int32)
             bootstrap = t.gather(q_next_target, a_next, batch_dims=1)
-            y = t.stop_gradient(rewards[i] + gamma * (1.0 - terminated[i]) * bootstrap)
+            discount = gamma if discounts is None else discounts[i]
+            y = t.stop_gradient(rewards[i] + discount * (1.0 - terminated[i]) * bootstrap)
             with t.GradientTape() as tape:
                 q_taken = t.gather(q(obs[i], training=True), actions[i], batch_dims=1)
-                loss = t.reduce_mean(huber(y - q_taken))
+                td = y - q_taken
+                loss = t.reduce_mean(huber(td) if weights is None else weights[i] * huber(td))
+            tds = tds.write(i, t.stop_gradient(td))
             grads = tape.gradient(loss, qv)
             grads, _ = t.clip_by_global_norm(grads, cfg.max_grad_norm)
             optimizer.apply_gradients(zip(grads, qv))
@@ -114,7 +124,8 @@ def _make_update_fn(q: Any, target: Any, optimizer: Any, cfg: TrainConfig, jit: 
                 for tw, w in zip(tv, qv):
                     tw.assign(tau * w + (1.0 - tau) * tw)
             total += loss
-        return total / t.cast(k, t.float32)
+        mean = total / t.cast(k, t.float32)
+        return mean if weights is None else (mean, tds.stack())
 
     update.counter = counter  # type: ignore[attr-defined]
     return update
@@ -130,7 +141,7 @@ class _Loop:
     weights: Callable[[], list[np.ndarray]]
     activations: list[str]
     rng: np.random.Generator
-    buffer: ReplayBuffer
+    buffer: Replay | ReplayBuffer  # a bare ReplayBuffer only stores (tests drive the env loop with one)
     state: _State
     best_weights: list[np.ndarray] | None = None
     writer: Any = None
@@ -208,6 +219,7 @@ def _open_envs(loop: _Loop, images: bool) -> _Envs:
     # its own range (training episodes never share seeds with evaluation or other stages).
     obs, _ = envs.reset(seed=episode_seed("train", cfg.seed) + loop.state.resets * n)
     loop.state.resets += 1
+    loop.buffer.end_episodes()
     run = _Envs(envs, obs, np.zeros(n), images)
     run.obs = run.as_batch(obs, loop.spec)
     return run
@@ -232,7 +244,7 @@ def _env_step(loop: _Loop, run: _Envs, policy: Any, eps: float, t: Any) -> None:
         final = info["final_obs"]
         for i in np.arange(n)[done]:
             real_next[i] = run.as_one(final[i], spec)
-    loop.buffer.add(run.obs, actions, rewards, real_next, terminated)
+    loop.buffer.add(run.obs, actions, rewards, real_next, terminated, truncated)
     run.ep_return += rewards
     if done.any():
         for i in np.arange(n)[done]:
@@ -247,8 +259,15 @@ def _env_step(loop: _Loop, run: _Envs, policy: Any, eps: float, t: Any) -> None:
 
 def _train_step(loop: _Loop, policy: Any, images: bool, eps: float, t: Any) -> None:
     cfg, state = loop.cfg, loop.state
-    batch = loop.buffer.sample(loop.rng, cfg.gradient_steps, cfg.batch_size, as_float=not images)
-    loss = float(loop.update(*batch))
+    assert isinstance(loop.buffer, Replay)
+    beta = linear(cfg.per_beta_start, 1.0, 1.0, cfg.total_steps, state.step)
+    b = loop.buffer.sample(loop.rng, cfg.gradient_steps, cfg.batch_size, as_float=not images, beta=beta)
+    if b.weights is None:
+        loss = float(loop.update(b.obs, b.actions, b.rewards, b.next_obs, b.terminated, b.discounts))
+    else:
+        mean, td = loop.update(b.obs, b.actions, b.rewards, b.next_obs, b.terminated, b.discounts, b.weights)
+        loss = float(mean)
+        loop.buffer.update_priorities(b.slots, td.numpy())
     state.grad_steps += cfg.gradient_steps
     policy.set_weights(loop.weights())
     if loop.writer is not None:
@@ -280,10 +299,7 @@ def _run_loop(loop: _Loop) -> None:
                 _train_step(loop, policy, images, eps, t)
             if state.step // cfg.eval_freq > prev // cfg.eval_freq and state.step >= cfg.learning_starts:
                 _evaluate(loop, policy, t)
-            if loop.progress is not None and (state.step // 500 > prev // 500 or state.stopped_early):
-                loop.progress(Progress(state.step, cfg.total_steps, state.episodes,
-                                       state.recent_returns[-1] if state.recent_returns else None,
-                                       state.evals[-1][1] if state.evals else None, state.best_score, eps))
+            _report(loop, prev, eps)
         if not state.evals or state.evals[-1][0] != state.step:
             _evaluate(loop, policy, t)
     finally:
@@ -291,6 +307,15 @@ def _run_loop(loop: _Loop) -> None:
         run.envs.close()
         if writer is not None:
             writer.flush()
+
+
+def _report(loop: _Loop, prev: int, eps: float) -> None:
+    """Progress, every 500 env steps (``prev``: the step count before the last ones)."""
+    state = loop.state
+    if loop.progress is not None and (state.step // 500 > prev // 500 or state.stopped_early):
+        loop.progress(Progress(state.step, loop.cfg.total_steps, state.episodes,
+                               state.recent_returns[-1] if state.recent_returns else None,
+                               state.evals[-1][1] if state.evals else None, state.best_score, eps))
 
 
 def run(
@@ -303,8 +328,11 @@ def run(
     logdir: Path | None = None,
     progress: ProgressFn | None = None,
     command: list[str] | None = None,
+    address: str | None = None,
 ) -> art.Artifact:
-    """Train a Q-network on ``cfg.env`` and write it as a SavedModel artifact at ``out``."""
+    """Train a Q-network on ``cfg.env`` and write it as a SavedModel artifact at ``out``. With
+    ``cfg.actors`` the envs are stepped by Ape-X actors on Ray (:mod:`dqnc.apex`), on the cluster
+    at ``address`` (or RAY_ADDRESS; default: a local Ray)."""
     out = Path(out)
     art.check_output(out, force)
     if checkpoint_dir is not None:
@@ -319,9 +347,7 @@ def run(
     _set_seeds(cfg.seed)
     net = QNetSpec.for_env(spec, cfg.conv, cfg.hidden, cfg.activation, cfg.dueling)
     q, target = net.build_trainable("q_network"), net.build_trainable("target_network")
-    # Conv nets keep image observations in their own dtype; MLPs store flat float32 vectors.
-    buffer = (ReplayBuffer(cfg.buffer_size, spec.obs_shape, np.dtype(spec.obs_dtype)) if net.family == "conv"
-              else ReplayBuffer(cfg.buffer_size, spec.obs_dim))
+    buffer = rp.build(cfg, spec, images=net.family == "conv")
     target.set_weights(q.get_weights())
     optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
     # Conv nets on small images (MinAtar's) train under XLA with im2col convolutions; large images
@@ -336,13 +362,18 @@ def run(
     best_weights: list[np.ndarray] | None = None
     if resume:
         assert checkpoint_dir is not None
-        state, buffer, best_weights = _load_checkpoint(checkpoint_dir, cfg, q, target, optimizer, update, rng)
+        state, best_weights = _load_checkpoint(checkpoint_dir, cfg, q, target, optimizer, update, rng, buffer)
 
     loop = _Loop(cfg, spec, update, lambda: effective_weights(q), list(net.activations), rng, buffer,
                  state, best_weights, t.summary.create_file_writer(str(logdir)) if logdir is not None else None,
                  progress, net=net)
     try:
-        _run_loop(loop)
+        if cfg.actors:
+            from dqnc import apex
+
+            apex.learn(loop, address, _train_step, _evaluate, lambda prev, eps: _report(loop, prev, eps))
+        else:
+            _run_loop(loop)
     except KeyboardInterrupt:
         if checkpoint_dir is not None:
             _save_checkpoint(checkpoint_dir, cfg, state, q, target, optimizer, update, buffer, rng, loop.best_weights)
@@ -379,6 +410,8 @@ def _write(out: Path, force: bool, cfg: TrainConfig, spec: EnvSpec, net: QNetSpe
         "confirms": state.confirms,
         "mean_return_last_100_train_episodes": float(np.mean(state.recent_returns)) if state.recent_returns else None,
     }
+    if cfg.actors:
+        metrics["actor_starts"] = [r + 1 for r in state.actor_restarts]  # 1 each: no actor died, none resumed
     with art.atomic_output(out, force) as tmp:
         model.save(str(tmp / art.MODEL_DIR), include_optimizer=False, save_format="tf")
         net.save_sidecar(tmp, weights)
@@ -399,7 +432,7 @@ def rl_finetune(student: Any, cfg: TrainConfig, weights: Callable[[], list[np.nd
     optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
     update = _make_update_fn(student, target, optimizer, cfg, jit=False)
     loop = _Loop(cfg, spec, update, weights, activations, np.random.default_rng(cfg.seed),
-                 ReplayBuffer(cfg.buffer_size, spec.obs_dim), _State(), random_warmup=False)
+                 rp.build(cfg, spec, images=False), _State(), random_warmup=False)
     _run_loop(loop)
     return [e[1] for e in loop.state.evals]
 
@@ -418,7 +451,7 @@ def check_checkpoint_dir(path: Path) -> None:
 
 
 def _save_checkpoint(path: Path, cfg: TrainConfig, state: _State, q: Any, target: Any, optimizer: Any,
-                     update: Any, buffer: ReplayBuffer, rng: np.random.Generator,
+                     update: Any, buffer: Replay, rng: np.random.Generator,
                      best_weights: list[np.ndarray] | None) -> None:
     """Write a resumable checkpoint atomically (a second Ctrl-C while writing loses only the new one)."""
     from dqnc.keras import tf
@@ -460,14 +493,18 @@ def checkpoint_mismatch(path: Path, cfg: TrainConfig) -> str | None:
         return "it was written by another dqnc version"
     saved = dict(meta.get("config") or {})
     current = cfg.model_dump(mode="json")
-    changed = sorted(k for k in current if k != "total_steps" and saved.get(k) != current[k])
+    # An option added since the checkpoint was written ran at its default.
+    defaults = {k: f.default for k, f in TrainConfig.model_fields.items() if not f.is_required()}
+    changed = sorted(k for k in current if k != "total_steps" and saved.get(k, defaults.get(k)) != current[k])
     if changed:
         return f"it was made with different options ({', '.join(changed)})"
     return None
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig, q: Any, target: Any, optimizer: Any, update: Any,
-                     rng: np.random.Generator) -> tuple[_State, ReplayBuffer, list[np.ndarray] | None]:
+                     rng: np.random.Generator, buffer: Replay) -> tuple[_State, list[np.ndarray] | None]:
+    """Restore the networks, optimizer, counters, rng and the whole replay (storage, priorities,
+    n-step queues) of an interrupted run."""
     from dqnc.keras import tf
 
     t = tf()
@@ -480,11 +517,11 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, q: Any, target: Any, optimize
     optimizer.build(q.trainable_variables)
     ckpt = t.train.Checkpoint(q=q, target=target, optimizer=optimizer, counter=update.counter)
     ckpt.read(str(path / "tf" / "ckpt")).assert_existing_objects_matched()
-    buffer = ReplayBuffer.load(path / "buffer.npz", cfg.buffer_size)
+    buffer.restore(path / "buffer.npz")
     best = None
     if (path / "best.npz").is_file():
         with np.load(path / "best.npz") as d:
             best = [d[f"arr_{i}"] for i in range(len(d.files))]
     rng.bit_generator.state = meta["rng"]
     state = _State(**meta["state"])
-    return state, buffer, best
+    return state, best
