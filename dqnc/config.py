@@ -361,6 +361,8 @@ class ExportConfig(_StageConfig):
         None, ge=0.0, le=1.0, description="mcu: share of check states on which TFLM may pick another action than "
         "LiteRT (off by default: the parent is the judge); without a parent, 0.01, and only where the two runtimes' "
         "rounding explains each flip (see dqnc.export.verify_tflm)")
+    onnx: bool = Field(False, description="also write model.onnx (int8 as QDQ with the .tflite's own scales, fp32 as "
+                       "is), checked in ONNX Runtime against LiteRT on the check states (needs the onnx extra)")
 
 
 class Gates(_StageConfig):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dqnc import artifact as art
+from dqnc import progress
 from dqnc.fidelity import actions_of, fidelity
 from dqnc.config import DistillConfig
 from dqnc.distillation import Normalizer, OutputNormalizer, Trainer, check_states, dagger, teacher_states
@@ -96,6 +97,7 @@ def search_width(cfg: DistillConfig, teacher_q: QFunction, env: Any, states: np.
     for width in sorted(set(cfg.widths)):
         hidden = (width,) * cfg.depth
         student = train_student(cfg, hidden, teacher_q, env, states, q_t, norm)
+        progress.update(phase=f"width {width}: {cfg.validation_episodes} validation episodes")
         mean = validation_return(student_spec(cfg, env, hidden).numpy(student.weights), env, cfg)
         drop = (parent_mean - mean) / max(abs(parent_mean), 1e-9)
         ok = drop <= cfg.max_return_drop

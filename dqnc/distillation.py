@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from dqnc import progress
 from dqnc.envs import EnvSpec, QFunction, collect_states
 from dqnc.qnet import QNetSpec
 from dqnc.qnet.fold import scale_output, standardize_input, unscale_output, unstandardize_input
@@ -189,6 +190,7 @@ class Trainer:
         losses = []
         for c in range(calls):
             losses.append(float(self._steps(x[idx[c]], y[idx[c]], lr[c * CHUNK:(c + 1) * CHUNK])))
+            progress.update((c + 1) * CHUNK, total, unit="steps", info=f"loss {losses[-1]:.4g}")
         return losses
 
 
@@ -211,16 +213,19 @@ def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activation
     ``student_policy`` runs raw weights (default: the numpy MLP with ``activations``).
     DAgger rollouts take their episodes from the "distill" seed block, after the teacher's.
     """
+    progress.update(phase=f"distilling on {len(states):,} teacher states")
     history = trainer.fit(norm.x(states), norm.q(q_t), first_steps)
     steps = -(-first_steps // CHUNK) * CHUNK
     base = episode_seed("distill", s.seed)
     for r in range(rounds):
+        progress.update(phase=f"DAgger round {r + 1}/{rounds}: {extra_states:,} states the student visits")
         student_q = (student_policy or (lambda w: QNetSpec.from_weights(w, activations).numpy(w)))(norm.to_raw(weights()))
         visited = collect_states(student_q, env, extra_states, base + DAGGER_SEED_STRIDE * (r + 1), s.epsilon / 2)
         visited = visited.reshape(len(visited), *states.shape[1:])  # flat for MLPs, images for conv nets
         states = np.concatenate([states, visited])
         q_t = np.concatenate([q_t, teacher_q(visited)])
         n_steps = round_steps(len(states)) if callable(round_steps) else round_steps
+        progress.update(phase=f"DAgger round {r + 1}/{rounds}: distilling on {len(states):,} states")
         history += trainer.fit(norm.x(states), norm.q(q_t), n_steps, lr_scale=0.3)
         steps += -(-n_steps // CHUNK) * CHUNK
     return DaggerResult(history, len(states), steps)
@@ -228,6 +233,7 @@ def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activation
 
 def teacher_states(teacher_q: QFunction, env: EnvSpec, n: int, s: DistillSettings) -> tuple[np.ndarray, np.ndarray]:
     """States of the teacher's epsilon-greedy rollouts and its Q-values there."""
+    progress.update(phase=f"collecting {n:,} teacher states")
     states = collect_states(teacher_q, env, n, episode_seed("distill", s.seed), s.epsilon)
     # Dense students read images flattened (HWC order); every teacher runtime accepts that order too.
     states = states.reshape(len(states), -1)
@@ -236,4 +242,5 @@ def teacher_states(teacher_q: QFunction, env: EnvSpec, n: int, s: DistillSetting
 
 def check_states(teacher_q: QFunction, env: EnvSpec, n: int, seed: int, epsilon: float) -> np.ndarray:
     """Held-out states for the fidelity check: episodes no distillation rollout replays."""
+    progress.update(phase=f"checking on {n:,} held-out states")
     return collect_states(teacher_q, env, n, episode_seed("check", seed), epsilon)

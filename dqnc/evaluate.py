@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from dqnc import progress
 from dqnc.artifact import Artifact
 from dqnc.compare import int8_output_bounds, q_errors_unsaturated
 from dqnc.config import EvalConfig
@@ -71,7 +72,9 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
     q_fn = q_function(source, runtime=cfg.runtime)
     load_s = time.perf_counter() - started
     t0 = time.perf_counter()
-    res = rollout(q_fn, source.env, cfg.episodes, cfg.seed, record=reference is not None or cfg.latency_samples > 0)
+    progress.update(phase=f"{cfg.episodes} episodes")
+    res = rollout(progress.counted(q_fn), source.env, cfg.episodes, cfg.seed,
+                  record=reference is not None or cfg.latency_samples > 0)
     wall = time.perf_counter() - t0
     threshold = source.env.reward_threshold
     r = res.returns
@@ -96,12 +99,15 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
         "gates": [],
     }
     if res.observations is not None and cfg.latency_samples > 0:
+        progress.update(phase=f"latency ({cfg.latency_samples:,} actions)")
         result["latency_us"] = latency_us(q_fn, res.observations, cfg.latency_samples)
     if reference is not None:
         assert res.observations is not None and res.q_values is not None
         ref_fn = q_function(reference)
-        ref = rollout(ref_fn, reference.env, cfg.episodes, cfg.seed)
-        rnd = rollout(_random_q(source.env.n_actions, cfg.seed), source.env, cfg.episodes, cfg.seed)
+        progress.update(phase=f"{cfg.episodes} episodes of the reference")
+        ref = rollout(progress.counted(ref_fn), reference.env, cfg.episodes, cfg.seed)
+        progress.update(phase=f"{cfg.episodes} episodes of a random policy")
+        rnd = rollout(progress.counted(_random_q(source.env.n_actions, cfg.seed)), source.env, cfg.episodes, cfg.seed)
         ref_mean, rnd_mean = float(ref.returns.mean()), float(rnd.returns.mean())
         q_ref = ref_fn(res.observations)
         result["reference"] = {

@@ -346,7 +346,16 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
     extra_files: dict[str, str] = {}
     extra_binary: dict[str, bytes] = {}
     if cfg.target == "mcu":
+        from dqnc.boards import board_files
+
         mcu_files(cfg, source, content, policy, quantization, ops, metrics, extra_files, extra_binary)
+        extra_files.update(board_files(extra_files, content, policy, env, cfg.seed))
+    if cfg.onnx:  # model.onnx (dqnc.onnx_export), checked in ONNX Runtime against LiteRT
+        from dqnc.onnx_export import ONNX_FILE
+        from dqnc.runtimes.onnxrt import bundle_onnx
+
+        extra_binary[ONNX_FILE], metrics["onnx"] = bundle_onnx(cfg, source, content, policy,
+                                                               check_states(cfg, source, policy))
     io = policy.io()
     io["output"]["meaning"] = (preprocess or {}).get("outputs", "q_values")
     header = "model_data.h"
@@ -365,6 +374,7 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
         (tmp / header).write_text(h, encoding="utf-8")
         (tmp / "model_data.cc").write_text(cc, encoding="utf-8")
         for name, text in extra_files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # board files: firmware/, arduino/
             (tmp / name).write_text(text, encoding="utf-8")
         for name, data in extra_binary.items():
             (tmp / name).write_bytes(data)

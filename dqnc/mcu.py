@@ -40,7 +40,7 @@ CALIBRATION_LOOPS = 1_000_000  # two instructions each (subs, bne)
 # for a conv policy's dqnc_policy_act_u8: 5,242 MinAtar frames, 74 Atari stacks).
 VECTOR_BYTES = 1 << 21
 
-_LINKER = """MEMORY {
+LINKER = """MEMORY {
   FLASH (rx) : ORIGIN = 0x00000000, LENGTH = 4M
   RAM (rwx)  : ORIGIN = 0x20000000, LENGTH = 256K
 }
@@ -54,7 +54,7 @@ SECTIONS {
 }
 """
 
-_STARTUP = r"""/* Bare-metal start for QEMU mps2-an386: vectors, .data/.bss, semihosting output. */
+STARTUP = r"""/* Bare-metal start for QEMU mps2-an386: vectors, .data/.bss, semihosting output. */
 #include <stdint.h>
 #include <stddef.h>
 
@@ -98,7 +98,7 @@ __attribute__((section(".vectors"), used)) static const void *const vectors[16] 
 };
 """
 
-_HARNESS = r"""/* Runs the test vectors through dqnc_policy_act and reports matches and SysTick ticks. */
+HARNESS = r"""/* Runs the test vectors through dqnc_policy_act and reports matches and SysTick ticks. */
 #include <stdint.h>
 #include "policy.h"
 #include "vectors.h"
@@ -165,7 +165,7 @@ def _run(cmd: list[str], timeout: float = 300) -> str:
     return proc.stdout
 
 
-def _vectors_header(obs: np.ndarray, expected: np.ndarray, litert: np.ndarray, pixels: bool = False) -> str:
+def vectors_header(obs: np.ndarray, expected: np.ndarray, litert: np.ndarray, pixels: bool = False) -> str:
     """The test vectors: float observations for ``dqnc_policy_act``, or bytes for ``dqnc_policy_act_u8``."""
     from dqnc.cpolicy import c_float
 
@@ -202,11 +202,11 @@ def build_and_run(source_dir: Path, obs: np.ndarray, expected: np.ndarray, liter
     work = Path(work or tempfile.mkdtemp(prefix="dqnc-m4-"))
     for name in ("policy.c", "policy.h"):
         shutil.copy(Path(source_dir) / name, work / name)
-    (work / "startup.c").write_text(_STARTUP, encoding="utf-8")
-    (work / "harness.c").write_text(_HARNESS, encoding="utf-8")
-    (work / "vectors.h").write_text(_vectors_header(np.asarray(obs, np.float32), np.asarray(expected), np.asarray(litert),
+    (work / "startup.c").write_text(STARTUP, encoding="utf-8")
+    (work / "harness.c").write_text(HARNESS, encoding="utf-8")
+    (work / "vectors.h").write_text(vectors_header(np.asarray(obs, np.float32), np.asarray(expected), np.asarray(litert),
                                                                  pixels), encoding="utf-8")
-    (work / "link.ld").write_text(_LINKER, encoding="utf-8")
+    (work / "link.ld").write_text(LINKER, encoding="utf-8")
     _run(["arm-none-eabi-gcc", *CFLAGS, "-c", "-o", str(work / "policy.o"), str(work / "policy.c")])
     sizes = section_sizes(work / "policy.o")
     elf = work / "policy.elf"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dqnc import artifact as art
-from dqnc import prune_conv, structured
+from dqnc import progress, prune_conv, structured
 from dqnc.config import PruneConfig
 from dqnc.distillation import Normalizer, Trainer, check_states, dagger, teacher_states
 from dqnc.errors import UsageError
@@ -99,6 +99,7 @@ def run(cfg: PruneConfig, source: art.Artifact, out: Path, *, force: bool = Fals
         raise UsageError(f"{str(source.path)!r} is a .tflite model: prune its SavedModel parent, then quantize")
     keras().utils.set_random_seed(cfg.seed)
     tf().config.experimental.enable_op_determinism()  # the same seed gives the same pruned model
+    progress.update(phase="loading the parent")
     teacher = load_keras_model(source.model_path)
     net = _teacher_spec(source, teacher)
     if net.family == "conv":
@@ -152,6 +153,7 @@ def _distill(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: An
 def _rl_finetune(cfg: PruneConfig, source: art.Artifact, teacher: Any, teacher_q: Any,
                  targets: dict[str, float]) -> tuple[Any, list[float], None]:
     train_cfg = _rl_config(source, cfg)
+    progress.update(phase=f"DQN fine-tuning in the env ({train_cfg.total_steps:,} steps)")
     student = wrap(teacher, targets, cfg, _rl_gradient_steps(train_cfg))
     acts = (plain_mlp_weights(teacher) or ([], ["relu"] * (len(_dense_layers(teacher)) - 1)))[1]
     history = _rl(student, train_cfg, acts)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dqnc import artifact as art
+from dqnc import progress
 from dqnc.compare import q_errors_unsaturated
 from dqnc.config import QuantizeConfig
 from dqnc.envs import collect_states, rollout
@@ -311,6 +312,7 @@ def _calibration_states(cfg: QuantizeConfig, parent_q: Any, spec: Any, model: An
     """Rollout observations of the parent to calibrate int8/int16x8 ranges on (None for other modes)."""
     if cfg.mode not in ("int8", "int16x8"):
         return None
+    progress.update(phase=f"collecting {cfg.calibration_states:,} calibration states")
     calibration = collect_states(parent_q, spec, cfg.calibration_states, episode_seed("calibration", cfg.seed),
                                  cfg.calibration_epsilon)
     # Rollouts keep image observations' shape; the converter and the rewrites take the model's.
@@ -333,6 +335,7 @@ def _rewrites(cfg: QuantizeConfig, source: art.Artifact, model: Any, calibration
         # No equalization: it scales kernel rows by per-unit factors, which would split the clusters.
         models[0], preprocess = clustered.model, clustered.preprocess
     elif calibration is not None:
+        progress.update(phase="rewriting the weights for integer inference")
         models[0], preprocess = prepare_for_integer(model, calibration, outputs=source.outputs)
         hidden_acts = set((mlp_weights(model) or ([], []))[1])
         if preprocess and cfg.mode == "int8" and cfg.output_range == "ranking" and hidden_acts == {"relu"}:
@@ -350,6 +353,7 @@ class _Checker:
     def __init__(self, cfg: QuantizeConfig, source: art.Artifact, parent_q: Any, preprocess: dict[str, Any],
                  clustered: bool) -> None:
         self.cfg, self.spec, self.parent_q, self.preprocess = cfg, source.env, parent_q, preprocess
+        progress.update(phase=f"collecting {cfg.check_states:,} check states")
         self.check = collect_states(parent_q, self.spec, cfg.check_states, episode_seed("check", cfg.seed),
                                     cfg.calibration_epsilon)
         self.q_parent = parent_q(self.check)
@@ -384,13 +388,16 @@ class _Checker:
 
     @functools.cached_property
     def parent_returns(self) -> np.ndarray:  # the parent's closed-loop episodes, rolled out once
-        return rollout(self.parent_q, self.spec, self.cfg.check_episodes, self.check_episode_seed).returns
+        progress.update(phase=f"{self.cfg.check_episodes} closed-loop check episodes of the parent")
+        return rollout(progress.counted(self.parent_q), self.spec, self.cfg.check_episodes,
+                       self.check_episode_seed).returns
 
     def verify(self, content: bytes, bounds: tuple[float, float] | None) -> tuple[dict[str, Any], list[str]]:
         try:
             pol = self.policy(content)
         except (RuntimeError, ValueError) as e:
             return {}, [f"the runtime cannot load the converted model ({str(e).splitlines()[0][:120]})"]
+        progress.update(phase="checking against the parent")
         q_new = pol.q_values(self.check)
         stats = fidelity(self.q_parent, actions_of(q_new))
         stats.update(q_errors_unsaturated(self.q_parent, q_new, self.centered, bounds))
@@ -403,7 +410,8 @@ class _Checker:
         # Closed loop: the same start states for both, so the paired difference is what the
         # model loses, not which episodes it happened to get.
         cfg = self.cfg
-        new_r = rollout(pol.q_values, self.spec, cfg.check_episodes, self.check_episode_seed).returns
+        progress.update(phase=f"{cfg.check_episodes} closed-loop check episodes")
+        new_r = rollout(progress.counted(pol.q_values), self.spec, cfg.check_episodes, self.check_episode_seed).returns
         drop = return_drop(self.parent_returns, new_r)
         stats.update(drop, check_episodes=cfg.check_episodes, mean_return=float(new_r.mean()),
                      parent_mean_return=float(self.parent_returns.mean()))
@@ -445,6 +453,7 @@ class _Builder:
 
     def __call__(self, sparse: bool, sweeps: int) -> tuple[bytes, float, tuple[float, float] | None]:
         cfg = self.cfg
+        progress.update(phase=f"converting ({'sparse' if sparse else 'dense'} encoding, {sweeps} equalization sweeps)")
         content = convert(self.models[sweeps], cfg.mode, self.calibration, cfg.float_io, sparse, cfg.strip_strings,
                           per_layer_weights=self.clustered is not None or cfg.weight_scales == "layer")
         if self.clustered is not None:
@@ -556,6 +565,7 @@ def run(cfg: QuantizeConfig, source: art.Artifact, out: Path, *, force: bool = F
             f"{str(source.path)!r} is already a .tflite model: quantize its parent SavedModel instead "
             "(TFLite files cannot be re-quantized)"
         )
+    progress.update(phase="loading the parent")
     model = load_keras_model(source.model_path)
     parent_q = q_function(source, model=model)
     calibration = _calibration_states(cfg, parent_q, source.env, model)

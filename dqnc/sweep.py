@@ -311,6 +311,16 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+def _ray_where(address: str | None, owns_ray: bool) -> dict[str, Any]:
+    """Where the trials run, for the outputs: Ray's version, the cluster's address and CPUs."""
+    import ray
+
+    given = address or os.environ.get("RAY_ADDRESS")
+    where = (f"the cluster at {given}" if given else "a local instance started for this sweep") if owns_ray \
+        else "the Ray instance already running in this process"
+    return {"version": ray.__version__, "address": where, "cpus": int(ray.cluster_resources().get("CPU", 0))}
+
+
 def check_sweep_dir(sweep_dir: Path) -> None:
     """A sweep writes sweep.md, sweep.json, best.yaml and pareto.png into its folder: only into a new
     folder or one an earlier sweep made (it holds the journal), never into a user's folder."""
@@ -346,8 +356,10 @@ def run_sweep(recipe_path: Path, trials: list[Trial], sweep_dir: Path, *, addres
     shared = str((sweep_dir / "cache").resolve())
     owns_ray = _init_ray(address, num_cpus) if todo else False
     pending: dict[Any, tuple[Trial, float]] = {}
+    where = None
     try:
         if todo:
+            where = _ray_where(address, owns_ray)
             task = ray.remote(num_cpus=1, max_calls=1, max_retries=0)(run_trial)
             limit = max_parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))
             queue = list(todo)
@@ -392,7 +404,8 @@ def run_sweep(recipe_path: Path, trials: list[Trial], sweep_dir: Path, *, addres
     results = [done[t.id] for t in trials]
     measured = [r for r in results if r.get("status") in DONE and r.get("metrics", {}).get("size_bytes") is not None]
     front = [measured[i]["id"] for i in pareto([(r["metrics"]["size_bytes"], r["metrics"]["mean_return"]) for r in measured])]
-    return SweepResult(str(recipe_path), sweep_dir, results, front, time.perf_counter() - started, resumed)
+    return SweepResult(str(recipe_path), sweep_dir, results, front, time.perf_counter() - started, resumed,
+                       extra={"ray": where})
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -434,7 +447,9 @@ def markdown(result: SweepResult) -> str:
              f"{len(result.trials)} trials ({c['passed']} passed, {c['failed']} failed a gate, {c['error']} errors, "
              f"{c['timeout']} timed out; {result.resumed} from the journal) in {result.wall_seconds:.1f} s wall "
              f"(trials' own time summed: {d['trial_seconds_sum']:.1f} s). Stages run {d['stage_runs']['ran']}, "
-             f"served from the shared cache {d['stage_runs']['cached']}.", "",
+             f"served from the shared cache {d['stage_runs']['cached']}. "
+             + (f"Ray {d['ray']['version']}: {d['ray']['address']} ({d['ray']['cpus']} CPUs)." if d.get("ray")
+                else "No trial ran here: every one came from the journal."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     errors = [r for r in result.trials if r.get("error")]

@@ -103,7 +103,7 @@ def test_quantize_of_a_tflite_is_refused(int8, tmp_path):
 
 def test_bundle_contents_and_checksums(bundle):
     files = sorted(p.name for p in bundle.iterdir())
-    assert files == ["SHA256SUMS", "dqnc_policy.h", "main.cc", "manifest.json", "model.tflite", "model_data.cc",
+    assert files == ["Makefile", "README.md", "SHA256SUMS", "arduino", "dqnc_policy.h", "firmware", "main.cc", "manifest.json", "model.tflite", "model_data.cc",
                      "model_data.h", "policy.c", "policy.h", "run_policy.py"]
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["io"]["input"]["dtype"] == "int8" and "scale" in m["io"]["input"]

@@ -14,6 +14,7 @@ import typer
 
 from dqnc import __version__
 from dqnc.cli import commands, render
+from dqnc.cli.helptext import Command, Group
 from dqnc.cli.guard import debug, exit_interrupted, guard
 from dqnc.cli.render import fidelity_line, stderr, stdout
 from dqnc.errors import EXIT_INTERRUPTED
@@ -22,6 +23,7 @@ __all__ = ["app", "main", "recipe_app", "guard", "fidelity_line", "stdout", "std
 
 app = typer.Typer(
     name="dqnc",
+    cls=Group,  # --help: Rich panels on a wide terminal, plain text that cuts nothing elsewhere
     help="Train a DQN policy and compress it into an edge-deployable TFLite file.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion and --show-completion (bash, zsh, fish, PowerShell)
@@ -30,15 +32,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 recipe_app = typer.Typer(help="Validate recipes and print their JSON Schema.", no_args_is_help=True,
-                         rich_markup_mode="rich")
+                         rich_markup_mode="rich", cls=Group)
 
 for _name, _fn in (("train", commands.train), ("prune", commands.prune), ("quantize", commands.quantize),
                    ("export", commands.export), ("import", commands.import_cmd), ("distill", commands.distill),
                    ("run", commands.run_cmd), ("sweep", commands.sweep_cmd), ("eval", commands.eval_cmd),
                    ("inspect", commands.inspect), ("version", commands.version)):
-    app.command(_name)(_fn)
-recipe_app.command("validate")(commands.recipe_validate)
-recipe_app.command("schema")(commands.recipe_schema)
+    app.command(_name, cls=Command)(_fn)
+recipe_app.command("validate", cls=Command)(commands.recipe_validate)
+recipe_app.command("schema", cls=Command)(commands.recipe_schema)
 app.add_typer(recipe_app, name="recipe")
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from dqnc import api, progress
 from dqnc import config as _cfg
 from dqnc.cli import render
 from dqnc.cli.guard import guard
@@ -35,22 +36,13 @@ DistillOut = out_option("PATH-student-WIDTHS")
 # The chain stages' flags come from their registry entry's config (dqnc.stages); train and import are sources.
 
 
-def _config_and_source(stage: str, values: dict[str, Any], path: Path, env: str | None,
-                       env_kwargs: str | None) -> tuple[Any, Any]:
-    """A stage command's validated config and the model it reads (imported first if foreign)."""
-    from dqnc import sources
-
-    cfg = _cfg.validate(STAGES[stage].config, values, "options")
-    return cfg, sources.load(path, env=env_arg(env, env_kwargs))
+def _config(stage: str, values: dict[str, Any]) -> Any:
+    """A stage command's config, validated with its errors worded as flags (``--sparsity: ...``)."""
+    return _cfg.validate(STAGES[stage].config, values, "options")
 
 
 def _argv() -> list[str]:
     return ["dqnc", *sys.argv[1:]]
-
-
-def _default_out(source: Path, suffix: str) -> Path:
-    base = source.name if source.name not in ("", ".", "model") else source.resolve().parent.name
-    return source.resolve().parent / f"{base}-{suffix}"
 
 
 @guard
@@ -65,19 +57,15 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left at OUT.ckpt.")] = False,
     logdir: Annotated[Optional[Path], typer.Option(help="Write TensorBoard scalars here.")] = None,
     force: ForceOption = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Train a DQN policy on ENV and save it as an fp32 SavedModel artifact."""
-    from dqnc import train as train_stage
     from dqnc.config import build_train_config, load_yaml_mapping
 
     file_values = load_yaml_mapping(config) if config is not None else {}
     cfg = build_train_config(values.get("env"), file_values, values, source=str(config) if config else "options")
-    out = out if out is not None else Path("runs") / f"{cfg.env.replace(':', '_').replace('/', '_')}-seed{cfg.seed}"
-    with render.progress_bar(quiet, f"train {cfg.env}") as on_progress:
-        result = train_stage.run(cfg, out, force=force, checkpoint_dir=out.with_name(out.name + ".ckpt"),
-                                 resume=resume, logdir=logdir, progress=on_progress, command=_argv())
+    result = api.train(cfg, out, force=force, resume=resume, logdir=logdir, command=_argv())
     render.train(result, cfg, as_json)
 
 
@@ -96,15 +84,7 @@ def prune(
     as_json: JsonOption = False,
 ) -> None:
     """Magnitude-prune a policy (TFMOT) while fine-tuning it to act like its parent."""
-    from dqnc.prune import run as run_prune
-
-    cfg, source = _config_and_source("prune", values, path, env, env_kwargs)
-    sparsity = 0.5 if cfg.structure == "2by4" else cfg.sparsity
-    out = out or _default_out(path, {"units": f"units{round(100 * sparsity)}", "2by4": "pruned2by4"}.get(
-        cfg.structure, f"pruned{round(100 * sparsity)}"))
-    with render.spinner(f"pruning to {'2:4' if cfg.structure == '2by4' else f'{100 * sparsity:.0f}%'} "
-                        f"({cfg.finetune})", as_json):
-        result = run_prune(cfg, source, out, force=force, command=_argv())
+    result = api.prune(path, out, _config("prune", values), env=env_arg(env, env_kwargs), force=force, command=_argv())
     render.prune(result, as_json)
 
 
@@ -123,12 +103,8 @@ def quantize(
     as_json: JsonOption = False,
 ) -> None:
     """Convert a policy to TFLite (int8 by default), calibrated on its own rollouts and checked against it."""
-    from dqnc.quantize import run as run_quantize
-
-    cfg, source = _config_and_source("quantize", values, path, env, env_kwargs)
-    out = out or _default_out(path, cfg.mode)
-    with render.spinner(f"quantizing ({cfg.mode})", as_json):
-        result = run_quantize(cfg, source, out, force=force, command=_argv())
+    cfg = _config("quantize", values)
+    result = api.quantize(path, out, cfg, env=env_arg(env, env_kwargs), force=force, command=_argv())
     render.quantize(result, cfg.mode, as_json)
 
 
@@ -145,19 +121,15 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Write the edge bundle: model.tflite, C array, manifest, SHA256SUMS and a TF-free runner (+ TFLM/C files for mcu)."""
-    from dqnc.export import run as run_export
-
-    cfg, source = _config_and_source("export", values, path, env, env_kwargs)
-    out = out or _default_out(path, "bundle")
-    with render.spinner(f"exporting for {cfg.target}", as_json):
-        result = run_export(cfg, source, out, force=force, command=_argv())
+    result = api.export(path, out, _config("export", values), env=env_arg(env, env_kwargs), force=force,
+                        command=_argv())
     mcu = None
     if verify_mcu:
         from dqnc import mcu as mcu_mod
 
-        with render.spinner("Cortex-M4 on QEMU", as_json):
+        with progress.task("Cortex-M4 on QEMU"):
             mcu = mcu_mod.verify_bundle(result.path)
-    render.export(result, mcu, source.env, as_json)
+    render.export(result, mcu, result.env, as_json)
 
 
 @guard
@@ -175,8 +147,8 @@ def import_cmd(
 
     spec = env_spec_of(values["env"], values.get("env_kwargs"))
     cfg = _cfg.validate(_cfg.ImportConfig, {**values, "env_kwargs": spec.kwargs}, "options")
-    out = out or _default_out(model, "imported")
-    with render.spinner(f"importing {model}", as_json):
+    out = out or api.default_out(model, "imported")
+    with progress.task(f"import {model.name}"):
         result = run_import(cfg, model, out, force=force, command=_argv(), spec=spec)
     render.imported(result, model, as_json)
 
@@ -194,13 +166,8 @@ def distill(
     as_json: JsonOption = False,
 ) -> None:
     """Teach a small dense student MLP the parent's policy (policy distillation + DAgger)."""
-    from dqnc.distill import run as run_distill
-
-    cfg, source = _config_and_source("distill", values, path, env, env_kwargs)
-    shape = "auto" if cfg.hidden == "auto" else "x".join(map(str, cfg.hidden))
-    out = out or _default_out(path, "student-" + shape)
-    with render.spinner(f"distilling ({shape})", as_json):
-        result = run_distill(cfg, source, out, force=force, command=_argv(), log=None if as_json else render.log)
+    result = api.distill(path, out, _config("distill", values), env=env_arg(env, env_kwargs), force=force,
+                         command=_argv(), log=None if as_json else render.log)
     render.distill(result, as_json)
 
 
@@ -215,19 +182,13 @@ def eval_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Run greedy episodes of a policy and report returns, agreement, size and latency (exit 1 when a gate fails)."""
-    from dqnc import sources
-    from dqnc.evaluate import run as run_eval
-
-    env_spec = env_arg(env, env_kwargs)
-    source = sources.load(path, env=env_spec)
-    parent = sources.load(reference, env=env_spec or source.env) if reference is not None else None
     cfg = _cfg.validate(_cfg.EvalConfig, values, "options")
     try:
-        result = run_eval(cfg, source, parent)
+        result = api.evaluate(path, reference, cfg, env=env_arg(env, env_kwargs))
     except GateFailed as e:
         render.evaluation(e.result, as_json)
         raise
-    render.evaluation(result, as_json)
+    render.evaluation(result.metrics, as_json)
 
 
 @guard
@@ -283,17 +244,16 @@ def run_cmd(
     force_stage: Annotated[Optional[list[str]], typer.Option("--force-stage", help="Re-run this stage even if cached (repeatable).")] = None,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Start at this stage (earlier outputs must exist).")] = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or stage lines.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
     """Run a recipe: each stage cached by content hash, a report at the end, exit 1 if a gate fails."""
     from dqnc import recipe
 
     loaded = recipe.load(path, set_ or [])
-    forced: bool | set[str] = True if force else set(force_stage or [])
     try:
-        report = recipe.run(loaded, force=forced, from_stage=from_stage, until=until,
-                            log=(lambda msg: None) if quiet else render.log)
+        report = api.run_recipe(loaded, force=True if force else list(force_stage or []), from_stage=from_stage,
+                                until=until, log=(lambda msg: None) if quiet else render.log)
     except GateFailed as e:
         render.report(e.result, loaded, as_json)
         raise
@@ -332,18 +292,18 @@ def sweep_cmd(
     trials = sweep.expand(path.read_text(encoding="utf-8"), loaded.data, {**spec.grid, **sweep.parse_grid(grid or [])},
                           seeds or spec.seeds, spec.samples, spec.sample_seed)
     sweep_dir = out if out is not None else loaded.out_dir.with_name(loaded.out_dir.name + "-sweep")
-    progress = render.sweep_progress(quiet)
+    trials_shown = render.sweep_progress(quiet)
     try:
         result = sweep.run_sweep(path, trials, sweep_dir, address=address, max_parallel=max_parallel or spec.max_parallel,
                                  trial_timeout=trial_timeout or spec.trial_timeout, retry_errors=retry_errors,
-                                 on_event=progress)
+                                 on_event=trials_shown)
     except KeyboardInterrupt:
         from dqnc.errors import Interrupted
 
-        raise Interrupted(f"interrupted: {progress.finished} of {len(trials)} trials are in "
+        raise Interrupted(f"interrupted: {trials_shown.finished} of {len(trials)} trials are in "
                           f"{sweep_dir / sweep.JOURNAL}; run the same command again to resume") from None
     finally:
-        progress.stop()
+        trials_shown.stop()
     sweep.write_outputs(result, path, pick or spec.pick)
     render.sweep(result, path, sweep_dir, as_json)
     _sweep_verdict(result, sweep_dir, pick or spec.pick)

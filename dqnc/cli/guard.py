@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from dqnc import progress
 from dqnc.cli import render
 from dqnc.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DqncError, GateFailed
 
@@ -33,7 +34,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def guard(fn: F) -> F:
     """Map DqncError / Ctrl-C / SIGTERM / a bug to one stderr line and the documented exit code,
-    and give every command ``--quiet`` (one definition, here)."""
+    give every command ``--quiet`` (one definition, here) and show the progress of the work it
+    runs on stderr (:mod:`dqnc.progress`: live on a terminal, a plain line every 10 s otherwise)."""
     sig = inspect.signature(fn, eval_str=True)
     own_quiet = "quiet" in sig.parameters
 
@@ -44,7 +46,8 @@ def guard(fn: F) -> F:
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            return fn(*args, **kwargs)
+            with progress.shown(render.stderr, quiet=render.ui["quiet"]):
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
             raise
         except BaseException as e:  # noqa: BLE001 - every outcome is mapped below, or re-raised

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
+from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+
+from dqnc.cli import layout
 
 stdout = Console(highlight=False)
+_COMPACT: dict[str, Any] = {"box": box.SIMPLE_HEAD, "pad_edge": False, "padding": (0, 1), "collapse_padding": True,
+                            "show_edge": False}
 stderr = Console(stderr=True, highlight=False)
-ui: dict[str, Any] = {"quiet": False}  # --quiet, on every command: no progress bars, spinners or progress lines
+ui: dict[str, Any] = {"quiet": False}  # --quiet, on every command: no progress display (dqnc.progress)
 
 
 def emit_json(obj: Any) -> None:
@@ -32,69 +36,25 @@ def echo(text: str) -> None:
     sys.stdout.flush()
 
 
+def say(text: str, style: str | None = None) -> None:
+    """A message on stdout, taken literally, wrapped at words to the console's width."""
+    layout.say(stdout, text, style=style)
+
+
 def log(msg: str) -> None:
-    """A progress line on stderr, taken literally."""
-    stderr.print(msg, highlight=False, markup=False)
+    """A progress line on stderr, taken literally, wrapped at words."""
+    layout.say(stderr, msg)
 
 
 def problem(label: str, message: str) -> None:
-    """One ``label: message`` line on stderr (errors, gate failures, interrupts); the message is
-    escaped, so a bracketed ``[filters, kernel, stride]`` in it is shown, not taken for markup."""
-    from rich.markup import escape
-
+    """One ``label: message`` line on stderr (errors, gate failures, interrupts), never wrapped
+    (scripts and logs read it whole); the message is escaped, so a bracketed ``[filters, kernel,
+    stride]`` in it is shown, not taken for markup."""
     stderr.print(f"[bold red]{label}[/] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def note(message: str) -> None:
-    stderr.print(message, soft_wrap=True)
-
-
-class progress_bar:
-    """A Rich progress bar on stderr; silent when stderr is not a terminal or with --quiet."""
-
-    def __init__(self, quiet: bool, label: str) -> None:
-        self.enabled = not quiet and not ui["quiet"] and stderr.is_terminal
-        self.label = label
-        self.bar: Any = None
-        self.task: Any = None
-
-    def __enter__(self) -> Callable[[Any], None] | None:
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=stderr, transient=True)
-        self.bar.__enter__()
-        self.task = self.bar.add_task(self.label, total=None, info="")
-        return self.update
-
-    def update(self, p: Any) -> None:
-        info = f"ep {p.episodes}"
-        if p.eval_mean is not None:
-            info += f" | eval {p.eval_mean:.1f} (best {p.best_mean:.1f})"
-        info += f" | eps {p.epsilon:.2f}"
-        self.bar.update(self.task, completed=p.step, total=p.total, info=info)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-
-class spinner:
-    """A status spinner on stderr for steps without a step count (quiet when not a TTY or with --json)."""
-
-    def __init__(self, text: str, quiet: bool) -> None:
-        self.status = stderr.status(text) if stderr.is_terminal and not quiet and not ui["quiet"] else None
-
-    def __enter__(self) -> None:
-        if self.status is not None:
-            self.status.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.status is not None:
-            self.status.__exit__(*exc)
+    layout.say(stderr, message)
 
 
 def sweep_progress(quiet: bool) -> Any:
@@ -117,12 +77,11 @@ def train(result: Any, cfg: Any, as_json: bool) -> None:
     if as_json:
         emit_json({"path": str(result.path), "env": cfg.env, "seed": cfg.seed, "metrics": m})
         return
-    stdout.print(
-        f"trained {cfg.env} (seed {cfg.seed}): {m['env_steps']:,} steps in {m['train_seconds']:.1f} s "
+    say(f"trained {cfg.env} (seed {cfg.seed}): {m['env_steps']:,} steps in {m['train_seconds']:.1f} s "
         f"({m['steps_per_second']:,.0f} steps/s); best greedy eval {m['best_eval_mean_return']:.1f} "
         f"over {m['eval_episodes']} episodes{' (stopped early: threshold reached)' if m['stopped_early'] else ''}"
     )
-    stdout.print(f"saved {result.path}")
+    say(f"saved {result.path}")
 
 
 def prune(result: Any, as_json: bool) -> None:
@@ -130,23 +89,22 @@ def prune(result: Any, as_json: bool) -> None:
     if as_json:
         emit_json({"path": str(result.path), "metrics": m})
         return
-    table = Table("layer", "shape", "target", "sparsity")
-    for layer in m["layers"]:
-        table.add_row(layer["name"], str(tuple(layer["shape"])), f"{100 * layer['target']:.1f}%", f"{100 * layer['sparsity']:.2f}%")
-    stdout.print(table)
+    layout.table(stdout, ["layer", "shape", "target", "sparsity"],
+                 [[layer["name"], str(tuple(layer["shape"])), f"{100 * layer['target']:.1f}%",
+                   f"{100 * layer['sparsity']:.2f}%"] for layer in m["layers"]], left=("layer", "shape"))
     c = m["check"]
     if m.get("structure") == "units":
-        stdout.print(f"hidden widths {m['widths_before']} -> {m['widths_after']} ({m['importance']} importance): "
+        say(f"hidden widths {m['widths_before']} -> {m['widths_after']} ({m['importance']} importance): "
                      f"{m['params_before']:,} -> {m['params']:,} parameters; greedy agreement with the parent on "
                      f"{c['states']:,} held-out states {100 * c['agreement']:.1f}% (decisive states "
                      f"{100 * c['decisive_agreement']:.1f}%)")
-        stdout.print(f"saved {result.path}")
+        say(f"saved {result.path}")
         return
     if m.get("pattern"):
-        stdout.print(f"pattern {m['pattern']} holds in every pruned layer")
-    stdout.print(f"overall sparsity {100 * m['sparsity']:.1f}% (pruned layers {100 * m['prunable_sparsity']:.1f}%); "
+        say(f"pattern {m['pattern']} holds in every pruned layer")
+    say(f"overall sparsity {100 * m['sparsity']:.1f}% (pruned layers {100 * m['prunable_sparsity']:.1f}%); "
                  f"against the parent on {c['states']:,} held-out states: {fidelity_line(c)}")
-    stdout.print(f"saved {result.path}")
+    say(f"saved {result.path}")
 
 
 def quantize(result: Any, mode: str, as_json: bool) -> None:
@@ -155,23 +113,23 @@ def quantize(result: Any, mode: str, as_json: bool) -> None:
         emit_json({"path": str(result.path), "metrics": m, "quantization": qz})
         return
     c = m["check"]
-    stdout.print(f"{mode}: {m['size_bytes']:,} bytes; input {qz['input']['dtype']} (scale {qz['input']['scale']:.4g}, "
+    say(f"{mode}: {m['size_bytes']:,} bytes; input {qz['input']['dtype']} (scale {qz['input']['scale']:.4g}, "
                  f"zero point {qz['input']['zero_point']}), output {qz['output']['dtype']}; encoding {m['sparsity_encoding']}")
-    stdout.print(f"checked on {c['states']:,} held-out states: {fidelity_line(c)}")
+    say(f"checked on {c['states']:,} held-out states: {fidelity_line(c)}")
     if "check_episodes" in c:
-        stdout.print(f"closed loop, {c['check_episodes']} check episodes: mean return {c['mean_return']:.2f} vs parent "
+        say(f"closed loop, {c['check_episodes']} check episodes: mean return {c['mean_return']:.2f} vs parent "
                      f"{c['parent_mean_return']:.2f} (drop {c['return_drop']:+.2f}, 95% CI "
                      f"{c['return_drop_ci95'][0]:+.2f}..{c['return_drop_ci95'][1]:+.2f})")
     if m.get("weight_bits"):
         wb = m["weight_bits"]
-        stdout.print(f"{wb['weight_bits']}-bit weights: {wb['clusters']} clusters per Dense kernel, distinct int8 values per "
+        say(f"{wb['weight_bits']}-bit weights: {wb['clusters']} clusters per Dense kernel, distinct int8 values per "
                      f"layer {wb['distinct_int8_weights']}; fine-tuned {wb['finetune_steps']:,} steps on {wb['finetune_states']:,} states")
     if "saturated_share" in c:
-        stdout.print(f"int8 rewrite: {m['equalization_sweeps']} equalization sweep(s), output range x{m['output_range_factor']:g} "
+        say(f"int8 rewrite: {m['equalization_sweeps']} equalization sweep(s), output range x{m['output_range_factor']:g} "
                      f"of the calibrated one ({100 * c['saturated_share']:.1f}% of checked states saturate)")
     for note_ in m.get("notes", []):
-        stdout.print(f"note: {note_}")
-    stdout.print(f"saved {result.path}")
+        say(f"note: {note_}")
+    say(f"saved {result.path}")
 
 
 def export(result: Any, mcu: dict[str, Any] | None, env: Any, as_json: bool) -> None:
@@ -181,22 +139,22 @@ def export(result: Any, mcu: dict[str, Any] | None, env: Any, as_json: bool) -> 
                    **({"mcu": mcu} if mcu is not None else {})})
         return
     files = sorted(p.name for p in result.path.iterdir())
-    stdout.print(f"bundle {result.path} (target {m['target']}): {', '.join(files)}")
+    say(f"bundle {result.path} (target {m['target']}): {', '.join(files)}")
     if m["tflm_compatible"]:
         _export_tflm(m)
     else:
         stdout.print("target linux: not for TensorFlow Lite Micro (export with --target mcu for a microcontroller)")
     if mcu is not None:
-        stdout.print(f"Cortex-M4 (QEMU {mcu['board']}): {mcu['actions_equal']} of {mcu['vectors']} actions equal TFLM's, {mcu['actions_equal_litert']} LiteRT's; "
+        say(f"Cortex-M4 (QEMU {mcu['board']}): {mcu['actions_equal']} of {mcu['vectors']} actions equal TFLM's, {mcu['actions_equal_litert']} LiteRT's; "
                      f"flash {mcu['flash_bytes']:,} bytes, RAM {mcu['ram_bytes']:,} bytes; "
                      f"~{mcu['instructions_per_action']:,.0f} instructions per action (QEMU -icount: a proxy, not cycles)")
-    stdout.print(f"model.tflite {m['size_bytes']:,} bytes ({m['gzip_bytes']:,} gzipped); try: "
+    say(f"model.tflite {m['size_bytes']:,} bytes ({m['gzip_bytes']:,} gzipped); try: "
                  f"python {result.path / 'run_policy.py'} --obs {_obs_example(env)}")
 
 
 def _export_tflm(m: dict[str, Any]) -> None:
     c = m["tflm_check"]
-    stdout.print(f"TFLM verified: {c['actions_equal']:,} of {c['states']:,} actions equal LiteRT's "
+    say(f"TFLM verified: {c['actions_equal']:,} of {c['states']:,} actions equal LiteRT's "
                  f"({c.get('int_output_differences', 0):,} int outputs differ: LiteRT rounds once, TFLM twice); arena {m['tflm_arena_bytes']['total']:,} "
                  f"bytes measured ({m['tflm_arena_shipped_bytes']:,} shipped); flash {m['tflm_flash_bytes']:,} bytes; "
                  f"ops {', '.join(m['ops'])}")
@@ -205,13 +163,13 @@ def _export_tflm(m: dict[str, Any]) -> None:
         verified = (f"bit-identical to TFLM on {cp['states']:,} states" if cp.get("host_verified")
                     else f"not compiled here: {cp.get('reason')}")
         packed = f" ({cp['weight_bytes']:,} of weights as {cp['weight_bits']}-bit indices + tables)" if cp.get("weight_bits", 8) < 8 else ""
-        stdout.print(f"policy.c: {cp['const_data_bytes']:,} bytes of constants{packed}, {cp['activation_ram_bytes']} bytes of "
+        say(f"policy.c: {cp['const_data_bytes']:,} bytes of constants{packed}, {cp['activation_ram_bytes']} bytes of "
                      f"activations; {verified}")
     elif cp:
-        stdout.print(f"no policy.c: {cp.get('reason')}")
+        say(f"no policy.c: {cp.get('reason')}")
     if m.get("lut"):
         lut = m["lut"]
-        stdout.print(f"{lut['file']}: {lut['bytes']:,} bytes ({lut['weight_bits']}-bit LUT compression; arena "
+        say(f"{lut['file']}: {lut['bytes']:,} bytes ({lut['weight_bits']}-bit LUT compression; arena "
                      f"{lut['tflm_arena_bytes']['total']:,} bytes); runs on: "
                      + ", ".join(k for k, v in lut["runtimes"].items() if v.startswith("ran")))
 
@@ -230,15 +188,15 @@ def imported(result: Any, model: Any, as_json: bool) -> None:
         return
     c = m["check"]
     net = result.manifest["network"]
-    stdout.print(f"{origin['format']} {model} -> MLP {net['obs_dim']}-{'-'.join(map(str, net['hidden']))}-{net['n_actions']} "
+    say(f"{origin['format']} {model} -> MLP {net['obs_dim']}-{'-'.join(map(str, net['hidden']))}-{net['n_actions']} "
                  f"({', '.join(net['activations']) or 'no hidden layers'})")
     for p in origin.get("preprocessing", []):
-        stdout.print(f"preprocessing {p['kind']}: folded {p.get('folded', '')}" + (f"; clip {p['clip']}" if p.get("clip") else ""))
-    stdout.print(f"checked on {c['states']:,} rollout states: max |dQ| {c['max_abs_dq']:.3g} = {c['rel_error']:.2g} of the Q range; "
+        say(f"preprocessing {p['kind']}: folded {p.get('folded', '')}" + (f"; clip {p['clip']}" if p.get("clip") else ""))
+    say(f"checked on {c['states']:,} rollout states: max |dQ| {c['max_abs_dq']:.3g} = {c['rel_error']:.2g} of the Q range; "
                  f"greedy actions identical ({c['tied_mismatches']} exact ties)" if not c["action_mismatches"] else "")
-    stdout.print(f"mean return over {m['return_episodes']} episodes: source {m['source_mean_return']:.1f}, "
+    say(f"mean return over {m['return_episodes']} episodes: source {m['source_mean_return']:.1f}, "
                  f"imported {m['imported_mean_return']:.1f}")
-    stdout.print(f"saved {result.path}")
+    say(f"saved {result.path}")
 
 
 def distill(result: Any, as_json: bool) -> None:
@@ -248,83 +206,80 @@ def distill(result: Any, as_json: bool) -> None:
         return
     c = m["check"]
     parent = f" ({m['parent_params'] / m['params']:.1f}x fewer than the parent's {m['parent_params']:,})" if m.get("parent_params") else ""
-    stdout.print(f"student {'x'.join(map(str, m['hidden']))}: {m['params']:,} parameters{parent}; "
+    say(f"student {'x'.join(map(str, m['hidden']))}: {m['params']:,} parameters{parent}; "
                  f"{m['gradient_steps']:,} steps on {m['distill_states']:,} states in {m['distill_seconds']:.1f} s")
-    stdout.print(f"greedy agreement with the parent on {c['states']:,} held-out states {100 * c['agreement']:.1f}% "
+    say(f"greedy agreement with the parent on {c['states']:,} held-out states {100 * c['agreement']:.1f}% "
                  f"(decisive states {100 * c['decisive_agreement']:.1f}%)")
-    stdout.print(f"saved {result.path}")
+    say(f"saved {result.path}")
 
 
 def evaluation(r: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(r)
         return
-    table = Table(title=f"{r['path']}  ({r['stage']}, {r['kind']}, {r['env']})", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("episodes", f"{r['episodes']} (seeds {r['seed']}..{r['seed'] + r['episodes'] - 1}, "
-                  f"{r['seed_range']} range)")
+    say(f"{r['path']}  ({r['stage']}, {r['kind']}, {r['env']})")
     lo, hi = r["return_ci95"]
-    table.add_row("mean return (95% CI)", f"{r['mean_return']:.2f} ({lo:.2f}..{hi:.2f})")
-    table.add_row("min / max", f"{r['min_return']:.2f} / {r['max_return']:.2f}")
-    table.add_row("mean length", f"{r['mean_length']:.1f}")
+    rows = [["episodes", f"{r['episodes']} (seeds {r['seed']}..{r['seed'] + r['episodes'] - 1}, {r['seed_range']} range)"],
+            ["mean return (95% CI)", f"{r['mean_return']:.2f} ({lo:.2f}..{hi:.2f})"],
+            ["min / max", f"{r['min_return']:.2f} / {r['max_return']:.2f}"],
+            ["mean length", f"{r['mean_length']:.1f}"]]
     if r["solved_share"] is not None:
-        table.add_row(f"episodes >= {r['reward_threshold']:g}", f"{100 * r['solved_share']:.0f}%")
-    if r.get("reference"):
-        _reference_rows(table, r["reference"])
-    table.add_row("size", f"{r['size_bytes']:,} bytes ({r['gzip_bytes']:,} gzipped)")
+        rows.append([f"episodes >= {r['reward_threshold']:g}", f"{100 * r['solved_share']:.0f}%"])
+    rows += _reference_rows(r["reference"]) if r.get("reference") else []
+    rows.append(["size", f"{r['size_bytes']:,} bytes ({r['gzip_bytes']:,} gzipped)"])
     lat = r.get("latency_us")
     if lat:
         a = lat["action"]
-        table.add_row(f"latency per action ({r['runtime']})", f"p50 {a['p50']:.1f} us, p99 {a['p99']:.1f} us")
+        rows.append([f"latency per action ({r['runtime']})", f"p50 {a['p50']:.1f} us, p99 {a['p99']:.1f} us"])
         if "invoke" in lat:
-            table.add_row("  interpreter invoke only", f"p50 {lat['invoke']['p50']:.1f} us, p99 {lat['invoke']['p99']:.1f} us")
-    table.add_row("wall time", f"{r['eval_seconds']:.2f} s")
-    for g in r["gates"]:
-        table.add_row(f"gate {g['gate']} ({g['threshold']:g})", "[green]pass[/]" if g["passed"] else "[red]FAIL[/]")
-    stdout.print(table)
+            rows.append(["  interpreter invoke only", f"p50 {lat['invoke']['p50']:.1f} us, p99 {lat['invoke']['p99']:.1f} us"])
+    rows.append(["wall time", f"{r['eval_seconds']:.2f} s"])
+    rows += [[f"gate {g['gate']} ({g['threshold']:g})", "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"]
+             for g in r["gates"]]
+    # The values fold at spaces on a narrow console (every word whole), the names never.
+    layout.table(stdout, ["measure", "value"], rows, wrap=("value",), left=("measure",), styles={"measure": "bold"},
+                 markup=True, show_header=False)
 
 
-def _reference_rows(table: Table, ref: dict[str, Any]) -> None:
+def _reference_rows(ref: dict[str, Any]) -> list[list[str]]:
     dlo, dhi = ref["return_drop_ci95"]
-    table.add_row("reference mean return", f"{ref['mean_return']:.2f}")
-    table.add_row("return drop (95% CI)", f"{ref['return_drop']:+.2f} ({dlo:+.2f}..{dhi:+.2f}), "
-                  f"{100 * ref['return_drop_frac']:.2f}%")
-    table.add_row("regret (mean / p99)", f"{ref['regret']:.4f} / {ref['regret_p99']:.4f} of the action spread")
-    table.add_row("greedy agreement", f"{100 * ref['agreement']:.2f}% of {ref['states']:,} states")
-    table.add_row("  on decisive states", f"{100 * ref['decisive_agreement']:.2f}% of {ref['decisive_states']:,} "
-                  f"({100 * ref['decisive_share']:.1f}%)")
+    rows = [["reference mean return", f"{ref['mean_return']:.2f}"],
+            ["return drop (95% CI)", f"{ref['return_drop']:+.2f} ({dlo:+.2f}..{dhi:+.2f}), "
+             f"{100 * ref['return_drop_frac']:.2f}%"],
+            ["regret (mean / p99)", f"{ref['regret']:.4f} / {ref['regret_p99']:.4f} of the action spread"],
+            ["greedy agreement", f"{100 * ref['agreement']:.2f}% of {ref['states']:,} states"],
+            ["  on decisive states", f"{100 * ref['decisive_agreement']:.2f}% of {ref['decisive_states']:,} "
+             f"({100 * ref['decisive_share']:.1f}%)"]]
     if "q_range" in ref:
-        table.add_row("Q error (max / range)", f"{ref['q_max_abs_error']:.4g} / {ref['q_range']:.4g}")
+        rows.append(["Q error (max / range)", f"{ref['q_max_abs_error']:.4g} / {ref['q_range']:.4g}"])
+    return rows
 
 
 def inspection(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(info)
         return
-    stdout.print(f"[bold]{info['path']}[/]  stage [bold]{info['stage']}[/], env [bold]{info['env']['id']}[/] "
+    say(f"{info['path']}  stage {info['stage']}, env {info['env']['id']} "
                  f"(obs {tuple(info['env']['obs_shape'])}, {info['env']['n_actions']} actions)")
     if info.get("parent"):
-        stdout.print(f"parent: {info['parent']['path']} ({info['parent']['stage']}, sha256 {info['parent']['sha256'][:12]})")
-    stdout.print(f"outputs: {info['outputs']}" + (f"; precision {info['quantization']['mode']}"
+        say(f"parent: {info['parent']['path']} ({info['parent']['stage']}, sha256 {info['parent']['sha256'][:12]})")
+    say(f"outputs: {info['outputs']}" + (f"; precision {info['quantization']['mode']}"
                                                   if info.get("quantization") else ""))
     if info.get("ops") is not None:
-        stdout.print(f"ops: {', '.join(info['ops'])}")
-    table = Table("layer", "op", "shape", "params", "nonzero", "sparsity")
-    for layer in info["layers"]:
-        name = layer["name"] if len(layer["name"]) <= 24 else "…" + layer["name"][-23:]
-        table.add_row(name, layer["op"], str(tuple(layer["shape"])), f"{layer['params']:,}", f"{layer['nonzero']:,}",
-                      f"{100 * layer['sparsity']:.1f}%")
-    table.add_row("[bold]total", "", "", f"{info['params']:,}", f"{info['nonzero']:,}", f"{100 * info['sparsity']:.1f}%")
-    stdout.print(table, crop=False)
-    stdout.print(f"size: {info['size_bytes']:,} bytes on disk, {info['gzip_bytes']:,} gzipped (model files); "
+        say(f"ops: {', '.join(info['ops'])}")
+    rows = [[escape(layer["name"]), layer["op"], str(tuple(layer["shape"])), f"{layer['params']:,}", f"{layer['nonzero']:,}",
+             f"{100 * layer['sparsity']:.1f}%"] for layer in info["layers"]]
+    rows.append(["[bold]total", "", "", f"{info['params']:,}", f"{info['nonzero']:,}", f"{100 * info['sparsity']:.1f}%"])
+    layout.table(stdout, ["layer", "op", "shape", "params", "nonzero", "sparsity"], rows, optional=("op", "nonzero"),
+                 left=("layer", "op", "shape"), markup=True)
+    say(f"size: {info['size_bytes']:,} bytes on disk, {info['gzip_bytes']:,} gzipped (model files); "
                  "sparsity = zero kernel weights / kernel weights")
     m = info.get("metrics") or {}
     if m.get("best_eval_mean_return") is not None:
-        stdout.print(f"training: best greedy eval {m['best_eval_mean_return']:.1f} at step {m['best_eval_step']:,}; "
+        say(f"training: best greedy eval {m['best_eval_mean_return']:.1f} at step {m['best_eval_step']:,}; "
                      f"{m['env_steps']:,} steps in {m['train_seconds']:.1f} s")
     if info.get("command"):
-        stdout.print(f"made by: {info['command']}")
+        say(f"made by: {info['command']}")
 
 
 def versions(found: dict[str, str], as_json: bool) -> None:
@@ -340,7 +295,7 @@ def recipe_valid(path: Any, loaded: Any, as_json: bool) -> None:
     if as_json:
         emit_json({"valid": True, "path": str(path), "out_dir": str(loaded.out_dir), "stages": stages})
         return
-    stdout.print(f"{path}: valid; {len(stages)} stages: {' -> '.join(stages)}; outputs in {loaded.out_dir}")
+    say(f"{path}: valid; {len(stages)} stages: {' -> '.join(stages)}; outputs in {loaded.out_dir}")
 
 
 def report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
@@ -353,30 +308,30 @@ def report(d: dict[str, Any], loaded: Any, as_json: bool) -> None:
     rows = [recipe.StageRow(**r) for r in d["stages"]]
     rep = recipe.RunReport(d["recipe"], d["out_dir"], rows, d["failures"], d["wall_seconds"],
                            gates_checked=d.get("gates_checked", True), fp32_tflite_bytes=d.get("fp32_tflite_bytes"))
-    from rich import box
-
-    # Cells never wrap or get cut: COLUMNS is sized for an 80-column CI log (Rich's width when
-    # stdout is not a terminal); a row wider than the console overflows instead of folding.
-    heads = ["name"] + [c[0] for c in recipe.COLUMNS] + ["status"]
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False,
-                  title=f"dqnc run {d['recipe']} ({d['wall_seconds']:.1f} s)", title_justify="left")
-    for i, h in enumerate(heads):
-        table.add_column(h, no_wrap=True, overflow="ignore", justify="left" if i in (0, 1) else "right")
-    for cells in recipe.table_rows(rep):
-        table.add_row(*cells)
-    stdout.print(table, crop=False)
+    # Every cell on one line: COLUMNS is sized for an 80-column CI log (Rich's width when stdout
+    # is not a terminal); on a narrower console the least telling columns are left out.
+    say(f"dqnc run {d['recipe']} ({d['wall_seconds']:.1f} s)")
+    layout.table(stdout, ["name"] + [c[0] for c in recipe.COLUMNS] + ["status"], recipe.table_rows(rep),
+                 optional=("p50 us", "decisive", "regret"), left=("name", "prec."), markup=False,
+                 dropped_note="report.md and --json have every column", **_COMPACT)
     size = rep.size_line()
     if size:
-        stdout.print(size, soft_wrap=True)
+        say(size)
     for passed, line in recipe.gate_lines(rep):
-        stdout.print(("[green]" if passed else "[red]") + line + "[/]", soft_wrap=True)
+        say(line, style="green" if passed else "red")
     for failure in d["failures"]:
         if "gate " not in failure:
-            stdout.print(f"[red]{failure}[/]", soft_wrap=True)
+            say(failure, style="red")
     color = {"PASSED": "green", "FAILED": "red"}.get(rep.verdict, "yellow")
     extra = "" if rep.gates_checked else " (--until stopped early: the recipe's gates were not checked)"
-    stdout.print(f"[{color}]{rep.verdict}[/]{extra}; report: {loaded.out_dir / 'report.md'} and report.json",
-                 soft_wrap=True)
+    layout.say(stdout, f"[{color}]{rep.verdict}[/]{escape(extra)}; report: {escape(str(loaded.out_dir / 'report.md'))} "
+               "and report.json", markup=True)
+
+
+def _ray_words(ray: dict[str, Any] | None, trials: int) -> str:
+    if ray is None:
+        return f"no trial ran: all {trials} were in the journal"
+    return f"on Ray {ray['version']}, {ray['address']} ({ray['cpus']} CPUs)"
 
 
 def sweep(result: Any, path: Any, sweep_dir: Any, as_json: bool) -> None:
@@ -386,16 +341,10 @@ def sweep(result: Any, path: Any, sweep_dir: Any, as_json: bool) -> None:
     if as_json:
         emit_json({k: v for k, v in d.items() if k != "trials"})
         return
-    from rich import box
-
     head, rows = sweep_mod.table(result)
-    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False,
-              title=f"dqnc sweep {path} ({result.wall_seconds:.1f} s, {d['stage_runs']['cached']} stages from the "
-              "shared cache)", title_justify="left")
-    for h in head:
-        t.add_column(h, no_wrap=h != "overrides", overflow="fold")
-    for r in rows:
-        t.add_row(*r)
-    stdout.print(t, crop=False)
-    stdout.print(f"front (*): most return for fewest bytes; sweep.md, sweep.json, pareto.png in {sweep_dir}",
-                 soft_wrap=True)
+    say(f"dqnc sweep {path}: {len(rows)} trials {_ray_words(d.get('ray'), len(rows))}, {result.wall_seconds:.1f} s; "
+        f"{d['stage_runs']['cached']} stages from the shared cache")
+    layout.table(stdout, head, rows, optional=("s", "p50 us", "decisive", "regret", "prec."), wrap=("overrides",),
+                 left=("front", "trial", "overrides", "prec.", "verdict"), markup=False,
+                 dropped_note="sweep.md and sweep.json have every column", **_COMPACT)
+    say(f"front (*): most return for fewest bytes; sweep.md, sweep.json, pareto.png in {sweep_dir}")

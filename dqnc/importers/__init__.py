@@ -1,11 +1,16 @@
 """The import stage: a Q-network made elsewhere -> a verified fp32 dqnc artifact.
 
 One module per format (``keras``, ``onnx``, ``sb3``, ``cleanrl``; ``torchzip`` is the PyTorch
-file reader they share), each exposing ``load(path, cfg) -> Source``; :data:`FORMATS` is the
-registry and :func:`sniff` picks a format from the file's first bytes. :func:`run` folds the
-source into a plain MLP, writes it exactly as ``train`` does (SavedModel + ``mlp.npz`` +
-manifest), and refuses (exit 2) unless the artifact's Q-values match the source's forward on
-rollout states to ``max_rel_error`` of the Q range with identical greedy actions.
+file reader they share, ``torchconv`` reads conv nets from torch tensors), each exposing
+``load(path, cfg, spec) -> Source``; :data:`FORMATS` is the registry and :func:`sniff` picks a
+format from the file's first bytes. :func:`run` folds the source into a plain dqnc network (an
+MLP, or for a pixel policy a conv QNetSpec: input scaling such as ``/255`` folded into the first
+kernel, the source's CHW/HWC layout adapted to the env's), writes it exactly as ``train`` does
+(SavedModel + weights sidecar + manifest), and refuses (exit 2) unless the artifact's Q-values
+match the source's forward on rollout states to ``max_rel_error`` of the Q range with identical
+greedy actions. The source's forward is independent of the fold where the format allows:
+``onnx.reference.ReferenceEvaluator`` for ONNX conv graphs, dqnc's numpy graph evaluator for ONNX
+MLPs, a torch-semantics forward of the stored tensors for torch files.
 
 :func:`adopt` is what other stages (and a recipe's ``{import: PATH, env: ID}`` source) call to
 use such a file directly: it imports once into a cache keyed by the file's sha256.
@@ -42,8 +47,9 @@ FORMATS: dict[str, str] = {  # format -> module with load(path, cfg) -> Source
     "cleanrl": "dqnc.importers.cleanrl",
     "torch": "dqnc.importers.cleanrl",  # any bare state_dict of Linear layers
 }
-SUPPORTED = ("Keras 3 .keras/.h5, tf_keras SavedModel/.h5, Keras 3 export() SavedModel, ONNX (.onnx), "
-             "Stable-Baselines3 DQN .zip, CleanRL .cleanrl_model / PyTorch state_dict (.pt/.pth)")
+SUPPORTED = ("MLP and conv (pixel) Q-networks from Keras 3 .keras/.h5, tf_keras SavedModel/.h5, ONNX (.onnx), "
+             "Stable-Baselines3 DQN/QR-DQN .zip (MlpPolicy, CnnPolicy), CleanRL .cleanrl_model / PyTorch state_dict "
+             "(.pt/.pth); MLPs from Keras 3 export() SavedModels")
 _HDF5 = b"\x89HDF\r\n\x1a\n"
 
 

@@ -12,13 +12,19 @@ layer config: its serving graph is read op by op from ``saved_model.pb`` (MatMul
 AddV2 / activations) with the variables' values from the checkpoint, and never executed.
 
 Supported layers: InputLayer, Dense (relu / tanh / elu / sigmoid / linear), Activation, ReLU,
-ELU, Dropout, Flatten, Identity, and the preprocessing layers Normalization and Rescaling,
-which are folded into the next Dense layer.
+ELU, Dropout, Flatten, Identity, the preprocessing layers Normalization and Rescaling, which are
+folded into the next layer's weights, and for pixel inputs Conv2D (padding 'valid', square
+kernel, equal strides, no dilation or groups; channels_last images read HWC, channels_first
+CHW) with one Flatten before the Dense layers. Keras 3 stores a ``.keras`` file's weights under
+names made from the layer classes (``conv2d``, ``conv2d_1``, ...), not the layer names: a weights
+group without a recorded layer name is matched to its layer by that naming, in the config's
+layer order.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +34,19 @@ import numpy as np
 
 from dqnc import limits
 from dqnc.errors import ArtifactError
-from dqnc.importers.common import Act, Affine, Op, ScaleShift, Source, UnsupportedModelError, check_activation
+from dqnc.importers.common import (Act, Affine, Conv, Flatten, Op, ScaleShift, Source, UnsupportedModelError,
+                                   check_activation)
 
-SUPPORTED_LAYERS = ("InputLayer", "Dense", "Activation", "ReLU", "ELU", "Dropout", "Flatten", "Identity",
+SUPPORTED_LAYERS = ("InputLayer", "Dense", "Conv2D", "Activation", "ReLU", "ELU", "Dropout", "Flatten", "Identity",
                     "Normalization", "Rescaling")
-_NOOP = ("InputLayer", "Dropout", "Flatten", "Identity", "GaussianNoise", "GaussianDropout", "AlphaDropout")
+_NOOP = ("InputLayer", "Dropout", "Identity", "GaussianNoise", "GaussianDropout", "AlphaDropout")
+_CONV = ("Conv2D (padding 'valid', a square kernel, equal strides, dilation_rate 1, groups 1; channels_last or "
+         "channels_first), then Flatten and Dense layers")
+# Layers a Keras conv Q-network may hold that dqnc's conv family cannot express (yet): said so by name.
+_POOLING = "pooling layers are not in dqnc's conv family"
+_NOT_IN_FAMILY = {"MaxPooling2D": _POOLING, "AveragePooling2D": _POOLING, "GlobalAveragePooling2D": _POOLING,
+                  "GlobalMaxPooling2D": _POOLING, "ZeroPadding2D": "padding layers are not in dqnc's conv family",
+                  "BatchNormalization": "batch normalization is not in dqnc's conv family"}
 _EPSILON = 1e-7  # keras.backend.epsilon(): Normalization divides by max(sqrt(variance), epsilon)
 _HDF5 = b"\x89HDF\r\n\x1a\n"
 WeightsFn = Callable[[str], list[np.ndarray]]
@@ -117,16 +131,21 @@ def layer_ops(layers: list[dict[str, Any]], weights: WeightsFn, what: str) -> tu
     ops: list[Op] = []
     mapping: list[dict[str, Any]] = []
     pre: list[dict[str, Any]] = []
+    image_format = _image_format(layers, what)
     for layer in layers:
         cls = layer.get("class_name")
         c = layer.get("config", {})
         name = c.get("name", cls)
         where = f"{what}: layer {name!r}"
         if cls in _NOOP:
-            if cls == "Flatten" and mapping:
-                pass  # features are already flat in a Dense chain
             continue
-        if cls == "Dense":
+        if cls == "Flatten":
+            ops += _flatten(c, ops, where, image_format)
+        elif cls == "Conv2D":
+            conv_ops, entry = _conv2d(c, weights(name), where)
+            ops += conv_ops
+            mapping.append(entry)
+        elif cls == "Dense":
             w = weights(name)
             if not w or w[0].ndim != 2:
                 raise ArtifactError(f"{where}: Dense weights missing or malformed in the file")
@@ -164,18 +183,91 @@ def layer_ops(layers: list[dict[str, Any]], weights: WeightsFn, what: str) -> tu
             else:
                 ops.append(ScaleShift(1.0 / std, -mean.ravel() / std))
             pre.append({"kind": "Normalization", "layer": name, "invert": bool(c.get("invert")),
-                        "folded": "into the next Dense layer"})
+                        "folded": "into the next layer's weights"})
         elif cls == "Rescaling":
             scale, offset = c.get("scale", 1.0), c.get("offset", 0.0)
             if isinstance(scale, dict) or isinstance(offset, dict):
                 raise UnsupportedModelError(f"{where}: Rescaling with tensor-valued scale/offset is not supported")
             ops.append(ScaleShift(np.asarray(scale, np.float64).ravel(), np.asarray(offset, np.float64).ravel()))
             pre.append({"kind": "Rescaling", "layer": name, "scale": scale, "offset": offset,
-                        "folded": "into the next Dense layer"})
+                        "folded": "into the next layer's weights"})
         else:
-            raise UnsupportedModelError(f"{where} is a {cls}, which is not supported; supported layers: "
-                                        f"{', '.join(SUPPORTED_LAYERS)}")
+            why = f" ({_NOT_IN_FAMILY[cls]})" if cls in _NOT_IN_FAMILY else ""
+            raise UnsupportedModelError(f"{where} is a {limits.clip(cls, 60)}, which is not supported{why}; supported "
+                                        f"layers: {', '.join(SUPPORTED_LAYERS)}; for pixels: {_CONV}")
     return ops, mapping, pre
+
+
+def _pair(value: Any, where: str, key: str) -> list[int]:
+    """A Keras (h, w) option given as one int or a pair."""
+    items = value if isinstance(value, (list, tuple)) else [value, value]
+    try:
+        return [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise ArtifactError(f"{where}: {key} {limits.clip(value, 60)} is not a pair of integers; the file is damaged") from None
+
+
+def _conv2d(c: dict[str, Any], w: list[np.ndarray], where: str) -> tuple[list[Op], dict[str, Any]]:
+    """A Conv2D layer's ops (its kernel is HWIO, dqnc's own layout), after its options were checked."""
+    kernel, strides = _pair(c.get("kernel_size"), where, "kernel_size"), _pair(c.get("strides", 1), where, "strides")
+    dilation, groups = _pair(c.get("dilation_rate", 1), where, "dilation_rate"), c.get("groups", 1)
+    padding = str(c.get("padding", "valid")).lower()
+    problems = [p for p, bad in (
+        (f"padding {padding!r}", padding != "valid"), (f"dilation_rate {dilation}", any(d != 1 for d in dilation)),
+        (f"groups {groups}", groups not in (1, None)),
+        (f"kernel_size {kernel}", len(kernel) != 2 or kernel[0] != kernel[1]),
+        (f"strides {strides}", len(strides) != 2 or strides[0] != strides[1] or strides[0] < 1)) if bad]
+    if problems:
+        raise UnsupportedModelError(f"{where} is a Conv2D with {', '.join(problems)}, which is not supported; "
+                                    f"supported: {_CONV}")
+    if len(w) < 1 or w[0].ndim != 4 or list(w[0].shape[:2]) != kernel:
+        raise ArtifactError(f"{where}: Conv2D kernel missing or not {kernel[0]}x{kernel[1]} in the file; the file is damaged")
+    k = w[0].astype(np.float32)
+    use_bias = c.get("use_bias", True)
+    bias = w[1].astype(np.float32) if use_bias and len(w) > 1 else np.zeros(k.shape[3], np.float32)
+    if bias.shape != (k.shape[3],):
+        raise ArtifactError(f"{where}: Conv2D bias of shape {bias.shape} for {k.shape[3]} filters; the file is damaged")
+    act = _activation_name(c.get("activation"), where)
+    ops: list[Op] = [Conv(k, bias, strides[0])] + ([Act(act)] if act != "linear" else [])
+    return ops, {"source": c.get("name"), "layer": "Conv2D", "shape": list(k.shape), "stride": strides[0],
+                 "padding": "valid", "activation": act}
+
+
+def _image_format(layers: list[dict[str, Any]], what: str) -> str:
+    """The data_format every Conv2D of the model shares: channels_last (HWC) or channels_first (CHW)."""
+    formats = {str(l.get("config", {}).get("data_format") or "channels_last") for l in layers
+               if l.get("class_name") == "Conv2D" and isinstance(l.get("config"), dict)}
+    if not formats <= {"channels_last", "channels_first"} or len(formats) > 1:
+        raise UnsupportedModelError(f"{what}: Conv2D layers with data_format {limits.clip(sorted(formats), 80)}; "
+                                    "supported: one of "
+                                    "channels_last, channels_first for every Conv2D")
+    return formats.pop() if formats else "channels_last"
+
+
+def _flatten(c: dict[str, Any], ops: list[Op], where: str, image_format: str) -> list[Op]:
+    """Keras's Flatten keeps the feature map's own order, except that ``data_format="channels_first"``
+    first moves axis 1 last: HWC order for channels_last maps and channels_first maps flattened
+    channels_first, CHW for channels_first maps flattened as channels_last. Before any Conv2D a
+    Flatten changes nothing dqnc sees."""
+    if not any(isinstance(op, Conv) for op in ops):
+        return []
+    fmt = str(c.get("data_format") or "channels_last")
+    if image_format == "channels_last" and fmt != "channels_last":
+        raise UnsupportedModelError(f"{where}: Flatten with data_format {fmt!r} after channels_last Conv2D layers "
+                                    f"reorders the features (W, C, H); supported: {_CONV}")
+    return [Flatten("CHW" if image_format == "channels_first" and fmt == "channels_last" else "HWC")]
+
+
+def _input_shape(layers: list[dict[str, Any]], where: str) -> tuple[int, ...]:
+    for layer in layers:
+        c = layer.get("config", {})
+        shape = c.get("batch_shape") or c.get("batch_input_shape")
+        if shape:
+            try:
+                return tuple(int(d) for d in shape[1:])
+            except (TypeError, ValueError):
+                break
+    raise UnsupportedModelError(f"{where}: a conv model must record its input image shape (keras.Input((H, W, C)))")
 
 
 def _source(fmt: str, what: str, model_config: dict[str, Any], weights: WeightsFn, details: dict[str, Any]) -> Source:
@@ -184,8 +276,23 @@ def _source(fmt: str, what: str, model_config: dict[str, Any], weights: WeightsF
     first = next((op.w for op in ops if isinstance(op, Affine)), None)
     if first is None:
         raise UnsupportedModelError(f"{what}: the model has no Dense layer")
-    obs_dim = _input_dim(layers, model_config, first)
-    return Source(fmt, obs_dim, ops, mapping, pre, details)
+    if not any(isinstance(op, Conv) for op in ops):
+        return Source(fmt, _input_dim(layers, model_config, first), ops, mapping, pre, details)
+    shape = _input_shape(layers, what)
+    layout = "CHW" if _image_format(layers, what) == "channels_first" else "HWC"
+    if len(shape) != 3 or min(shape) < 1:
+        raise UnsupportedModelError(f"{what}: a conv model reading inputs of shape {limits.clip(shape, 60)}; supported: "
+                                    f"{'(channels, height, width)' if layout == 'CHW' else '(height, width, channels)'} images")
+    for op in ops[:next(i for i, op in enumerate(ops) if isinstance(op, Conv))]:
+        if layout == "CHW" and isinstance(op, ScaleShift) and max(np.size(op.scale), np.size(op.shift)) > 1:
+            raise UnsupportedModelError(f"{what}: a Rescaling/Normalization over the last axis of channels_first "
+                                        "images (per column, not per channel) is not supported; supported: one scale "
+                                        "and offset for all pixels")
+    obs_dim = limits.check_elements(shape, f"{what}: the input image", limits.MAX_ACTIVATION_ELEMENTS,
+                                    "MAX_ACTIVATION_ELEMENTS")
+    keras_format = "channels_first" if layout == "CHW" else "channels_last"
+    details = details | {"architecture": "conv", "conv_input": f"{layout} (Keras {keras_format})"}
+    return Source(fmt, obs_dim, ops, mapping, pre, details, obs_shape=shape, layout=layout)
 
 
 # --- .keras (Keras 3) --------------------------------------------------------------------------
@@ -243,19 +350,48 @@ def _attr(obj: Any, key: str, what: str, max_bytes: int = limits.MAX_JSON_BYTES)
         raise ArtifactError(f"{what}: attribute {key!r} is unreadable ({str(e)[:120]}); the file is damaged") from None
 
 
-def _keras3_weights(h5: Any, what: str) -> WeightsFn:
-    """Layer name -> its variables in a Keras 3 ``model.weights.h5`` (``layers/KEY/vars/0..n``)."""
+def _snake(name: str) -> str:
+    """Keras 3's ``naming.to_snake_case``: ``Conv2D`` -> ``conv2d``, ``ReLU`` -> ``re_lu``."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def saved_keys(model_config: dict[str, Any]) -> dict[str, str]:
+    """Layer name -> the key Keras 3 saves its weights under: the snake-cased class name, numbered
+    by order of appearance in the model's layers (``dense``, ``dense_1``, ...), not the layer name."""
+    cfg = model_config.get("config", {})
+    layers = cfg.get("layers") if isinstance(cfg, dict) else None
+    keys: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for layer in layers if isinstance(layers, list) else []:
+        if not isinstance(layer, dict) or layer.get("class_name") == "InputLayer":
+            continue
+        base = _snake(str(layer.get("class_name")))
+        n = seen.get(base, -1) + 1
+        seen[base] = n
+        name = layer.get("config", {}).get("name") if isinstance(layer.get("config"), dict) else None
+        keys[str(name)] = base if n == 0 else f"{base}_{n}"
+    return keys
+
+
+def _keras3_weights(h5: Any, what: str, model_config: dict[str, Any]) -> WeightsFn:
+    """Layer name -> its variables in a Keras 3 ``model.weights.h5`` (``layers/KEY/vars/0..n``): by the
+    layer name the group records, else by the key Keras 3 derived from the layer's class."""
     by_name: dict[str, Any] = {}
+    by_key: dict[str, Any] = {}
     root = h5.get("layers") or h5.get("_layer_checkpoint_dependencies") or {}
     budget = limits.Budget(f"{what}: weights")
     for key in root:
         vars_ = root[key].get("vars") if hasattr(root[key], "get") else None
         if vars_ is None:
             continue
+        by_key[str(key)] = vars_
         name = _attr(vars_, "name", what, 4096)
-        name = key if name is None else name
-        by_name[name.decode() if isinstance(name, bytes) else str(name)] = vars_
-        by_name.setdefault(str(key), vars_)
+        if name is not None:
+            by_name[name.decode() if isinstance(name, bytes) else str(name)] = vars_
+    for name, key in saved_keys(model_config).items():
+        if name not in by_name and key in by_key:
+            by_name[name] = by_key[key]
 
     def get(name: str) -> list[np.ndarray]:
         g = by_name.get(name)
@@ -290,7 +426,7 @@ def load_keras_zip(path: Path) -> Source:
     if not isinstance(meta, dict):
         meta = {}
     with _h5_file(weights_raw, what) as h5:
-        return _source("keras", what, config, _keras3_weights(h5, what),
+        return _source("keras", what, config, _keras3_weights(h5, what, config),
                        {"container": ".keras", "keras_version": meta.get("keras_version")})
 
 

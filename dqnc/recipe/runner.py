@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dqnc import __version__
+from dqnc import __version__, progress
 from dqnc.config import EvalConfig, Gates
 from dqnc.errors import DqncError, GateFailed, UsageError
 from dqnc.recipe.cache import (Lock, OutDir, SharedCache, State, cached_output, digest, machine_fingerprint,
@@ -235,8 +235,9 @@ def _resolve_source(loaded: LoadedRecipe, state: State, force: bool, active: boo
     if src.import_ is not None:
         from dqnc.importers import adopt
 
-        return adopt(loaded.resolve(src.import_), env_spec(src.env or "", src.env_kwargs),
-                     loaded.resolve(src.obs_norm) if src.obs_norm else None, log=log), None
+        with progress.task(f"[source] import {src.import_}"):
+            return adopt(loaded.resolve(src.import_), env_spec(src.env or "", src.env_kwargs),
+                         loaded.resolve(src.obs_norm) if src.obs_norm else None, log=log), None
     assert src.train is not None
     out = loaded.out_dir / "train"
     row = StageRow("train", "train", str(out))
@@ -282,7 +283,8 @@ def _train(cfg: Any, out: Any, row: StageRow, log: Log) -> Any:
             log(f"[train] resuming from the checkpoint in {str(ckpt)!r}")
     log(f"[train] training {cfg.env} for up to {cfg.total_steps:,} steps ...")
     t0 = time.perf_counter()
-    result = train.run(cfg, out, force=True, checkpoint_dir=ckpt, resume=resume)
+    with progress.task(f"[train] {cfg.env}"):
+        result = train.run(cfg, out, force=True, checkpoint_dir=ckpt, resume=resume, progress=progress.train_update)
     row.seconds = time.perf_counter() - t0
     row.status = "ran"
     log(f"[train] done in {row.seconds:.1f} s")
@@ -325,7 +327,8 @@ def _compute_stage(st: Any, options: dict[str, Any], inp: Any, out: Any, row: St
     log(f"{label}: running ...")
     t0 = time.perf_counter()
     stage = STAGES[st.stage]
-    result = stage.run(stage.config(**options), inp, out, force=True, log=log)
+    with progress.task(label):
+        result = stage.run(stage.config(**options), inp, out, force=True, log=log)
     row.seconds = time.perf_counter() - t0
     row.status = "ran"
     log(f"{label}: done in {row.seconds:.1f} s")
@@ -344,7 +347,8 @@ def _fp32_tflite_bytes(state: State, source: Any) -> int | None:
         from dqnc.quantize import convert
 
         try:
-            known[source.sha256] = len(convert(load_keras_model(source.model_path), "fp32", strip=True))
+            with progress.task("source: its fp32 TFLite size"):
+                known[source.sha256] = len(convert(load_keras_model(source.model_path), "fp32", strip=True))
         except DqncError:  # a source the converter refuses has no fp32 file to compare with
             known[source.sha256] = None
     return known[source.sha256]
@@ -368,7 +372,8 @@ def _evaluate(loaded: LoadedRecipe, state: State, target: Any, source: Any, cfg:
         if res is None:
             if label:
                 log(f"{label}: evaluating {cfg.episodes} episodes ...")
-            res = (measure or STAGES["eval"]).run(plain, target, reference, force=False, log=log)
+            with progress.task(label or "recipe gates: evaluating"):
+                res = (measure or STAGES["eval"]).run(plain, target, reference, force=False, log=log)
             if state.shared is not None:
                 state.shared.put_eval(key, res)
     state.data["evals"][key] = res
