@@ -14,8 +14,6 @@ env steps. Interrupted, the learner's checkpoint holds the replay and each actor
 
 from __future__ import annotations
 
-import logging
-import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +23,10 @@ import numpy as np
 
 from dqnc.config import TrainConfig
 from dqnc.envs import EnvSpec, make_env, trust
-from dqnc.errors import DqncError, EnvError, UsageError
+from dqnc.errors import DqncError, EnvError
 from dqnc.qnet import QNetSpec
 from dqnc.replay import NStep
+from dqnc.raycluster import init_ray
 from dqnc.seeds import PER_SEED, episode_seed
 
 MAX_ACTORS = 64  # each actor's training episode seeds: its own slice of the run's training block
@@ -121,26 +120,6 @@ class Actor:
         q, q_next = self.policy(obs.astype(np.float32)), self.policy(nxt.astype(np.float32))
         td = ret + disc * (1.0 - term) * q_next.max(axis=1) - q[np.arange(len(act)), act]
         return Chunk(self.index, obs, nxt, act, ret, term, disc, np.abs(td).astype(np.float32), steps, finished)
-
-
-def init_ray(address: str | None) -> bool:
-    """Connect to the cluster at ``address`` (or RAY_ADDRESS), else start a local Ray; True when
-    this call started it (and so shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
-    try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(address="local", include_dashboard=False, **kwargs)
-    except ConnectionError as e:
-        raise UsageError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}; start it with "
-                         "`ray start --head` or drop --address") from None
-    return True
 
 
 @dataclass

@@ -195,10 +195,12 @@ def _shown(show: bool, label: str) -> Iterator[None]:
 @_stage_function("dqnc.train")
 def train(config: TrainConfig | Mapping[str, Any] | None = None, out: PathLike | None = None, *,
           force: bool = False, resume: bool = False, logdir: PathLike | None = None, progress: bool = True,
-          command: Sequence[str] | None = None, **options: Any) -> Artifact:
+          address: str | None = None, command: Sequence[str] | None = None, **options: Any) -> Artifact:
     """Train a DQN policy and write it as an fp32 SavedModel artifact at ``out``
     (default ``runs/ENV-seedSEED``). Options are :class:`dqnc.TrainConfig`'s; the env's tuned
-    defaults fill the rest. An interrupted run leaves a checkpoint at ``OUT.ckpt`` (``resume=True``)."""
+    defaults fill the rest. An interrupted run leaves a checkpoint at ``OUT.ckpt`` (``resume=True``).
+    With ``actors=N`` the envs step on N Ray actors (Ape-X) of the cluster at ``address`` (or
+    ``RAY_ADDRESS``; default: a local Ray)."""
     from dqnc import progress as shown_progress
     from dqnc import train as stage
     from dqnc.config import TrainConfig, build_train_config
@@ -214,7 +216,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, out: PathLike |
     with _shown(progress, f"train {cfg.env}"):
         return stage.run(cfg, out, force=force, checkpoint_dir=out.with_name(out.name + ".ckpt"), resume=resume,
                          logdir=Path(logdir) if logdir is not None else None, progress=shown_progress.train_update,
-                         command=list(command) if command else None)
+                         command=list(command) if command else None, address=address)
 
 
 @_stage_function("dqnc.prune")

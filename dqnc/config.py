@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dqnc.errors import ConfigError
+from dqnc.envs import is_atari
 from dqnc.seeds import EVAL_SEED
 
 
@@ -125,7 +126,7 @@ _ATARI = dict(
 
 
 def train_defaults(env: str) -> dict[str, Any]:
-    if env not in ENV_DEFAULTS and env.startswith("ALE/"):  # every Atari game (ALE/Pong-v5 ...)
+    if env not in ENV_DEFAULTS and is_atari(env):  # every Atari game (ALE/Pong-v5, PongNoFrameskip-v4 ...)
         return dict(_ATARI)
     return dict(ENV_DEFAULTS.get(env, {}))
 
@@ -394,7 +395,8 @@ class EvalConfig(_StageConfig):
                                  "(0 = skip)")
     runtime: str = Field(
         "auto", description="what runs a .tflite policy: auto (LiteRT, else tflite-runtime), litert, tflite-runtime, "
-        "tflm (TensorFlow Lite Micro's reference kernels) or c (the bundle's policy.c, compiled for the host)",
+        "tflm (TensorFlow Lite Micro's reference kernels), c (the bundle's policy.c, compiled for the host) or "
+        "onnxruntime (the bundle's model.onnx, else the .tflite converted to ONNX; the onnx extra)",
         json_schema_extra=lambda schema: _runtime_enum(schema))
     gates: Gates = Field(default_factory=Gates)
 

@@ -111,8 +111,8 @@ def _finite(values: np.ndarray) -> list[float]:
 
 
 def register_on_demand(env_id: str) -> None:
-    """Register the MinAtar ids (``MinAtar/Breakout-v1`` ...) and the Atari ids (``ALE/Breakout-v5``
-    ...) the first time one is asked for."""
+    """Register the MinAtar ids (``MinAtar/Breakout-v1`` ...) and the Atari ids (``ALE/Breakout-v5``,
+    ``BreakoutNoFrameskip-v4`` ...) the first time one is asked for."""
     import gymnasium as gym
 
     if env_id in gym.registry:
@@ -151,26 +151,78 @@ ATARI_WRAPPERS: list[dict[str, dict[str, Any]]] = [
 ]
 
 
+# Named presets (``env_kwargs: {preset: NAME}``): a wrapper list recorded in full beside the name.
+# ``sb3-atari`` is Stable-Baselines3's AtariWrapper as rl-baselines3-zoo evaluates its Atari models
+# (make_atari_env + VecFrameStack(4) + VecTransposeImage): 1-30 no-ops at reset, each action
+# repeated 4 frames with the max of the last two RGB frames, FIRE pressed after reset, OpenCV
+# grayscale 84x84, 4 frames stacked channels-first and zero-filled at reset (the newest frame
+# last), no reward clipping and no end of episode at a lost life (both training-only in SB3:
+# dqnc.atari.EpisodicLife and ClipReward can be named for a training env). Use it with the
+# *NoFrameskip-v4 ids those models were trained on (no sticky actions). With the preset,
+# ``max_episode_steps`` caps an episode in agent steps (a TimeLimit after the frame skip).
+PRESET_KEY = "preset"
+ENV_PRESETS: dict[str, list[dict[str, dict[str, Any]]]] = {
+    "sb3-atari": [
+        {"NoopReset": {"noop_max": 30}},
+        {"MaxAndSkip": {"skip": 4}},
+        {"FireReset": {}},
+        {"WarpFrame": {"size": 84}},
+        {"FrameStackObservation": {"stack_size": 4, "padding_type": "zero"}},
+    ],
+}
+_CAP_KEY = "max_episode_steps"
+
+
 def is_atari(env_id: str) -> bool:
-    return str(env_id).startswith("ALE/")
+    """ALE v5 ids (``ALE/Breakout-v5``) and the legacy ``*NoFrameskip-v4`` ids rl-zoo's models use."""
+    return str(env_id).startswith("ALE/") or str(env_id).endswith("NoFrameskip-v4")
+
+
+def _preset_wrappers(env_id: str, kw: dict[str, Any]) -> list[Any]:
+    """The preset's wrapper list (with the episode cap as a last TimeLimit); ``kw`` loses the cap."""
+    name = kw[PRESET_KEY]
+    if name not in ENV_PRESETS:
+        close = difflib.get_close_matches(str(name), list(ENV_PRESETS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(ENV_PRESETS)}"
+        raise EnvError(f"env {env_id!r}: unknown env preset {clip(name)!r}: {hint}")
+    if not is_atari(env_id):
+        raise EnvError(f"env {env_id!r}: preset {name!r} wraps Atari games; use an Atari id such as "
+                       "BreakoutNoFrameskip-v4")
+    wrappers = [dict((n, dict(a)) for n, a in w.items()) for w in ENV_PRESETS[name]]
+    cap = kw.pop(_CAP_KEY, None)
+    if cap is not None:
+        wrappers.append({"TimeLimit": {_CAP_KEY: cap}})
+    if WRAPPERS_KEY in kw:  # already resolved (a manifest's kwargs): the list must be the preset's
+        given = [_wrapper_entry(env_id, w) for w in kw[WRAPPERS_KEY]]
+        expected = [_wrapper_entry(env_id, w) for w in wrappers]
+        extra = [n for n, _ in given[len(expected):]]
+        if cap is not None or given[:len(expected)] != expected or extra not in ([], ["TimeLimit"]):
+            raise EnvError(f"env {env_id!r}: env_kwargs names preset {name!r} and its own 'wrappers'; "
+                           "give one of them (the preset records its wrappers itself)")
+        return list(kw[WRAPPERS_KEY])
+    return wrappers
 
 
 def resolve_env_kwargs(env_id: str, kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """The env kwargs with Atari's default wrappers filled in (idempotent; other ids unchanged)."""
+    """The env kwargs with a preset's or Atari's default wrappers filled in (idempotent; other ids
+    unchanged)."""
     kw = dict(kwargs or {})
     if not isinstance(kw.get(WRAPPERS_KEY, []), list):
         raise EnvError(f"env {env_id!r}: env_kwargs 'wrappers' must be a list, got {type(kw[WRAPPERS_KEY]).__name__}: "
                        "e.g. [{FrameStackObservation: {stack_size: 4}}]")
+    if PRESET_KEY in kw:
+        kw[WRAPPERS_KEY] = _preset_wrappers(env_id, kw)
     if not is_atari(env_id):
         return kw
     if WRAPPERS_KEY not in kw:
         kw[WRAPPERS_KEY] = [dict((name, dict(args)) for name, args in w.items()) for w in ATARI_WRAPPERS]
-    skipping = any(name == "AtariPreprocessing" and int(args.get("frame_skip", 4)) > 1
-                   for name, args in (_wrapper_entry(env_id, w) for w in kw[WRAPPERS_KEY]))
+    skipping = [name for name, args in (_wrapper_entry(env_id, w) for w in kw[WRAPPERS_KEY])
+                if (name == "AtariPreprocessing" and int(args.get("frame_skip", 4)) > 1)
+                or (name == "MaxAndSkip" and int(args.get("skip", 4)) > 1)]
     if skipping:
         if "frameskip" in kw and kw["frameskip"] != 1:
-            raise EnvError(f"env {env_id!r}: frameskip={kw['frameskip']} and AtariPreprocessing's frame_skip would skip "
-                           "frames twice; set env_kwargs frameskip to 1 (or AtariPreprocessing frame_skip to 1)")
+            raise EnvError(f"env {env_id!r}: frameskip={kw['frameskip']} and {skipping[0]}'s frame skip would skip "
+                           f"frames twice; set env_kwargs frameskip to 1 (or {skipping[0]}'s skip to 1)")
         kw["frameskip"] = 1
     return kw
 
@@ -187,14 +239,18 @@ def _wrapper_entry(env_id: str, entry: Any) -> tuple[str, dict[str, Any]]:
 
 
 def _wrapper_class(env_id: str, name: str) -> Any:
+    """A gymnasium wrapper class, or one of dqnc.atari's: the only classes a name can reach."""
     import gymnasium as gym
     import gymnasium.wrappers as gw
 
-    cls = getattr(gw, name, None)
+    from dqnc.atari import WRAPPERS as DQNC_WRAPPERS
+
+    cls = DQNC_WRAPPERS.get(name) or getattr(gw, name, None)
     if not (isinstance(cls, type) and issubclass(cls, gym.Wrapper)):
         known = [n for n in dir(gw) if isinstance(getattr(gw, n), type) and issubclass(getattr(gw, n), gym.Wrapper)]
+        known += list(DQNC_WRAPPERS)
         close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "name a class of gymnasium.wrappers"
+        hint = f"did you mean {close[0]!r}?" if close else "name a class of gymnasium.wrappers or dqnc.atari"
         raise EnvError(f"env {env_id!r}: unknown wrapper {name!r}: {hint}")
     return cls
 
@@ -255,6 +311,7 @@ def make_env(env_id: str, kwargs: dict[str, Any] | None = None, render_mode: str
     register_on_demand(env_id)
     kwargs = resolve_env_kwargs(env_id, kwargs)
     wrappers = kwargs.pop(WRAPPERS_KEY, None) or []
+    kwargs.pop(PRESET_KEY, None)  # a name for the wrappers, not an env constructor argument
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     try:

@@ -15,6 +15,10 @@
                          (weights as packed 4/2-bit indices + per-layer tables for --weight-bits 4|2)
       model_lut.tflite   (--weight-bits 4|2) the model with TFLM look-up-table compression, and its
       model_lut_data.*   C array: TFLM only (DECODE op), checked bit-identical to model.tflite on TFLM
+      Makefile, README.md, firmware/, arduino/DqncPolicy/   (with policy.c; dqnc.boards) the firmware
+                         build for arm-none-eabi (``make check`` runs it on QEMU against held-out
+                         vectors) and an Arduino library of policy.c
+      model.onnx         (--onnx) the same model for ONNX Runtime, checked against LiteRT
 
 Target ``mcu`` refuses what TFLite Micro cannot run (sparse tensors, float16 or hybrid models, an
 op it lacks) and verifies the model in TFLM's own interpreter against LiteRT on held-out states
@@ -27,6 +31,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from dqnc import progress
 from dqnc import artifact as art
 from typing import Any
 
@@ -287,9 +292,12 @@ def mcu_files(cfg: ExportConfig, source: art.Artifact, content: bytes, policy: A
             reason = str(e)
     if reason:
         raise UsageError(f"cannot export for target mcu: {reason} (or export with --target linux)")
+    progress.update(phase=f"collecting {cfg.check_states:,} check states")
     states, who, q_parent, parent_fn = check_states(cfg, source, policy)
+    progress.update(phase=f"TFLite Micro on {len(states):,} check states")
     micro, figures, xq, raw_tflm = verify_tflm(content, policy, manifest_view, states, cfg.max_action_mismatch,
                                                  q_parent, cfg.max_regret, cfg.min_decisive_agreement)
+    progress.update(phase="TFLite Micro closed-loop episodes")
     tflm_return_check(cfg, micro, parent_fn, env, figures)
     arena = tflm.arena(content)
     from importlib import metadata
@@ -303,10 +311,21 @@ def mcu_files(cfg: ExportConfig, source: art.Artifact, content: bytes, policy: A
     first_action = int(first_max(raw_tflm[:1])[0])
     extra_files["main.cc"] = tflm_main(policy, cfg.c_name, states[0], first_action)
     bits = int(quantization.get("weight_bits") or 8)
+    progress.update(phase="policy.c: generating, compiling and checking it against TFLM")
     metrics["c_policy"] = c_policy_files(policy, content, names, preprocess, states, xq, raw_tflm,
                                           extra_files, weight_bits=bits)
     if bits < 8:
         metrics["lut"] = lut_files(content, bits, xq, raw_tflm, cfg.c_name, extra_binary, extra_files)
+
+
+def onnx_file(cfg: ExportConfig, source: art.Artifact, content: bytes, policy: Any, metrics: dict[str, Any],
+              extra_binary: dict[str, bytes]) -> None:
+    """``model.onnx`` (:mod:`dqnc.onnx_export`), checked in ONNX Runtime against LiteRT."""
+    from dqnc.onnx_export import ONNX_FILE
+    from dqnc.runtimes.onnxrt import bundle_onnx
+
+    progress.update(phase="model.onnx: writing it and checking it in ONNX Runtime")
+    extra_binary[ONNX_FILE], metrics["onnx"] = bundle_onnx(cfg, source, content, policy, check_states(cfg, source, policy))
 
 
 def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = False,
@@ -350,12 +369,8 @@ def run(cfg: ExportConfig, source: art.Artifact, out: Path, *, force: bool = Fal
 
         mcu_files(cfg, source, content, policy, quantization, ops, metrics, extra_files, extra_binary)
         extra_files.update(board_files(extra_files, content, policy, env, cfg.seed))
-    if cfg.onnx:  # model.onnx (dqnc.onnx_export), checked in ONNX Runtime against LiteRT
-        from dqnc.onnx_export import ONNX_FILE
-        from dqnc.runtimes.onnxrt import bundle_onnx
-
-        extra_binary[ONNX_FILE], metrics["onnx"] = bundle_onnx(cfg, source, content, policy,
-                                                               check_states(cfg, source, policy))
+    if cfg.onnx:
+        onnx_file(cfg, source, content, policy, metrics, extra_binary)
     io = policy.io()
     io["output"]["meaning"] = (preprocess or {}).get("outputs", "q_values")
     header = "model_data.h"

@@ -63,7 +63,7 @@ def _rl(student: Any, train_cfg: Any, acts: list[str]) -> list[float]:
     for layer in student.layers:
         if hasattr(layer, "pruning_step"):
             layer.pruning_step.assign(0)
-    return rl_finetune(student, train_cfg, lambda: effective_weights(student), acts)
+    return rl_finetune(student, train_cfg, lambda: effective_weights(student), acts, progress.train_update)
 
 
 def _dense_layers(model: Any) -> list[Any]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from dqnc.errors import DqncError, GateFailed, UsageError
 from dqnc.stages import STAGES, join_names, seeded_names
+from dqnc.raycluster import init_ray
 
 JOURNAL = "journal.jsonl"
 SEED_STAGES = tuple(seeded_names())  # the built-in seeded stages (old name); trials read STAGES, registered ones too
@@ -289,28 +290,6 @@ class SweepResult:
 Event = Callable[[str, dict[str, Any]], None]
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to (or start) Ray; True when this call started it (and so shuts it down)."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
-    try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            # "local": a fresh instance even when a `ray start` cluster runs here (use --address for that one)
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
-    except ConnectionError as e:
-        raise UsageError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}; start it with "
-                         "`ray start --head` or drop --address") from None
-    return True
-
-
 def _ray_where(address: str | None, owns_ray: bool) -> dict[str, Any]:
     """Where the trials run, for the outputs: Ray's version, the cluster's address and CPUs."""
     import ray
@@ -354,7 +333,7 @@ def run_sweep(recipe_path: Path, trials: list[Trial], sweep_dir: Path, *, addres
     resumed = len(trials) - len(todo)
     on_event("start", {"total": len(trials), "resumed": resumed, "done": [done[t.id] for t in trials if t.id in done]})
     shared = str((sweep_dir / "cache").resolve())
-    owns_ray = _init_ray(address, num_cpus) if todo else False
+    owns_ray = init_ray(address, num_cpus) if todo else False
     pending: dict[Any, tuple[Trial, float]] = {}
     where = None
     try:

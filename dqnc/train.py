@@ -420,7 +420,7 @@ def _write(out: Path, force: bool, cfg: TrainConfig, spec: EnvSpec, net: QNetSpe
 
 
 def rl_finetune(student: Any, cfg: TrainConfig, weights: Callable[[], list[np.ndarray]],
-                activations: list[str]) -> list[float]:
+                activations: list[str], progress: ProgressFn | None = None) -> list[float]:
     """Continue Double-DQN training of an existing (e.g. pruning-wrapped) model for
     ``cfg.total_steps`` env steps, acting with it from the first step. Returns eval means."""
     from dqnc.keras import keras
@@ -432,7 +432,7 @@ def rl_finetune(student: Any, cfg: TrainConfig, weights: Callable[[], list[np.nd
     optimizer = k.optimizers.Adam(learning_rate=cfg.lr)
     update = _make_update_fn(student, target, optimizer, cfg, jit=False)
     loop = _Loop(cfg, spec, update, weights, activations, np.random.default_rng(cfg.seed),
-                 rp.build(cfg, spec, images=False), _State(), random_warmup=False)
+                 rp.build(cfg, spec, images=False), _State(), progress=progress, random_warmup=False)
     _run_loop(loop)
     return [e[1] for e in loop.state.evals]
 

@@ -36,3 +36,17 @@ class Pixels(gym.Env):
 
 if "Pixels-v0" not in gym.registry:
     gym.register("Pixels-v0", entry_point=Pixels)
+
+
+class Pixels84(Pixels):
+    """Atari-sized frames: (4, 84, 84) uint8, for the Nature DQN network."""
+
+    observation_space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+
+    def _frame(self) -> np.ndarray:
+        self._obs = self.np_random.integers(0, 256, (4, 84, 84), dtype=np.uint8)
+        return self._obs
+
+
+if "Pixels84-v0" not in gym.registry:
+    gym.register("Pixels84-v0", entry_point=Pixels84)

@@ -81,8 +81,9 @@ def _artifact_q(path: str, states: np.ndarray) -> np.ndarray:
 
 
 def _states(env_id: str, n: int, seed: int) -> np.ndarray:
-    from dqnc.envs import env_spec, collect_states
+    from dqnc.envs import collect_states, env_spec, trust
 
+    trust(env_id)  # named by this test, as --env names it on the command line
     spec = env_spec(env_id)
     return collect_states(lambda o: np.random.default_rng(0).normal(size=(len(o), spec.n_actions)), spec, n, seed)
 
@@ -215,3 +216,55 @@ def test_imported_conv_net_quantizes_to_int8_and_keeps_its_actions(tmp_path: Pat
     top2 = np.sort(parent, axis=1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) > 0.05 * (parent.max() - parent.min())
     assert (got.argmax(1) == parent.argmax(1))[decisive].mean() >= 0.97
+
+
+def _nature(rng):
+    convs = _layers(rng, [(32, 4, 8, 8), (64, 32, 4, 4), (64, 64, 3, 3)])
+    return convs, _layers(rng, [(64, 3136), (3, 64)])
+
+
+def test_nature_dqn_zips_and_cleanrl_files_import_on_84x84_frames(tmp_path: Path):
+    """On 84x84 frames the Nature net's 3136 features fit strides 4-2-1, 2-4-1 and 3-1-3: SB3's
+    NatureCNN and CleanRL's dqn_atari are known by their format; a custom extractor is refused."""
+    rng = np.random.default_rng(6)
+    convs, linears = _nature(rng)
+    env = "tests.pixels_env:Pixels84-v0"
+    cleanrl = {f"network.{i}.{p}": a for i, (w, b) in zip((0, 2, 4, 7, 9), convs + linears)
+               for p, a in (("weight", w), ("bias", b))}
+    src = tmp_path / "dqn_atari.cleanrl_model"
+    src.write_bytes(torch_zip(cleanrl))
+    states = _states(env, 200, 81)
+    want = torch_forward(states, convs, linears, [4, 2, 1], scale=1 / 255)
+    res = _import(src, tmp_path / "clean", env)
+    assert res["network"]["conv"] == [[32, 8, 4], [64, 4, 2], [64, 3, 1]]
+    got = _artifact_q(res["path"], states)
+    assert np.max(np.abs(got - want)) <= 1e-5 * (want.max() - want.min())
+    sb3 = {}
+    names = ["features_extractor.cnn.0", "features_extractor.cnn.2", "features_extractor.cnn.4",
+             "features_extractor.linear.0", "q_net.0"]
+    for name, (w, b) in zip(names, convs + linears):
+        sb3 |= {f"q_net.{name}.weight": w, f"q_net.{name}.bias": b}
+    zipped = tmp_path / "dqn.zip"
+    zipped.write_bytes(sb3_zip(sb3, [], None, observation_space=_sb3_space((4, 84, 84))))
+    res = _import(zipped, tmp_path / "sb3", env)
+    # SB3: NatureCNN's linear has its ReLU, then q_net.0 reads 64 features (no ReLU after the head).
+    got = _artifact_q(res["path"], states)
+    assert np.max(np.abs(got - want)) <= 1e-5 * (want.max() - want.min())
+    assert {m.get("stride_from") for m in res["origin"]["mapping"][:3]} == {"the Nature DQN network the format defines"}
+    custom = tmp_path / "custom.zip"
+    data = sb3_zip(sb3, [], None, observation_space=_sb3_space((4, 84, 84)))
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(buf, "w") as zout:
+        for item in zin.namelist():
+            body = zin.read(item)
+            if item == "data":
+                doc = json.loads(body)
+                doc["policy_kwargs"] = {"features_extractor_class": "<class '__main__.MyCNN'>", "net_arch": []}
+                body = json.dumps(doc).encode()
+            zout.writestr(item, body)
+    custom.write_bytes(buf.getvalue())
+    msg = _fails(["import", str(custom), "--env", env, "-o", str(tmp_path / "o5")])
+    assert "ambiguous" in msg and "4x2x1" in msg

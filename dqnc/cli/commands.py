@@ -49,13 +49,15 @@ def _argv() -> list[str]:
 @stage_options(_cfg.TrainConfig, flags=TRAIN_FLAGS, tuned=_TUNED, main=(
     "env", "env_kwargs", "seed", "total_steps", "num_envs", "hidden", "dueling", "lr", "batch_size", "buffer_size",
     "learning_starts", "gamma", "train_freq", "gradient_steps", "target_update_interval", "tau", "eps_end",
-    "eps_fraction", "eval_freq", "eval_episodes", "confirm_episodes", "early_stop"))
+    "eps_fraction", "eval_freq", "eval_episodes", "confirm_episodes", "early_stop", "replay", "n_step", "actors"))
 def train(
     values: dict[str, Any],
     out: TrainOut = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of training options (flags override it).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left at OUT.ckpt.")] = False,
     logdir: Annotated[Optional[Path], typer.Option(help="Write TensorBoard scalars here.")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster for --actors (default: RAY_ADDRESS, "
+                                                   "else a local Ray).")] = None,
     force: ForceOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     as_json: JsonOption = False,
@@ -65,7 +67,7 @@ def train(
 
     file_values = load_yaml_mapping(config) if config is not None else {}
     cfg = build_train_config(values.get("env"), file_values, values, source=str(config) if config else "options")
-    result = api.train(cfg, out, force=force, resume=resume, logdir=logdir, command=_argv())
+    result = api.train(cfg, out, force=force, resume=resume, logdir=logdir, address=address, command=_argv())
     render.train(result, cfg, as_json)
 
 

@@ -105,7 +105,10 @@ def _conv(state: dict[str, np.ndarray], prefix: str, activation: str, fmt: str, 
                                     f"are {shape}: pass --env with the env (and frame stack) it was trained on")
     h, w, c = to_hwc(tuple(spec.obs_shape), spec.obs_layout)
     chw = (c, h, w)
-    ops, mapping = torchconv.conv_ops(mods[:n_conv], mods[n_conv], chw, what)
+    # CleanRL's dqn_atari QNetwork (network.{0,2,4,7,9}) is the Nature DQN network: its strides are CleanRL's.
+    dqn_atari = prefix == "network" and [m.index for m in mods] == [0, 2, 4, 7, 9]
+    strides = torchconv.nature_strides(mods[:n_conv]) if dqn_atari else None
+    ops, mapping = torchconv.conv_ops(mods[:n_conv], mods[n_conv], chw, what, strides=strides)
     lin_ops, lin_map = torchconv.linear_ops(mods[n_conv:], activation, what)
     return Source(fmt, int(np.prod(chw)), ops + lin_ops, mapping + lin_map,
                   details=details | {"architecture": "conv", "conv_input": "CHW (torch)", "frame_order": "channel -1 newest"},

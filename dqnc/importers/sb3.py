@@ -143,7 +143,10 @@ def _conv_source(state: dict[str, np.ndarray], data: dict[str, Any], policy_kwar
         raise UnsupportedModelError(f"{what}: the features extractor has no Conv2d first (supported: {torchconv.SUPPORTED})")
     space = data.get("observation_space")
     chw, shape_from = _image_chw(_space_shape(space), int(feats[0].weight.shape[1]), spec, what)
-    ops, mapping = torchconv.conv_ops(feats[:n_conv], (feats[n_conv:] + head_mods)[0], chw, what)
+    # SB3's CnnPolicy without a features_extractor_class is NatureCNN: its strides are SB3's, not a guess.
+    nature = "features_extractor_class" not in policy_kwargs or "NatureCNN" in str(policy_kwargs["features_extractor_class"])
+    strides = torchconv.nature_strides(feats[:n_conv]) if nature else None
+    ops, mapping = torchconv.conv_ops(feats[:n_conv], (feats[n_conv:] + head_mods)[0], chw, what, strides=strides)
     lin_ops, lin_map = torchconv.linear_ops(feats[n_conv:], "relu", what, act_after_last=bool(feats[n_conv:]))
     head_ops, head_map = torchconv.linear_ops(head_mods, activation, what)
     ops += lin_ops + head_ops

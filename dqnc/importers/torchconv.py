@@ -24,6 +24,10 @@ SUPPORTED = ("nn.Conv2d (square kernels, no padding, no dilation or groups) with
              "then nn.Linear layers")
 _MODULE = re.compile(r"^(?P<seq>.*?)\.?(?P<index>\d+)$")
 MAX_STRIDE_SEARCH = 100_000  # stride combinations tried before giving up (8x8, 4x4, 3x3 kernels: 96)
+# The Nature DQN network (Mnih et al. 2015) as SB3's NatureCNN and CleanRL's dqn_atari QNetwork
+# define it: (filters, kernel) -> stride. On 84x84 frames three stride choices fit its 3136
+# features (4-2-1, 2-4-1, 3-1-3), so these files name it by their format, not their shapes.
+NATURE_STRIDES = {((32, 8), (64, 4), (64, 3)): [4, 2, 1]}
 
 
 @dataclass
@@ -127,9 +131,27 @@ def _chain_acts(mods: list[Module], what: str, tail_act: bool) -> list[bool]:
     return acts
 
 
+def nature_strides(convs: list[Module]) -> list[int] | None:
+    """The Nature DQN strides when ``convs`` have its shapes (the caller knows the file is one)."""
+    return NATURE_STRIDES.get(tuple((int(m.weight.shape[0]), int(m.weight.shape[2])) for m in convs))
+
+
+def check_strides(chw: tuple[int, int, int], kernels: list[int], strides: list[int], channels: int, flat: int,
+                  what: str) -> None:
+    """Refuse known strides that do not turn the image into the first Linear layer's inputs."""
+    _, h, w = chw
+    for k, s in zip(kernels, strides):
+        h, w = (h - k) // s + 1, (w - k) // s + 1
+    if min(h, w) < 1 or h * w * channels != flat:
+        raise UnsupportedModelError(f"{what}: the Nature DQN strides {'-'.join(map(str, strides))} turn a {chw[1]}x{chw[2]} "
+                                    f"image into {max(h, 0) * max(w, 0) * channels} features, not the first Linear layer's "
+                                    f"{flat}: use the env and frame stack it was trained on (84x84 frames)")
+
+
 def conv_ops(convs: list[Module], first_linear: Module, chw: tuple[int, int, int], what: str,
-             tail_act: bool = True) -> tuple[list[Op], list[dict[str, Any]]]:
-    """Ops for ``convs`` reading CHW images of shape ``chw`` (strides solved), then a CHW flatten."""
+             tail_act: bool = True, strides: list[int] | None = None) -> tuple[list[Op], list[dict[str, Any]]]:
+    """Ops for ``convs`` reading CHW images of shape ``chw``, then a CHW flatten. ``strides``: known
+    from the file's format (checked against the sizes), else solved from the sizes."""
     for m in convs:
         o, i, kh, kw = m.weight.shape
         if kh != kw:
@@ -138,8 +160,12 @@ def conv_ops(convs: list[Module], first_linear: Module, chw: tuple[int, int, int
         raise UnsupportedModelError(f"{what}: {convs[0].name} reads {convs[0].weight.shape[1]} channels but the images "
                                     f"have {chw[0]} ({chw}): use the env and frame stack it was trained on")
     acts = _chain_acts(convs + [first_linear], what, tail_act)
-    strides = solve_strides(chw, [int(m.weight.shape[2]) for m in convs], int(convs[-1].weight.shape[0]),
-                            int(first_linear.weight.shape[1]), what)
+    kernels, channels, flat = [int(m.weight.shape[2]) for m in convs], int(convs[-1].weight.shape[0]), int(first_linear.weight.shape[1])
+    known = strides is not None
+    if strides is not None:
+        check_strides(chw, kernels, strides, channels, flat, what)
+    else:
+        strides = solve_strides(chw, kernels, channels, flat, what)
     ops: list[Op] = []
     mapping = []
     for m, s, act in zip(convs, strides, acts):
@@ -147,6 +173,7 @@ def conv_ops(convs: list[Module], first_linear: Module, chw: tuple[int, int, int
         if act:
             ops.append(Act("relu"))
         mapping.append({"source": f"{m.name}.weight/bias", "shape": list(m.weight.shape), "stride": s,
+                        "stride_from": "the Nature DQN network the format defines" if known else "the tensor sizes",
                         "padding": "valid (assumed: not recorded)", "activation_after": "relu" if act else "linear"})
     ops.append(Flatten("CHW"))
     return ops, mapping
