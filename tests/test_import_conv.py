@@ -130,9 +130,13 @@ def _sb3_cnn(rng, quantiles: int = 0, n_actions: int = 3):
     return t, convs, feat + head
 
 
-def _sb3_space(shape=(4, 20, 20)) -> dict:
+def _sb3_space(shape=(4, 20, 20), reprs: bool = False) -> dict:
+    """The readable keys SB3 2.x writes for a uint8 Box: numpy's printed bounds, low_repr/high_repr
+    None (gymnasium fills them lazily); ``reprs``: as a space whose reprs were filled."""
+    rows = "[[[0 0 0 ... 0 0 0]\n  [0 0 0 ... 0 0 0]\n  ...\n  [0 0 0 ... 0 0 0]]]"
     return {":type:": "<class 'gymnasium.spaces.box.Box'>", ":serialized:": "x", "dtype": "uint8",
-            "_shape": list(shape), "low_repr": "0", "high_repr": "255"}
+            "_shape": list(shape), "low": rows, "high": rows.replace("0", "255"),
+            "low_repr": "0" if reprs else None, "high_repr": "255" if reprs else None}
 
 
 @pytest.mark.parametrize("quantiles", [0, 5])
@@ -140,7 +144,7 @@ def test_sb3_cnn_policy_and_qrdqn_zip_import_with_normalize_images(tmp_path: Pat
     rng = np.random.default_rng(2 + quantiles)
     tensors, convs, linears = _sb3_cnn(rng, quantiles)
     src = tmp_path / "dqn.zip"
-    src.write_bytes(sb3_zip(tensors, [], None, observation_space=_sb3_space(), action_space={"n": 3}))
+    src.write_bytes(sb3_zip(tensors, [], None, observation_space=_sb3_space(reprs=bool(quantiles)), action_space={"n": 3}))
     res = _import(src, tmp_path / "imp", PIXELS)
     assert res["network"]["conv"] == [[8, 4, 2], [16, 3, 1]] and res["network"]["hidden"] == [24]
     assert res["origin"]["format"] == ("sb3-qrdqn" if quantiles else "sb3")

@@ -13,6 +13,7 @@ observation space and folded into the first kernel. The ``:serialized:`` cloudpi
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,21 @@ def _space_shape(space: Any) -> tuple[int, ...] | None:
     return None
 
 
+def _bound(space: dict[str, Any], name: str) -> set[int] | None:
+    """The values of a Box bound as SB3 saved it: ``low_repr``/``high_repr`` ("0") where gymnasium
+    filled them, else the numbers in numpy's printed array (``[[[0 0 0 ... 0 0 0] ...``)."""
+    text = space.get(f"{name}_repr") or space.get(name)
+    if not isinstance(text, str | int | float):
+        return None
+    values = re.findall(r"-?\d+(?:\.\d+)?", str(text)[:100_000])
+    return {int(float(v)) if float(v).is_integer() else -1 for v in values} or None
+
+
 def _normalized(space: Any, policy_kwargs: dict[str, Any]) -> bool:
     """SB3 divides by 255 inside the policy for a uint8 Box with bounds 0-255 (``normalize_images``)."""
     if not isinstance(space, dict) or policy_kwargs.get("normalize_images") is False:
         return False
-    return ("uint8" in str(space.get("dtype", "")) and str(space.get("low_repr", "")).strip() == "0"
-            and str(space.get("high_repr", "")).strip() == "255")
+    return "uint8" in str(space.get("dtype", "")) and _bound(space, "low") == {0} and _bound(space, "high") == {255}
 
 
 def _image_chw(shape: tuple[int, ...] | None, channels: int, spec: Any, what: str) -> tuple[tuple[int, int, int], str]:
