@@ -270,9 +270,9 @@ def _compressed(out: Path, ref: Any, episodes: int, label: str, make: list[str],
     ev, err, _ = _dqnc("eval", str(dest), "-n", str(episodes), "--seed", str(SEED0), "--reference", str(src_path))
     if ev is None:
         return res | {"eval_error": err}
-    vs = ev.get("reference") or {}
+    vs = ev  # eval --json: the comparison with --reference at the top level
     res["eval"] = {**{k: ev[k] for k in ("mean_return", "return_ci95", "size_bytes", "params", "runtime") if k in ev},
-                   "latency_us_p50": (ev.get("latency_us") or {}).get("action", {}).get("p50"),
+                   "latency_us_p50": ev.get("latency_p50_us"),
                    **{k: vs[k] for k in ("agreement", "decisive_agreement", "decisive_share", "regret",
                                          "return_drop_frac", "return_drop_frac_ci95", "q_rel_error") if k in vs}}
     res["eval_command"] = f"dqnc eval {dest} -n {episodes} --seed {SEED0} --reference {src_path} --json"

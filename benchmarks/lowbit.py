@@ -136,7 +136,7 @@ def one(env: str, student: Path, work: Path, bits: int, episodes: int, edge_pyth
               "actions_equal": r["actions_equal"], "vectors": r["vectors"],
               "instructions_per_action": round(r["instructions_per_action"])}
         runtimes_plain["c (Cortex-M4, QEMU)"] = "ran" if r["actions_equal"] == r["vectors"] else "differs"
-    ref = ev["reference"]
+    ref = {**ev, **(ev.get("reference") or {})}  # eval --json: comparison figures flat, the reference's own under "reference"
     return {
         "cortex_m4": m4,
         "env": env, "weight_bits": bits, "quantize_seconds": round(t_quant, 1),

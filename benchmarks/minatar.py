@@ -130,7 +130,7 @@ def bench_game(game: str, work: Path, args: argparse.Namespace) -> dict[str, Any
             continue
         runtime = ["--runtime", "litert"] if name != "pruned" else []
         models[name] = run_json([*dqnc, *ev, str(d / name), "--reference", str(fp32), *runtime])
-        ref = models[name]["reference"]
+        ref = models[name]  # eval --json: the comparison with --reference at the top level
         log(f"{game}: {name} return {models[name]['mean_return']:.2f}, decisive agreement "
             f"{100 * ref['decisive_agreement']:.2f}%, {models[name]['size_bytes']:,} bytes")
     return {"env": env, "seed": args.seed, "training": training, "fp32_tflite_bytes": tflite_bytes, "eval": models,
@@ -148,9 +148,9 @@ def markdown(doc: dict[str, Any]) -> str:
     for g in doc["games"]:
         tfl = g["fp32_tflite_bytes"]
         for name, e in g["eval"].items():
-            ref = e.get("reference") or {}
+            ref = e if e.get("reference") else {}  # the comparison figures sit at the top level
             ci = e.get("return_ci95") or [None, None]
-            lat = (e.get("latency_us") or {}).get("action", {}).get("p50")
+            lat = e.get("latency_p50_us")
             tflite = e["kind"] == "tflite"
             share = ref.get("return_drop_frac_ci95")
             rows.append([g["env"], name, f"{e['mean_return']:.2f} ({ci[0]:.2f}..{ci[1]:.2f})",

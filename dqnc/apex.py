@@ -14,6 +14,7 @@ env steps. Interrupted, the learner's checkpoint holds the replay and each actor
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,12 @@ class Actor:
         self.obs = self.batch(obs)
         self.ep_return = np.zeros(cfg.num_envs)
         self.nstep = NStep(cfg.n_step, cfg.gamma)
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (hex id): where a multi-node cluster placed it."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def batch(self, o: Any, n: int | None = None) -> np.ndarray:
         """Observations as the learner's replay stores them: images in their dtype, vectors flat float32."""
@@ -168,6 +175,7 @@ def learn(loop: Any, address: str | None, train_step: Callable[..., None], evalu
 
     cfg, state = loop.cfg, loop.state
     owns = init_ray(address)
+    started = time.perf_counter() - state.wall_time  # train_seconds: the actors' start counts, Ray's own not
     restarts = list(state.actor_restarts) + [0] * (cfg.actors - len(state.actor_restarts))
     fleet = Fleet(ray.remote(num_cpus=1, max_restarts=0)(Actor), loop, {}, restarts, {}, uuid.uuid4().hex[:8])
     policy = loop.net_spec().numpy(loop.weights())
@@ -201,6 +209,7 @@ def learn(loop: Any, address: str | None, train_step: Callable[..., None], evalu
         if not state.evals or state.evals[-1][0] != state.step:
             evaluate(loop, policy, _summaries(loop))
     finally:
+        state.wall_time = time.perf_counter() - started
         fleet.stop()
         if owns:
             ray.shutdown()

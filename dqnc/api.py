@@ -118,6 +118,9 @@ class Evaluation:
 
     @classmethod
     def from_metrics(cls, m: dict[str, Any]) -> Evaluation:
+        from dqnc.evaluate import record
+
+        m = record(m)  # exactly what `eval --json` prints
         lo, hi = m["return_ci95"]
         return cls(m["path"], m["env"], int(m["episodes"]), float(m["mean_return"]), (float(lo), float(hi)),
                    int(m["size_bytes"]), str(m["runtime"]), all(g["passed"] for g in m["gates"]), m)

@@ -12,8 +12,11 @@ Dense students), with minibatches gathered in numpy from a seeded generator: the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,6 +30,21 @@ from dqnc.seeds import episode_seed
 CHUNK = 100  # minibatch steps per compiled call: large enough that Python overhead vanishes
 # Episode offsets inside a stage's "distill" seed block: round r of DAgger starts at (r+1) * this.
 DAGGER_SEED_STRIDE = 5_000
+# Where a Trainer made now writes its TensorBoard scalars (None: nowhere). A context, not an
+# argument, so the prune and distill stages keep the one ``run(config, source, out)`` signature
+# every stage has; a recipe run sets it around each stage (dqnc.recipe.runner).
+_LOGDIR: ContextVar[Path | None] = ContextVar("dqnc_distill_logdir", default=None)
+
+
+@contextmanager
+def tensorboard(logdir: Path | None) -> Iterator[None]:
+    """Write the distillation scalars of the stages run inside (``distill/loss`` per chunk of
+    CHUNK steps, ``distill/states`` at the first fit and each DAgger round) under ``logdir``."""
+    token = _LOGDIR.set(logdir)
+    try:
+        yield
+    finally:
+        _LOGDIR.reset(token)
 
 
 class DistillSettings(Protocol):
@@ -168,6 +186,18 @@ class Trainer:
             return total / t.cast(k, t.float32)
 
         self._steps = steps
+        logdir = _LOGDIR.get()
+        self._writer = t.summary.create_file_writer(str(logdir)) if logdir is not None else None
+        self.step = 0  # minibatch steps run so far, over every phase: the scalars' x axis
+
+    def scalar(self, name: str, value: float) -> None:
+        """One TensorBoard scalar at the current step (nothing without a log folder)."""
+        if self._writer is None:
+            return
+        from dqnc.keras import tf
+
+        with self._writer.as_default(step=self.step):
+            tf().summary.scalar(name, value)
 
     def fit(self, x: np.ndarray, y: np.ndarray, steps: int, lr_scale: float = 1.0) -> list[float]:
         """Run ``steps`` (rounded up to whole chunks) minibatch steps on ``(x, y)``; return each chunk's mean loss.
@@ -190,7 +220,11 @@ class Trainer:
         losses = []
         for c in range(calls):
             losses.append(float(self._steps(x[idx[c]], y[idx[c]], lr[c * CHUNK:(c + 1) * CHUNK])))
+            self.step += CHUNK
+            self.scalar("distill/loss", losses[-1])
             progress.update((c + 1) * CHUNK, total, unit="steps", info=f"loss {losses[-1]:.4g}")
+        if self._writer is not None:
+            self._writer.flush()
         return losses
 
 
@@ -214,6 +248,7 @@ def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activation
     DAgger rollouts take their episodes from the "distill" seed block, after the teacher's.
     """
     progress.update(phase=f"distilling on {len(states):,} teacher states")
+    trainer.scalar("distill/states", len(states))
     history = trainer.fit(norm.x(states), norm.q(q_t), first_steps)
     steps = -(-first_steps // CHUNK) * CHUNK
     base = episode_seed("distill", s.seed)
@@ -226,6 +261,8 @@ def dagger(trainer: Trainer, weights: Callable[[], list[np.ndarray]], activation
         q_t = np.concatenate([q_t, teacher_q(visited)])
         n_steps = round_steps(len(states)) if callable(round_steps) else round_steps
         progress.update(phase=f"DAgger round {r + 1}/{rounds}: distilling on {len(states):,} states")
+        trainer.scalar("distill/states", len(states))  # a step up per DAgger round
+        trainer.scalar("distill/dagger_round", r + 1)
         history += trainer.fit(norm.x(states), norm.q(q_t), n_steps, lr_scale=0.3)
         steps += -(-n_steps // CHUNK) * CHUNK
     return DaggerResult(history, len(states), steps)

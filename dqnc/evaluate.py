@@ -129,6 +129,30 @@ def run(cfg: EvalConfig, source: Artifact, reference: Artifact | None = None) ->
     return result
 
 
+# What stays under "reference" in the JSON record: the reference itself. Everything measured
+# *against* it (agreement, regret, return drop, Q error) is a property of the evaluated policy and
+# sits at the top level, under the names a recipe report's rows use (dqnc.recipe.report.row_metrics).
+REFERENCE_OWN = ("path", "stage", "mean_return", "return_ci95", "random_policy_mean_return")
+
+
+def record(result: dict[str, Any]) -> dict[str, Any]:
+    """The output vocabulary of ``dqnc eval --json`` (and of ``run --json``'s rows): flat names,
+    ``latency_p50_us`` for ``latency_us.action.p50``, ``invoke_p99_us`` for the interpreter alone,
+    ``agreement``/``regret``/``return_drop_frac`` at the top level; ``reference`` keeps what
+    describes the reference (its path, stage, mean return, CI, the random policy's return)."""
+    out = {k: v for k, v in result.items() if k not in ("latency_us", "reference")}
+    for kind, figures in (result.get("latency_us") or {}).items():
+        prefix = "latency" if kind == "action" else kind
+        out.update({f"{prefix}_{stat}_us": value for stat, value in figures.items()})
+    ref = result.get("reference")
+    if ref is not None:
+        out.update({k: v for k, v in ref.items() if k not in REFERENCE_OWN})
+        out["reference"] = {k: ref[k] for k in REFERENCE_OWN if k in ref}
+    else:
+        out["reference"] = None
+    return out
+
+
 def _gate(result: dict[str, Any], name: str, threshold: float, value: float, ok: bool, failure: str) -> str | None:
     result["gates"].append({"gate": name, "threshold": threshold, "value": value, "passed": bool(ok)})
     return None if ok else f"gate {name} failed: {failure}"

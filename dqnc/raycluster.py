@@ -27,5 +27,6 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     except ConnectionError as e:
         raise UsageError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}; start it with "
-                         "`ray start --head` or drop --address") from None
+                         "`ray start --head` or drop --address (a cluster with token authentication also needs "
+                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
     return True

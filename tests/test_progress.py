@@ -109,7 +109,9 @@ def test_recipe_train_source_and_eval_print_progress_without_a_tty(tmp_path: Pat
     monkeypatch.setenv("DQNC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(progress, "FIRST", 0.3)
     monkeypatch.setattr(progress, "INTERVAL", 0.5)
-    r = _recipe(tmp_path, "train: {env: CartPole-v1, total_steps: 600, eval_freq: 500, eval_episodes: 3, "
+    # 3,000 steps (~5-10 s): several reports every 500 steps, so a line after the first evaluation
+    # does not hang on when the 0.5 s ticks fall (600 steps ran in 2 s in a full suite, with no line after step 500).
+    r = _recipe(tmp_path, "train: {env: CartPole-v1, total_steps: 3000, eval_freq: 500, eval_episodes: 3, "
                           "learning_starts: 200, hidden: [16, 16]}")
     res = runner.invoke(app, ["run", str(r)])
     assert res.exit_code == 0, res.output
@@ -117,7 +119,7 @@ def test_recipe_train_source_and_eval_print_progress_without_a_tty(tmp_path: Pat
     train_lines = [l for l in lines if l.startswith("[train] CartPole-v1; ")]
     assert train_lines, res.stderr
     # steps done/total, the latest greedy evaluation, the time
-    assert any(re.search(r"[\d,]+/600 steps \(\d+%\).*eval [\d.]+ \(best [\d.]+\).*\[\d+ s\]$", l)
+    assert any(re.search(r"[\d,]+/3,000 steps \(\d+%\).*eval [\d.]+ \(best [\d.]+\).*\[\d+ s\]$", l)
                for l in train_lines), train_lines
 
 

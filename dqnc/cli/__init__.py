@@ -37,7 +37,8 @@ recipe_app = typer.Typer(help="Validate recipes and print their JSON Schema.", n
 for _name, _fn in (("train", commands.train), ("prune", commands.prune), ("quantize", commands.quantize),
                    ("export", commands.export), ("import", commands.import_cmd), ("distill", commands.distill),
                    ("run", commands.run_cmd), ("sweep", commands.sweep_cmd), ("eval", commands.eval_cmd),
-                   ("inspect", commands.inspect), ("version", commands.version)):
+                   ("inspect", commands.inspect), ("plot", commands.plot), ("schema", commands.schema),
+                   ("version", commands.version)):
     app.command(_name, cls=Command)(_fn)
 recipe_app.command("validate", cls=Command)(commands.recipe_validate)
 recipe_app.command("schema", cls=Command)(commands.recipe_schema)

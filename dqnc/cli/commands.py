@@ -321,3 +321,32 @@ def _sweep_verdict(result: Any, sweep_dir: Path, pick: str | None) -> None:
         render.note(f"{msg}, the smallest that passes every gate: dqnc run {sweep_dir / 'best.yaml'}")
     elif pick and result.pick is None:
         raise GateFailed("no trial produced a measured model (every one errored): see sweep.md; nothing to pick")
+
+
+@guard
+def plot(
+    path: Annotated[Path, typer.Argument(help="A train artifact (its learning curve) or a recipe run folder (its "
+                                         "out_dir: size vs return, and its train stage's learning curve).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the PNG files [default: the run "
+                                                "folder; beside an artifact].")] = None,
+) -> None:
+    """Draw a learning curve or a recipe's size-vs-return picture as PNG files (one line per file)."""
+    from dqnc.plot import plot as draw
+
+    render.written(draw(path, out))
+
+
+@guard
+def schema(
+    name: Annotated[Optional[str], typer.Argument(help="manifest, or a command with --json (eval, run, export, ...); "
+                                                  "none: list them.")] = None,
+) -> None:
+    """Print the JSON Schema of manifest.json or of a command's --json object (shipped in dqnc/schemas/)."""
+    import json
+
+    from dqnc import schemas
+
+    if name is None:
+        render.echo("\n".join(schemas.names()))
+        return
+    render.echo(json.dumps(schemas.load(name), indent=2))

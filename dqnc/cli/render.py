@@ -30,6 +30,12 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def written(paths: list[Any]) -> None:
+    """One ``wrote PATH`` line per file written (dqnc plot)."""
+    for p in paths:
+        echo(f"wrote {p}")
+
+
 def echo(text: str) -> None:
     """Plain text on stdout (no Rich markup or wrapping)."""
     sys.stdout.write(text + "\n")
@@ -214,6 +220,10 @@ def distill(result: Any, as_json: bool) -> None:
 
 
 def evaluation(r: dict[str, Any], as_json: bool) -> None:
+    """An evaluation, as ``dqnc.evaluate.run`` returns it or in ``eval --json``'s flat names (both read)."""
+    from dqnc.evaluate import record
+
+    r = record(r)  # the flat names run --json's rows use (idempotent)
     if as_json:
         emit_json(r)
         return
@@ -225,14 +235,12 @@ def evaluation(r: dict[str, Any], as_json: bool) -> None:
             ["mean length", f"{r['mean_length']:.1f}"]]
     if r["solved_share"] is not None:
         rows.append([f"episodes >= {r['reward_threshold']:g}", f"{100 * r['solved_share']:.0f}%"])
-    rows += _reference_rows(r["reference"]) if r.get("reference") else []
+    rows += _reference_rows(r) if r.get("reference") else []
     rows.append(["size", f"{r['size_bytes']:,} bytes ({r['gzip_bytes']:,} gzipped)"])
-    lat = r.get("latency_us")
-    if lat:
-        a = lat["action"]
-        rows.append([f"latency per action ({r['runtime']})", f"p50 {a['p50']:.1f} us, p99 {a['p99']:.1f} us"])
-        if "invoke" in lat:
-            rows.append(["  interpreter invoke only", f"p50 {lat['invoke']['p50']:.1f} us, p99 {lat['invoke']['p99']:.1f} us"])
+    if r.get("latency_p50_us") is not None:
+        rows.append([f"latency per action ({r['runtime']})", f"p50 {r['latency_p50_us']:.1f} us, p99 {r['latency_p99_us']:.1f} us"])
+        if r.get("invoke_p50_us") is not None:
+            rows.append(["  interpreter invoke only", f"p50 {r['invoke_p50_us']:.1f} us, p99 {r['invoke_p99_us']:.1f} us"])
     rows.append(["wall time", f"{r['eval_seconds']:.2f} s"])
     rows += [[f"gate {g['gate']} ({g['threshold']:g})", "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"]
              for g in r["gates"]]
@@ -241,17 +249,18 @@ def evaluation(r: dict[str, Any], as_json: bool) -> None:
                  markup=True, show_header=False)
 
 
-def _reference_rows(ref: dict[str, Any]) -> list[list[str]]:
-    dlo, dhi = ref["return_drop_ci95"]
-    rows = [["reference mean return", f"{ref['mean_return']:.2f}"],
-            ["return drop (95% CI)", f"{ref['return_drop']:+.2f} ({dlo:+.2f}..{dhi:+.2f}), "
-             f"{100 * ref['return_drop_frac']:.2f}%"],
-            ["regret (mean / p99)", f"{ref['regret']:.4f} / {ref['regret_p99']:.4f} of the action spread"],
-            ["greedy agreement", f"{100 * ref['agreement']:.2f}% of {ref['states']:,} states"],
-            ["  on decisive states", f"{100 * ref['decisive_agreement']:.2f}% of {ref['decisive_states']:,} "
-             f"({100 * ref['decisive_share']:.1f}%)"]]
-    if "q_range" in ref:
-        rows.append(["Q error (max / range)", f"{ref['q_max_abs_error']:.4g} / {ref['q_range']:.4g}"])
+def _reference_rows(r: dict[str, Any]) -> list[list[str]]:
+    """The comparison with the reference (flat names; the reference's own figures under "reference")."""
+    dlo, dhi = r["return_drop_ci95"]
+    rows = [["reference mean return", f"{r['reference']['mean_return']:.2f}"],
+            ["return drop (95% CI)", f"{r['return_drop']:+.2f} ({dlo:+.2f}..{dhi:+.2f}), "
+             f"{100 * r['return_drop_frac']:.2f}%"],
+            ["regret (mean / p99)", f"{r['regret']:.4f} / {r['regret_p99']:.4f} of the action spread"],
+            ["greedy agreement", f"{100 * r['agreement']:.2f}% of {r['states']:,} states"],
+            ["  on decisive states", f"{100 * r['decisive_agreement']:.2f}% of {r['decisive_states']:,} "
+             f"({100 * r['decisive_share']:.1f}%)"]]
+    if "q_range" in r:
+        rows.append(["Q error (max / range)", f"{r['q_max_abs_error']:.4g} / {r['q_range']:.4g}"])
     return rows
 
 

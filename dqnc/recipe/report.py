@@ -66,12 +66,13 @@ class RunReport:
 
 
 def row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
-    m = a.manifest
-    ref = res.get("reference") or {}
-    lat = (res.get("latency_us") or {}).get("action") or {}
-    inv = (res.get("latency_us") or {}).get("invoke") or {}
+    """A row's figures, named as ``dqnc eval --json`` names them (dqnc.evaluate.record)."""
+    from dqnc.evaluate import record
     from dqnc.inspection import param_count
 
+    m = a.manifest
+    flat = record(res)
+    compared = res.get("reference") is not None
     params = res["params"] if res.get("params") is not None else param_count(a)  # older cached evals lack it
     return {
         "size_bytes": res["size_bytes"],
@@ -85,18 +86,19 @@ def row_metrics(a: Any, res: dict[str, Any]) -> dict[str, Any]:
         "return_ci95": res.get("return_ci95"),
         "std_return": res["std_return"],
         "solved_share": res["solved_share"],
-        "regret": ref.get("regret", 0.0 if not ref else None),
-        "regret_p99": ref.get("regret_p99", 0.0 if not ref else None),
-        "agreement": ref.get("agreement", 1.0 if not ref else None),
-        "states": ref.get("states"),
-        "decisive_agreement": ref.get("decisive_agreement", 1.0 if not ref else None),
-        "decisive_states": ref.get("decisive_states"),
-        "decisive_share": ref.get("decisive_share"),
-        "return_drop_frac": ref.get("return_drop_frac", 0.0 if not ref else None),
-        "return_drop_frac_ci95": ref.get("return_drop_frac_ci95"),
-        "latency_p50_us": lat.get("p50"),
-        "latency_p99_us": lat.get("p99"),
-        "invoke_p50_us": inv.get("p50"),
+        # Without a reference the row is its own: regret 0, agreement 100%.
+        "regret": flat.get("regret", None if compared else 0.0),
+        "regret_p99": flat.get("regret_p99", None if compared else 0.0),
+        "agreement": flat.get("agreement", None if compared else 1.0),
+        "states": flat.get("states"),
+        "decisive_agreement": flat.get("decisive_agreement", None if compared else 1.0),
+        "decisive_states": flat.get("decisive_states"),
+        "decisive_share": flat.get("decisive_share"),
+        "return_drop_frac": flat.get("return_drop_frac", None if compared else 0.0),
+        "return_drop_frac_ci95": flat.get("return_drop_frac_ci95"),
+        "latency_p50_us": flat.get("latency_p50_us"),
+        "latency_p99_us": flat.get("latency_p99_us"),
+        "invoke_p50_us": flat.get("invoke_p50_us"),
         "runtime": res.get("runtime"),
         "episodes": res["episodes"],
     }

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dqnc import __version__, progress
@@ -18,6 +19,7 @@ from dqnc.recipe.report import RunReport, StageRow, row_metrics, set_source_byte
 from dqnc.stages import STAGES, Stage
 
 Log = Callable[[str], None]
+TENSORBOARD = "tensorboard"  # out_dir/tensorboard/<stage name>: the runs TensorBoard shows side by side
 
 
 def run(loaded: LoadedRecipe, *, force: bool | set[str] = False, from_stage: str | None = None,
@@ -257,7 +259,7 @@ def _resolve_source(loaded: LoadedRecipe, state: State, force: bool, active: boo
             state.save()
             log(f"[train] cached (shared): {out}")
             return hit, row
-        result = _train(src.train, out, row, log)
+        result = _train(src.train, out, row, log, tensorboard_dir(loaded, "train"))
         if state.shared is not None:
             state.shared.publish(key, out)
     state.data["stages"]["train"] = {"key": key, "sha256": result.sha256}
@@ -265,7 +267,12 @@ def _resolve_source(loaded: LoadedRecipe, state: State, force: bool, active: boo
     return result, row
 
 
-def _train(cfg: Any, out: Any, row: StageRow, log: Log) -> Any:
+def tensorboard_dir(loaded: LoadedRecipe, name: str) -> Path | None:
+    """Where stage ``name`` writes its TensorBoard scalars (recipe key ``tensorboard``, on by default)."""
+    return loaded.out_dir / TENSORBOARD / name if loaded.recipe.tensorboard else None
+
+
+def _train(cfg: Any, out: Any, row: StageRow, log: Log, logdir: Path | None) -> Any:
     from dqnc import train
 
     ckpt = out.with_name("train.ckpt")
@@ -284,7 +291,8 @@ def _train(cfg: Any, out: Any, row: StageRow, log: Log) -> Any:
     log(f"[train] training {cfg.env} for up to {cfg.total_steps:,} steps ...")
     t0 = time.perf_counter()
     with progress.task(f"[train] {cfg.env}"):
-        result = train.run(cfg, out, force=True, checkpoint_dir=ckpt, resume=resume, progress=progress.train_update)
+        result = train.run(cfg, out, force=True, checkpoint_dir=ckpt, resume=resume, logdir=logdir,
+                           progress=progress.train_update)
     row.seconds = time.perf_counter() - t0
     row.status = "ran"
     log(f"[train] done in {row.seconds:.1f} s")
@@ -315,7 +323,7 @@ def _run_stage(loaded: LoadedRecipe, state: State, st: Any, inp: Any, active: bo
             log(f"{label}: cached (shared)")
             result = hit
         else:
-            result = _compute_stage(st, options, inp, out, row, log, label)
+            result = _compute_stage(st, options, inp, out, row, log, label, tensorboard_dir(loaded, st.name))
             if state.shared is not None:
                 state.shared.publish(key, out)
     state.data["stages"][st.name] = {"key": key, "sha256": result.sha256}
@@ -323,11 +331,14 @@ def _run_stage(loaded: LoadedRecipe, state: State, st: Any, inp: Any, active: bo
     return result
 
 
-def _compute_stage(st: Any, options: dict[str, Any], inp: Any, out: Any, row: StageRow, log: Log, label: str) -> Any:
+def _compute_stage(st: Any, options: dict[str, Any], inp: Any, out: Any, row: StageRow, log: Log, label: str,
+                   logdir: Path | None) -> Any:
+    from dqnc.distillation import tensorboard
+
     log(f"{label}: running ...")
     t0 = time.perf_counter()
     stage = STAGES[st.stage]
-    with progress.task(label):
+    with progress.task(label), tensorboard(logdir):  # prune and distill write their losses there
         result = stage.run(stage.config(**options), inp, out, force=True, log=log)
     row.seconds = time.perf_counter() - t0
     row.status = "ran"

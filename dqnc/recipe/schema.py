@@ -130,6 +130,9 @@ class _RecipeFields(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation of every stage for the report")
     gates: Gates = Field(default_factory=Gates, description="checked on the last stage's evaluation")
     sweep: Sweep | None = Field(None, description="the search space of `dqnc sweep` (ignored by `dqnc run`)")
+    tensorboard: bool = Field(True, description="write TensorBoard scalars under out_dir/tensorboard/<stage name>: "
+                              "the train source's returns, loss and epsilon, distill and prune losses per chunk "
+                              "and their DAgger rounds (tensorboard --logdir OUT_DIR/tensorboard)")
 
 
 def recipe_model() -> type[BaseModel]:
