@@ -32,7 +32,65 @@ if TYPE_CHECKING:
 PRIORITY_EPS = 1e-6
 
 
-class ReplayBuffer:
+class _Slots:
+    """The ring of transition slots both buffers share: actions, rewards, terminated flags and
+    (n-step) bootstrap discounts; what a slot keeps of its observations is the subclass's."""
+
+    def __init__(self, capacity: int, discounted: bool) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.actions = np.zeros(capacity, np.int32)
+        self.rewards = np.zeros(capacity, np.float32)
+        self.terminated = np.zeros(capacity, np.float32)
+        self.discounts = np.zeros(capacity, np.float32) if discounted else None
+        self.pos = 0
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
+            terminated: np.ndarray, truncated: np.ndarray | None = None) -> None:
+        """Add a batch of transitions (one per vectorized env)."""
+        self.put(*self.handles(obs, next_obs, terminated, truncated), actions, rewards, terminated)
+
+    def handles(self, obs: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray,
+                truncated: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def put(self, obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+            terminated: np.ndarray, discounts: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def observations(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The obs and next obs of slots ``idx``, as stored (the subclass's form)."""
+        raise NotImplementedError
+
+    def gather(self, idx: np.ndarray, as_float: bool = True) -> tuple[Any, ...]:
+        """The transitions in slots ``idx``: obs, actions, rewards, next obs, terminated, discounts (or None)."""
+        obs, next_obs = self.observations(idx)
+        if as_float and obs.dtype != np.float32:
+            obs, next_obs = obs.astype(np.float32), next_obs.astype(np.float32)
+        disc = self.discounts[idx] if self.discounts is not None else None
+        return obs, self.actions[idx], self.rewards[idx], next_obs, self.terminated[idx], disc
+
+    def advance(self, actions: np.ndarray, rewards: np.ndarray, terminated: np.ndarray,
+                discounts: np.ndarray | None) -> np.ndarray:
+        """Write the transitions' scalars into the next slots (overwriting the oldest); the slots."""
+        n = len(actions)
+        idx = (self.pos + np.arange(n)) % self.capacity
+        self.actions[idx] = actions
+        self.rewards[idx] = rewards
+        self.terminated[idx] = terminated
+        if self.discounts is not None:
+            self.discounts[idx] = discounts
+        self.pos = int((self.pos + n) % self.capacity)
+        self.size = int(min(self.size + n, self.capacity))
+        return idx
+
+
+class ReplayBuffer(_Slots):
     """Fixed-capacity FIFO of transitions ``(obs, action, reward, next_obs, terminated)``.
 
     ``terminated`` is stored, not ``done``: a time-limit truncation still bootstraps.
@@ -45,31 +103,15 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, obs_dim: int | tuple[int, ...], obs_dtype: Any = np.float32,
                  discounted: bool = False) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
-        self.capacity = capacity
+        super().__init__(capacity, discounted)
         shape = (obs_dim,) if isinstance(obs_dim, int) else tuple(obs_dim)
         self.obs = np.zeros((capacity, *shape), obs_dtype)
         self.next_obs = np.zeros((capacity, *shape), obs_dtype)
-        self.actions = np.zeros(capacity, np.int32)
-        self.rewards = np.zeros(capacity, np.float32)
-        self.terminated = np.zeros(capacity, np.float32)
-        self.discounts = np.zeros(capacity, np.float32) if discounted else None
-        self.pos = 0
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.obs, self.next_obs, self.actions, self.rewards, self.terminated,
                                       self.discounts) if a is not None)
-
-    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
-            terminated: np.ndarray, truncated: np.ndarray | None = None) -> None:
-        """Add a batch of transitions (one per vectorized env)."""
-        self.put(*self.handles(obs, next_obs, terminated, truncated), actions, rewards, terminated)
 
     def handles(self, obs: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray,
                 truncated: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -79,29 +121,16 @@ class ReplayBuffer:
     def put(self, obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
             terminated: np.ndarray, discounts: np.ndarray | None = None) -> np.ndarray:
         """Write transitions into the next slots (overwriting the oldest); returns the slots."""
-        n = len(actions)
-        idx = (self.pos + np.arange(n)) % self.capacity
+        idx = self.advance(actions, rewards, terminated, discounts)
         self.obs[idx] = obs
         self.next_obs[idx] = next_obs
-        self.actions[idx] = actions
-        self.rewards[idx] = rewards
-        self.terminated[idx] = terminated
-        if self.discounts is not None:
-            self.discounts[idx] = discounts
-        self.pos = int((self.pos + n) % self.capacity)
-        self.size = int(min(self.size + n, self.capacity))
         return idx
 
     def end_episodes(self) -> None:
         """The envs start new episodes (a resumed run): nothing to forget here."""
 
-    def gather(self, idx: np.ndarray, as_float: bool = True) -> tuple[Any, ...]:
-        """The transitions in slots ``idx``: obs, actions, rewards, next obs, terminated, discounts (or None)."""
-        obs, next_obs = self.obs[idx], self.next_obs[idx]
-        if as_float and obs.dtype != np.float32:
-            obs, next_obs = obs.astype(np.float32), next_obs.astype(np.float32)
-        disc = self.discounts[idx] if self.discounts is not None else None
-        return obs, self.actions[idx], self.rewards[idx], next_obs, self.terminated[idx], disc
+    def observations(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.obs[idx], self.next_obs[idx]
 
     def sample(self, rng: np.random.Generator, num_batches: int, batch_size: int,
                as_float: bool = True) -> tuple[np.ndarray, ...]:
@@ -144,7 +173,7 @@ def uniform_slots(storage: Any, rng: np.random.Generator, num_batches: int, batc
     return rng.integers(0, storage.size, size=(num_batches, batch_size))
 
 
-class FrameReplayBuffer:
+class FrameReplayBuffer(_Slots):
     """:class:`ReplayBuffer`'s slots, for observations that are stacks of the last ``k`` frames
     (axis 0, newest last), each frame stored once.
 
@@ -161,19 +190,12 @@ class FrameReplayBuffer:
 
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any = np.uint8,
                  discounted: bool = False, n_step: int = 1) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
+        super().__init__(capacity, discounted)
         if len(obs_shape) < 2:
             raise ValueError("frame stacks need a stack axis and a frame: shape (k, ...)")
-        self.capacity, self.obs_shape, self.n_step = capacity, tuple(obs_shape), n_step
+        self.obs_shape, self.n_step = tuple(obs_shape), n_step
         self.stack = k = self.obs_shape[0]
         self.refs = np.full((capacity, 2 * k), -1, np.int64)
-        self.actions = np.zeros(capacity, np.int32)
-        self.rewards = np.zeros(capacity, np.float32)
-        self.terminated = np.zeros(capacity, np.float32)
-        self.discounts = np.zeros(capacity, np.float32) if discounted else None
-        self.pos = 0
-        self.size = 0
         # Room for the live transitions' frames plus 1/16 (a full scan for the oldest frame still
         # needed happens once per room/16 frames written) and a few stacks per env.
         self.room = capacity + capacity // 16 + 64 * k
@@ -183,17 +205,10 @@ class FrameReplayBuffer:
         self.cur = np.zeros((0, k), np.int64)  # each env's current obs stack
         self.started = np.zeros(0, bool)
 
-    def __len__(self) -> int:
-        return self.size
-
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.frames, self.refs, self.actions, self.rewards, self.terminated,
                                       self.discounts, self.cur) if a is not None)
-
-    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
-            terminated: np.ndarray, truncated: np.ndarray | None = None) -> None:
-        self.put(*self.handles(obs, next_obs, terminated, truncated), actions, rewards, terminated)
 
     def handles(self, obs: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray,
                 truncated: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -219,17 +234,9 @@ class FrameReplayBuffer:
 
     def put(self, obs_refs: np.ndarray, next_refs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
             terminated: np.ndarray, discounts: np.ndarray | None = None) -> np.ndarray:
-        n = len(actions)
-        idx = (self.pos + np.arange(n)) % self.capacity
+        idx = self.advance(actions, rewards, terminated, discounts)
         self.refs[idx, : self.stack] = obs_refs
         self.refs[idx, self.stack:] = next_refs
-        self.actions[idx] = actions
-        self.rewards[idx] = rewards
-        self.terminated[idx] = terminated
-        if self.discounts is not None:
-            self.discounts[idx] = discounts
-        self.pos = int((self.pos + n) % self.capacity)
-        self.size = int(min(self.size + n, self.capacity))
         return idx
 
     def end_episodes(self) -> None:
@@ -282,13 +289,9 @@ class FrameReplayBuffer:
         frames[live % room] = self.frames[live % self.room]
         self.frames, self.room = frames, room
 
-    def gather(self, idx: np.ndarray, as_float: bool = True) -> tuple[Any, ...]:
+    def observations(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = self.rows(self.refs[idx])
-        obs, next_obs = self.frames[rows[..., : self.stack]], self.frames[rows[..., self.stack:]]
-        if as_float and obs.dtype != np.float32:
-            obs, next_obs = obs.astype(np.float32), next_obs.astype(np.float32)
-        disc = self.discounts[idx] if self.discounts is not None else None
-        return obs, self.actions[idx], self.rewards[idx], next_obs, self.terminated[idx], disc
+        return self.frames[rows[..., : self.stack]], self.frames[rows[..., self.stack:]]
 
     def sample(self, rng: np.random.Generator, num_batches: int, batch_size: int,
                as_float: bool = True) -> tuple[np.ndarray, ...]:
