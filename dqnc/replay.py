@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 PRIORITY_EPS = 1e-6
 
 
-class _Slots:
+class _Slots(ABC):
     """The ring of transition slots both buffers share: actions, rewards, terminated flags and
     (n-step) bootstrap discounts; what a slot keeps of its observations is the subclass's."""
 
@@ -55,17 +56,19 @@ class _Slots:
         """Add a batch of transitions (one per vectorized env)."""
         self.put(*self.handles(obs, next_obs, terminated, truncated), actions, rewards, terminated)
 
+    @abstractmethod
     def handles(self, obs: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray,
                 truncated: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """What a transition keeps of its observations (the observations, or frame indices)."""
 
+    @abstractmethod
     def put(self, obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
             terminated: np.ndarray, discounts: np.ndarray | None = None) -> np.ndarray:
-        raise NotImplementedError
+        """Write transitions (with what :meth:`handles` returned) into the next slots; the slots."""
 
+    @abstractmethod
     def observations(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The obs and next obs of slots ``idx``, as stored (the subclass's form)."""
-        raise NotImplementedError
 
     def gather(self, idx: np.ndarray, as_float: bool = True) -> tuple[Any, ...]:
         """The transitions in slots ``idx``: obs, actions, rewards, next obs, terminated, discounts (or None)."""

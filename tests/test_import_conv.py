@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import tests.pixels_env  # noqa: F401  (registers Pixels-v0)
 from dqnc.cli import app
+from tests.test_import_conv_formats import _fails, _import  # one CLI helper pair for the conv imports
 from tests.torchzip_writer import malicious_call, sb3_zip, torch_zip
 
 runner = CliRunner()
@@ -59,18 +60,6 @@ def _layers(rng, shapes):
     return out
 
 
-def _import(src: Path, out: Path, env: str, *extra: str) -> dict:
-    r = runner.invoke(app, ["import", str(src), "--env", env, "-o", str(out), "--check-states", "400",
-                            "--check-episodes", "3", "--json", *extra])
-    assert r.exit_code == 0, r.output
-    return json.loads(r.stdout)
-
-
-def _fails(args: list[str]) -> str:
-    r = runner.invoke(app, args)
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output
-    return " ".join(r.stderr.split())
 
 
 def _artifact_q(path: str, states: np.ndarray) -> np.ndarray:
