@@ -21,20 +21,29 @@ LEARNING_CURVE = "learning_curve.png"
 SIZE_VS_RETURN = "size_vs_return.png"
 
 
-def plot(path: Path, out: Path | None = None) -> list[Path]:
+def plot(path: Path, out: Path | None = None, force: bool = False) -> list[Path]:
     """Write every picture ``path`` has data for and return the files written: a train artifact's
     learning curve, or a recipe run folder's size-vs-return picture (and its train stages' curves).
-    ``out`` is the folder to write in (default: the run folder; beside an artifact)."""
+    ``out`` is the folder to write in (default: the run folder; beside an artifact). An existing
+    file is replaced only with ``force``."""
     if not path.is_dir():
         raise UsageError(f"{path}: not a folder; pass a train artifact or a recipe run folder (its out_dir)")
     if (path / REPORT).is_file():
-        return _plot_run(path, out or path)
+        return _plot_run(path, out or path, force)
     evals = _evals(path)
     if evals is None:
         raise UsageError(f"{path}: no learning curve (manifest.json metrics.evals) and no report.json; pass a train "
                          "artifact or the out_dir of a recipe run")
     dest = (out or path.parent) / (f"{LEARNING_CURVE}" if out else f"{path.name}-{LEARNING_CURVE}")
+    check_free([dest], force)
     return [learning_curve(evals, path.name, dest)]
+
+
+def check_free(dests: list[Path], force: bool) -> None:
+    """Refuse (one line, exit 2) to replace a file that is already there, unless ``force``."""
+    taken = [d for d in dests if d.exists()]
+    if taken and not force:
+        raise UsageError(f"{taken[0]} already exists: pass --force to replace it, or -o DIR to write elsewhere")
 
 
 def _read_json(path: Path) -> Any:
@@ -89,18 +98,20 @@ def learning_curve(evals: list[list[float]], title: str, dest: Path) -> Path:
         plt.close(fig)
 
 
-def _plot_run(folder: Path, out: Path) -> list[Path]:
+def _plot_run(folder: Path, out: Path, force: bool) -> list[Path]:
     report = _read_json(folder / REPORT)
     rows = report.get("stages") or []
-    written = []
     points = deployable_points(rows)
+    curves = [(row["name"], evals) for row in rows
+              if row.get("stage") == "train" and row.get("path") and (evals := _evals(Path(row["path"])))]
+    check_free(([out / SIZE_VS_RETURN] if points else []) + [out / f"{name}-{LEARNING_CURVE}" for name, _ in curves],
+               force)
+    written = []
     if points:
         title = Path(report.get("recipe") or folder.name).name
         written.append(size_vs_return(points, title, out / SIZE_VS_RETURN))
-    for row in rows:
-        evals = _evals(Path(row["path"])) if row.get("stage") == "train" and row.get("path") else None
-        if evals:
-            written.append(learning_curve(evals, row["name"], out / f"{row['name']}-{LEARNING_CURVE}"))
+    for name, evals in curves:
+        written.append(learning_curve(evals, name, out / f"{name}-{LEARNING_CURVE}"))
     if not written:
         raise UsageError(f"{folder / REPORT}: no row with bytes and a mean return and no train stage to draw; run "
                          "the recipe to its end (dqnc run RECIPE) first")

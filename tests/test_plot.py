@@ -89,6 +89,17 @@ def test_plot_train_artifact_writes_its_learning_curve_beside_it(trained):
     assert r.stdout == f"wrote {out}\n" and out.read_bytes()[:8] == PNG
 
 
+def test_plot_never_replaces_a_file_without_force(trained, tmp_path):
+    mine = tmp_path / LEARNING_CURVE
+    mine.write_bytes(b"the user's own picture")
+    r = runner.invoke(app, ["plot", str(trained), "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "--force" in r.output and len(r.output.strip().splitlines()) == 1
+    assert mine.read_bytes() == b"the user's own picture"
+    r = runner.invoke(app, ["plot", str(trained), "-o", str(tmp_path), "--force"])
+    assert r.exit_code == 0, r.output
+    assert mine.read_bytes()[:8] == PNG
+
+
 def test_plot_refuses_a_folder_with_neither_in_one_line(tmp_path):
     r = runner.invoke(app, ["plot", str(tmp_path)])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "report.json" in r.output

@@ -329,11 +329,12 @@ def plot(
                                          "out_dir: size vs return, and its train stage's learning curve).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the PNG files [default: the run "
                                                 "folder; beside an artifact].")] = None,
+    force: ForceOption = False,
 ) -> None:
     """Draw a learning curve or a recipe's size-vs-return picture as PNG files (one line per file)."""
     from dqnc.plot import plot as draw
 
-    render.written(draw(path, out))
+    render.written(draw(path, out, force=force))
 
 
 @guard
